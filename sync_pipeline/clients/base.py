@@ -1,0 +1,336 @@
+"""Shared HTTP plumbing for both API clients: pacing, retries, typed errors and secret redaction.
+
+Retries come from tenacity and pacing from pyrate-limiter, so neither is hand-written here; this
+module only wires them to httpx and to the two APIs' error conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+from pyrate_limiter import Duration, Limiter, Rate
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+)
+
+log = logging.getLogger("sync_pipeline.clients")
+
+REDACTED = "***"
+
+
+class ApiError(Exception):
+    """A failed API call. Names the system, the endpoint, the status and the reason."""
+
+    def __init__(
+        self,
+        system: str,
+        method: str,
+        endpoint: str,
+        status: int | None,
+        message: str,
+        *,
+        body: Any = None,
+    ) -> None:
+        self.system = system
+        self.method = method
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+        self.body = body
+        status_text = f"HTTP {status}" if status is not None else "no response"
+        super().__init__(f"{system} {method} {endpoint} failed ({status_text}): {message}")
+
+
+class TransientApiError(ApiError):
+    """A failure worth retrying: 429, 5xx, timeouts, dropped connections, malformed bodies."""
+
+    def __init__(
+        self,
+        *args: Any,
+        retry_after: float | None = None,
+        maybe_applied: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.retry_after = retry_after
+        # False when the server surely did not act on the request (429, connection refused):
+        # only then may a non-idempotent request (a create) be sent again blindly.
+        self.maybe_applied = maybe_applied
+
+
+class AuthError(ApiError):
+    """401/403: credentials missing or wrong. Never retried."""
+
+
+class ValidationError(ApiError):
+    """400: the server refused a value. `message` is the server's own description."""
+
+
+class NotFoundError(ApiError):
+    """404."""
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace every occurrence of each non-empty secret in `text`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass
+class RetrySettings:
+    """How hard to try: exponential backoff with full jitter; a larger Retry-After wins."""
+
+    attempts: int = 6
+    initial_wait: float = 0.2
+    max_wait: float = 20.0
+    max_total: float = 120.0
+
+
+def _wait_strategy(settings: RetrySettings) -> Callable[[RetryCallState], float]:
+    rng = random.Random()
+
+    def wait(state: RetryCallState) -> float:
+        exp = min(settings.max_wait, settings.initial_wait * (2 ** (state.attempt_number - 1)))
+        jittered = rng.uniform(0, exp)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(max(retry_after, jittered), settings.max_wait * 3)
+        return jittered
+
+    return wait
+
+
+def _retryable(idempotent: bool) -> Callable[[BaseException], bool]:
+    def check(exc: BaseException) -> bool:
+        if not isinstance(exc, TransientApiError):
+            return False
+        return idempotent or not exc.maybe_applied
+
+    return check
+
+
+def make_retrying(settings: RetrySettings, system: str) -> Retrying:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "%s: retrying after %s (attempt %d of %d)",
+            system,
+            exc,
+            state.attempt_number,
+            settings.attempts,
+        )
+
+    return Retrying(
+        retry=retry_if_exception(_retryable(True)),
+        wait=_wait_strategy(settings),
+        stop=stop_after_attempt(settings.attempts) | stop_after_delay(settings.max_total),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+class Pacer:
+    """Client-side pacing: blocks until a request fits every configured rate (sliding window)."""
+
+    def __init__(self, rates: list[tuple[int, float]]) -> None:
+        # rates: [(requests, window_seconds)]; an empty list means unpaced.
+        self._limiter = (
+            Limiter([Rate(n, Duration.SECOND * window) for n, window in rates]) if rates else None
+        )
+
+    def acquire(self) -> None:
+        if self._limiter is not None:
+            self._limiter.try_acquire("api", blocking=True)
+
+
+@dataclass
+class RequestStats:
+    """Requests actually sent (including retries), by method and path template."""
+
+    sent: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+
+class BaseClient:
+    """An httpx.Client with pacing, retries and error mapping. Subclasses add auth and paging."""
+
+    system = "API"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        retry: RetrySettings | None = None,
+        rates: list[tuple[int, float]] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+            headers={"Accept": "application/json"},
+        )
+        self._retrying = make_retrying(retry or RetrySettings(), self.system)
+        self._pacer = Pacer(rates or [])
+        self.stats = RequestStats()
+
+    # -- to be provided by subclasses -------------------------------------------------------
+    def _secrets(self) -> list[str]:
+        return []
+
+    def _auth_headers(self, query: str) -> dict[str, str]:
+        return {}
+
+    def _error_message(self, response: httpx.Response) -> str:
+        return response.text[:500]
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):  # noqa: D105
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: str = "",
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        label: str | None = None,
+        absolute_url: str | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Send one logical request (retried as needed) and return the decoded JSON body.
+
+        `query` is the exact query string to send (without `?`); it is never re-encoded, so a
+        signature computed over it stays valid. `label` names the endpoint in errors and stats.
+        A non-idempotent request (POST unless told otherwise) is retried only when the server
+        surely did not act on it; otherwise the caller decides (the outbox checks before redoing).
+        """
+        label = label or path
+        if idempotent is None:
+            idempotent = method.upper() != "POST"
+        retrying = self._retrying.copy(retry=retry_if_exception(_retryable(idempotent)))
+        for attempt in retrying:
+            with attempt:
+                return self._send_once(method, path, query, json_body, headers, label, absolute_url)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_once(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        json_body: Any,
+        headers: dict[str, str] | None,
+        label: str,
+        absolute_url: str | None,
+    ) -> Any:
+        if absolute_url is not None:
+            url = httpx.URL(absolute_url)
+            query = url.query.decode("ascii")
+        else:
+            url = httpx.URL(self.base_url + path)
+            if query:
+                url = url.copy_with(query=query.encode("ascii"))
+        all_headers = {"Content-Type": "application/json", **self._auth_headers(query)}
+        if headers:
+            all_headers.update(headers)
+        content = json.dumps(json_body).encode() if json_body is not None else None
+        self._pacer.acquire()
+        self.stats.sent[f"{method} {label}"] += 1
+        try:
+            response = self._http.request(method, url, content=content, headers=all_headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            reason = redact(str(exc) or type(exc).__name__, self._secrets())
+            raise TransientApiError(
+                self.system, method, label, None, f"cannot connect: {reason}", maybe_applied=False
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise TransientApiError(
+                self.system, method, label, None, f"timed out ({type(exc).__name__})"
+            ) from None
+        except httpx.TransportError as exc:
+            reason = redact(str(exc) or type(exc).__name__, self._secrets())
+            raise TransientApiError(
+                self.system, method, label, None, f"connection failed: {reason}"
+            ) from None
+        self.stats.statuses[response.status_code] += 1
+        return self._decode(method, label, response)
+
+    def _decode(self, method: str, label: str, response: httpx.Response) -> Any:
+        status = response.status_code
+        if status >= 400:
+            message = redact(self._error_message(response), self._secrets())
+            args = (self.system, method, label, status, message)
+            if status == 429 or status >= 500:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                raise TransientApiError(*args, retry_after=retry_after, maybe_applied=status != 429)
+            if status in (401, 403):
+                raise AuthError(*args)
+            if status == 404:
+                raise NotFoundError(*args)
+            if status in (400, 409, 422):
+                raise ValidationError(*args, body=_safe_json(response))
+            raise ApiError(*args)
+        if status == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TransientApiError(
+                self.system, method, label, status, "response body is not valid JSON"
+            ) from None
+
+
+def _safe_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
