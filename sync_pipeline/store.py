@@ -1,0 +1,532 @@
+"""The DuckDB store: raw snapshots of both systems (monotonic upserts), extract cursors, the outbox,
+the audit log, open rejections, recorded conflicts and records set aside as malformed.
+
+Writers from different processes (overlapping Dagster runs) are serialised by a file lock next to
+the database, because DuckDB lets only one process open a database file for writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+from filelock import FileLock
+
+RAW_TABLES = {
+    # table: has parent_id
+    "crm_companies": False,
+    "crm_contacts": True,
+    "crm_users": False,
+    "crm_sales_ledgers": True,
+    "unleashed_customers": False,
+    "unleashed_contacts": True,
+    "unleashed_salespersons": False,
+}
+
+SCHEMA = [
+    *(
+        f"""CREATE TABLE IF NOT EXISTS {table} (
+            id VARCHAR PRIMARY KEY,
+            {"parent_id VARCHAR," if has_parent else ""}
+            modified TIMESTAMP,
+            active BOOLEAN NOT NULL DEFAULT TRUE,
+            data JSON,
+            extracted_at TIMESTAMP
+        )"""
+        for table, has_parent in RAW_TABLES.items()
+    ),
+    """CREATE TABLE IF NOT EXISTS extract_state (
+        source VARCHAR PRIMARY KEY,
+        high_water TIMESTAMP,
+        last_run_at TIMESTAMP,
+        reported_total BIGINT,
+        rows_received BIGINT
+    )""",
+    """CREATE TABLE IF NOT EXISTS bad_records (
+        system VARCHAR, endpoint VARCHAR, record_id VARCHAR, reason VARCHAR,
+        first_seen TIMESTAMP, last_seen TIMESTAMP, resolved_at TIMESTAMP,
+        PRIMARY KEY (system, endpoint, record_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS outbox (
+        op_id VARCHAR PRIMARY KEY,
+        op_key VARCHAR NOT NULL,
+        run_id VARCHAR,
+        created_at TIMESTAMP,
+        entity VARCHAR, op VARCHAR,
+        crm_id VARCHAR, erp_id VARCHAR, crm_parent_id VARCHAR, erp_parent_id VARCHAR,
+        field VARCHAR, old_value VARCHAR, new_value VARCHAR, payload JSON,
+        conflict BOOLEAN, policy VARCHAR, reason VARCHAR,
+        status VARCHAR NOT NULL,          -- pending, in_flight, applied, failed, deferred
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error VARCHAR,
+        applied_at TIMESTAMP,
+        result_id VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        logged_at TIMESTAMP, run_id VARCHAR, op_id VARCHAR,
+        entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR, field VARCHAR,
+        old_value VARCHAR, new_value VARCHAR, direction VARCHAR, reason VARCHAR
+    )""",
+    """CREATE TABLE IF NOT EXISTS rejections (
+        entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR, field VARCHAR,
+        value VARCHAR, reason VARCHAR,
+        first_seen TIMESTAMP, last_seen TIMESTAMP, resolved_at TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS conflicts (
+        seen_at TIMESTAMP, run_id VARCHAR, entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR,
+        field VARCHAR, crm_value VARCHAR, erp_value VARCHAR, baseline_value VARCHAR,
+        winner VARCHAR, policy VARCHAR, crm_modified TIMESTAMP, erp_modified TIMESTAMP,
+        op_key VARCHAR PRIMARY KEY
+    )""",
+]
+
+
+def utcnow() -> datetime:
+    """Naive UTC, as DuckDB TIMESTAMP columns hold it."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def to_naive_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in SCHEMA:
+        con.execute(ddl)
+
+
+@contextmanager
+def connect(
+    database: str | Path, *, lock_timeout: float = 1800
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the database for writing, waiting for any other writer process to finish first."""
+    database = str(database)
+    if database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(database + ".lock", timeout=lock_timeout)
+    else:
+        lock = None
+    if lock is not None:
+        lock.acquire()
+    try:
+        con = duckdb.connect(database)
+        try:
+            ensure_schema(con)
+            yield con
+        finally:
+            con.close()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw snapshots
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SnapshotRow:
+    id: str
+    modified: datetime | None
+    active: bool
+    data: dict[str, Any]
+    parent_id: str | None = None
+
+
+@dataclass
+class UpsertResult:
+    received: int
+    written: int
+
+
+def upsert_snapshot(
+    con: duckdb.DuckDBPyConnection, table: str, rows: Iterable[SnapshotRow]
+) -> UpsertResult:
+    """Insert or replace rows; an older version never overwrites a newer one (monotonic)."""
+    if table not in RAW_TABLES:
+        raise ValueError(f"unknown snapshot table {table!r}")
+    has_parent = RAW_TABLES[table]
+    now = utcnow()
+    frame = pd.DataFrame(
+        [
+            {
+                "id": str(r.id),
+                **({"parent_id": r.parent_id} if has_parent else {}),
+                "modified": to_naive_utc(r.modified),
+                "active": bool(r.active),
+                "data": json.dumps(r.data, default=str, ensure_ascii=False),
+                "extracted_at": now,
+            }
+            for r in rows
+        ],
+        columns=[
+            "id",
+            *(["parent_id"] if has_parent else []),
+            "modified",
+            "active",
+            "data",
+            "extracted_at",
+        ],
+    )
+    if frame.empty:
+        return UpsertResult(0, 0)
+    # The newest version per id within the batch wins too.
+    frame = frame.sort_values("modified", na_position="first").drop_duplicates("id", keep="last")
+    frame["modified"] = pd.to_datetime(frame["modified"])
+    cols = list(frame.columns)
+    con.register("_incoming", frame)
+    try:
+        changed = con.execute(
+            f"""SELECT count(*) FROM _incoming i LEFT JOIN {table} t USING (id)
+                WHERE t.id IS NULL OR i.modified IS NULL OR t.modified IS NULL
+                   OR i.modified > t.modified
+                   OR (i.modified = t.modified AND (i.data::VARCHAR <> t.data::VARCHAR
+                       OR i.active <> t.active))"""
+        ).fetchone()[0]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        con.execute(
+            f"""INSERT INTO {table} ({", ".join(cols)})
+                SELECT {", ".join(cols)} FROM _incoming
+                ON CONFLICT (id) DO UPDATE SET {updates}
+                WHERE excluded.modified IS NULL OR {table}.modified IS NULL
+                   OR excluded.modified >= {table}.modified"""
+        )
+    finally:
+        con.unregister("_incoming")
+    return UpsertResult(received=len(frame), written=int(changed))
+
+
+def deactivate_missing_children(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    parent_ids: list[str],
+    present_ids: list[str],
+    parent_modified: dict[str, datetime | None],
+) -> int:
+    """Mark children of the given parents that the source no longer lists as inactive."""
+    if not parent_ids:
+        return 0
+    parents = pd.DataFrame(
+        {
+            "parent_id": parent_ids,
+            "pmod": pd.to_datetime([to_naive_utc(parent_modified.get(p)) for p in parent_ids]),
+        }
+    )
+    present = pd.DataFrame({"id": present_ids or []}, dtype="string")
+    con.register("_parents", parents)
+    con.register("_present", present)
+    try:
+        gone = con.execute(
+            f"""SELECT t.id FROM {table} t JOIN _parents p USING (parent_id)
+                WHERE t.active AND t.id NOT IN (SELECT id FROM _present)
+                  AND (p.pmod IS NULL OR t.modified IS NULL OR p.pmod >= t.modified)"""
+        ).fetchall()
+        if gone:
+            ids = [g[0] for g in gone]
+            con.execute(
+                f"UPDATE {table} SET active = FALSE, extracted_at = ? WHERE id IN "
+                f"(SELECT unnest(?::VARCHAR[]))",
+                [utcnow(), ids],
+            )
+        return len(gone)
+    finally:
+        con.unregister("_parents")
+        con.unregister("_present")
+
+
+def get_high_water(con: duckdb.DuckDBPyConnection, source: str) -> datetime | None:
+    row = con.execute("SELECT high_water FROM extract_state WHERE source = ?", [source]).fetchone()
+    return row[0] if row else None
+
+
+def set_extract_state(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    *,
+    high_water: datetime | None,
+    reported_total: int | None,
+    rows_received: int,
+) -> None:
+    con.execute(
+        """INSERT INTO extract_state VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT (source) DO UPDATE SET
+             high_water = greatest(coalesce(extract_state.high_water, excluded.high_water),
+                                   coalesce(excluded.high_water, extract_state.high_water)),
+             last_run_at = excluded.last_run_at,
+             reported_total = excluded.reported_total,
+             rows_received = excluded.rows_received""",
+        [source, to_naive_utc(high_water), utcnow(), reported_total, rows_received],
+    )
+
+
+def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> int:
+    """Remember malformed source records (set aside, reported) until a good version arrives."""
+    now = utcnow()
+    n = 0
+    for b in bad:
+        n += 1
+        con.execute(
+            """INSERT INTO bad_records VALUES (?, ?, ?, ?, ?, ?, NULL)
+               ON CONFLICT (system, endpoint, record_id) DO UPDATE SET
+                 reason = excluded.reason, last_seen = excluded.last_seen, resolved_at = NULL""",
+            [b.system, b.endpoint, str(b.record_id or "?"), b.reason, now, now],
+        )
+    return n
+
+
+def resolve_bad_records(
+    con: duckdb.DuckDBPyConnection, system: str, endpoint: str, good_ids: list[str]
+) -> None:
+    if good_ids:
+        con.execute(
+            """UPDATE bad_records SET resolved_at = ? WHERE system = ? AND endpoint = ?
+               AND resolved_at IS NULL AND record_id IN (SELECT unnest(?::VARCHAR[]))""",
+            [utcnow(), system, endpoint, good_ids],
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Outbox and audit
+# ------------------------------------------------------------------------------------------------
+OP_COLUMNS = [
+    "entity", "op", "crm_id", "erp_id", "crm_parent_id", "erp_parent_id", "field",
+    "crm_value", "erp_value", "baseline_value", "new_value", "conflict", "policy", "reason",
+    "crm_modified", "erp_modified", "payload",
+]  # fmt: skip
+
+
+def op_key(row: dict[str, Any]) -> str:
+    """A stable identity for one planned change: same change planned twice → same key."""
+    target_old = row.get("erp_value") if row.get("op") == "update_erp" else row.get("crm_value")
+    parts = [
+        row.get("entity"), row.get("op"), row.get("crm_id"), row.get("erp_id"),
+        row.get("field"), target_old, row.get("new_value"), row.get("baseline_value"),
+    ]  # fmt: skip
+    if row.get("op", "").startswith("create_"):
+        parts = [row.get("entity"), row.get("op"), row.get("erp_id")]
+    text = json.dumps([None if _isna(p) else str(p) for p in parts])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _isna(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _clean(value: Any) -> Any:
+    return None if _isna(value) else value
+
+
+def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> pd.DataFrame:
+    """Write planned operations to the outbox before any API call; returns the outbox rows to apply.
+
+    An operation already in the outbox and not yet applied (pending, in flight after a crash,
+    failed, deferred) is reused, not duplicated. One applied earlier with the same key is a new
+    occurrence of the same change and gets a new row.
+    """
+    now = utcnow()
+    out = []
+    for row in ops.to_dict("records"):
+        row = {k: _clean(v) for k, v in row.items()}
+        key = op_key(row)
+        existing = con.execute(
+            """SELECT op_id FROM outbox WHERE op_key = ? AND status <> 'applied'
+               ORDER BY created_at DESC LIMIT 1""",
+            [key],
+        ).fetchone()
+        if existing:
+            op_id = existing[0]
+            con.execute(
+                """UPDATE outbox SET new_value = ?, payload = ?, reason = ?,
+                   status = CASE WHEN status = 'deferred' THEN 'pending' ELSE status END
+                   WHERE op_id = ?""",
+                [row.get("new_value"), _json(row.get("payload")), row.get("reason"), op_id],
+            )
+        else:
+            n = con.execute("SELECT count(*) FROM outbox WHERE op_key = ?", [key]).fetchone()[0]
+            op_id = f"{key}-{n}"
+            old = row.get("erp_value") if row["op"] == "update_erp" else row.get("crm_value")
+            con.execute(
+                """INSERT INTO outbox (op_id, op_key, run_id, created_at, entity, op, crm_id,
+                     erp_id, crm_parent_id, erp_parent_id, field, old_value, new_value, payload,
+                     conflict, policy, reason, status, attempts)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)""",
+                [
+                    op_id, key, run_id, now, row["entity"], row["op"], _s(row.get("crm_id")),
+                    _s(row.get("erp_id")), _s(row.get("crm_parent_id")),
+                    _s(row.get("erp_parent_id")), row.get("field"), _s(old),
+                    _s(row.get("new_value")), _json(row.get("payload")),
+                    bool(row.get("conflict") or False), row.get("policy"), row.get("reason"),
+                ],
+            )  # fmt: skip
+        out.append(op_id)
+    if not out:
+        return pd.DataFrame()
+    return con.execute(
+        "SELECT * FROM outbox WHERE op_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY created_at",
+        [out],
+    ).df()
+
+
+def _s(value: Any) -> str | None:
+    return None if _isna(value) else str(value)
+
+
+def _json(value: Any) -> str | None:
+    if _isna(value):
+        return None
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def mark(con: duckdb.DuckDBPyConnection, op_id: str, status: str, error: str | None = None) -> None:
+    con.execute(
+        """UPDATE outbox SET status = ?, last_error = ?,
+             attempts = attempts + CASE WHEN ? = 'in_flight' THEN 1 ELSE 0 END
+           WHERE op_id = ?""",
+        [status, error, status, op_id],
+    )
+
+
+def unfinished(con: duckdb.DuckDBPyConnection, ops: Iterable[str]) -> pd.DataFrame:
+    return con.execute(
+        """SELECT * FROM outbox WHERE status IN ('pending', 'in_flight', 'failed')
+           AND op IN (SELECT unnest(?::VARCHAR[])) ORDER BY created_at""",
+        [list(ops)],
+    ).df()
+
+
+def complete(
+    con: duckdb.DuckDBPyConnection,
+    op: dict[str, Any],
+    *,
+    run_id: str,
+    direction: str,
+    result_id: str | None = None,
+    audit_rows: list[dict[str, Any]] | None = None,
+) -> None:
+    """Mark an operation applied and append its audit rows. Call inside the caller's transaction
+    together with the baseline update, so the three move together or not at all."""
+    now = utcnow()
+    con.execute(
+        """UPDATE outbox SET status = 'applied', applied_at = ?, last_error = NULL,
+             result_id = coalesce(?, result_id) WHERE op_id = ?""",
+        [now, result_id, op["op_id"]],
+    )
+    rows = audit_rows or [
+        {
+            "entity": op["entity"],
+            "crm_id": _s(op.get("crm_id")) or result_id,
+            "erp_id": _s(op.get("erp_id")),
+            "field": _s(op.get("field")),
+            "old_value": _s(op.get("old_value")),
+            "new_value": _s(op.get("new_value")),
+            "reason": _s(op.get("reason")),
+        }
+    ]
+    for a in rows:
+        con.execute(
+            "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                now, run_id, op["op_id"], a["entity"], a.get("crm_id"), a.get("erp_id"),
+                a.get("field"), a.get("old_value"), a.get("new_value"), direction,
+                a.get("reason"),
+            ],
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Rejections and conflicts
+# ------------------------------------------------------------------------------------------------
+def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[str, int]:
+    """Open a rejection for each new `reject` row; resolve those no longer planned (fixed)."""
+    now = utcnow()
+    rejects = plan[plan["op"] == "reject"] if not plan.empty else plan
+    current = pd.DataFrame(
+        {
+            "entity": rejects.get("entity", pd.Series(dtype="string")).astype("string"),
+            "crm_id": rejects.get("crm_id", pd.Series(dtype="string")).astype("string"),
+            "erp_id": rejects.get("erp_id", pd.Series(dtype="string")).astype("string"),
+            "field": rejects.get("field", pd.Series(dtype="string")).astype("string"),
+            "value": rejects.get("new_value", pd.Series(dtype="string")).astype("string"),
+            "reason": rejects.get("reason", pd.Series(dtype="string")).astype("string"),
+        }
+    )
+    con.register("_rej", current)
+    try:
+        resolved = con.execute(
+            """UPDATE rejections r SET resolved_at = ? WHERE resolved_at IS NULL AND NOT EXISTS (
+                 SELECT 1 FROM _rej c WHERE c.entity = r.entity
+                   AND c.erp_id IS NOT DISTINCT FROM r.erp_id
+                   AND c.crm_id IS NOT DISTINCT FROM r.crm_id
+                   AND c.field IS NOT DISTINCT FROM r.field)""",
+            [now],
+        ).fetchone()[0]
+        con.execute(
+            """UPDATE rejections r SET last_seen = ?, reason = c.reason, value = c.value
+               FROM _rej c WHERE r.resolved_at IS NULL AND c.entity = r.entity
+                 AND c.erp_id IS NOT DISTINCT FROM r.erp_id
+                 AND c.crm_id IS NOT DISTINCT FROM r.crm_id
+                 AND c.field IS NOT DISTINCT FROM r.field""",
+            [now],
+        )
+        opened = con.execute(
+            """INSERT INTO rejections
+               SELECT c.entity, c.crm_id, c.erp_id, c.field, c.value, c.reason, ?, ?, NULL
+               FROM _rej c WHERE NOT EXISTS (
+                 SELECT 1 FROM rejections r WHERE r.resolved_at IS NULL AND c.entity = r.entity
+                   AND c.erp_id IS NOT DISTINCT FROM r.erp_id
+                   AND c.crm_id IS NOT DISTINCT FROM r.crm_id
+                   AND c.field IS NOT DISTINCT FROM r.field)""",
+            [now, now],
+        ).fetchone()[0]
+    finally:
+        con.unregister("_rej")
+    open_count = con.execute("SELECT count(*) FROM rejections WHERE resolved_at IS NULL").fetchone()
+    return {"opened": int(opened), "resolved": int(resolved), "open": int(open_count[0])}
+
+
+def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id: str) -> int:
+    """Keep every conflict with both values (once per distinct conflict)."""
+    if plan.empty or "conflict" not in plan:
+        return 0
+    rows = plan[plan["conflict"].fillna(False).astype(bool)]
+    n = 0
+    now = utcnow()
+    for r in rows.to_dict("records"):
+        r = {k: _clean(v) for k, v in r.items()}
+        winner = "crm" if r["op"] == "update_erp" else "erp"
+        res = con.execute(
+            """INSERT INTO conflicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (op_key) DO NOTHING""",
+            [
+                now, run_id, r["entity"], _s(r.get("crm_id")), _s(r.get("erp_id")), r.get("field"),
+                _s(r.get("crm_value")), _s(r.get("erp_value")), _s(r.get("baseline_value")),
+                winner, r.get("policy"), to_naive_utc(_ts(r.get("crm_modified"))),
+                to_naive_utc(_ts(r.get("erp_modified"))), op_key(r),
+            ],
+        ).fetchone()  # fmt: skip
+        n += int(res[0]) if res else 0
+    return n
+
+
+def _ts(value: Any) -> datetime | None:
+    if _isna(value):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    if isinstance(value, datetime):
+        return value
+    return pd.Timestamp(value).to_pydatetime()
