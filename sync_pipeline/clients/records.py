@@ -1,0 +1,34 @@
+"""What a list call hands back: the records that parsed, and the ones set aside with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class BadRecord:
+    """One record a list call could not use. `reason` names the field and why."""
+
+    system: str
+    endpoint: str
+    record_id: str | None
+    reason: str
+
+
+@dataclass
+class ListResult(Generic[T]):
+    """All pages of one listing. `reported_total` is the server's own count, when it gives one."""
+
+    items: list[T] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    reported_total: int | None = None
+    pages: int = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
