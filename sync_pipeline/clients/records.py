@@ -10,12 +10,16 @@ T = TypeVar("T")
 
 @dataclass
 class BadRecord:
-    """One record a list call could not use. `reason` names the field and why."""
+    """One record a list call could not use. `reason` names the record, the field and why.
+
+    `parent_id` is set for a child set aside on its own (a contact inside a customer): that
+    parent's child list is then incomplete, so a missing child must not be read as deleted."""
 
     system: str
     endpoint: str
     record_id: str | None
     reason: str
+    parent_id: str | None = None
 
 
 @dataclass
