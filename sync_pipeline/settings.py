@@ -80,7 +80,6 @@ class Settings(BaseModel):
     )
     default_phone_region: str = Field("GB", min_length=2, max_length=2)
     extract_overlap_seconds: int = Field(120, ge=0, le=86400)
-    push_sensor_interval_seconds: int = Field(5, ge=1, le=3600)
 
     @field_validator("timezone")
     @classmethod

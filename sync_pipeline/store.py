@@ -50,6 +50,9 @@ SCHEMA = [
         reported_total BIGINT,
         rows_received BIGINT
     )""",
+    """CREATE TABLE IF NOT EXISTS sync_state (
+        key VARCHAR PRIMARY KEY, value VARCHAR, updated_at TIMESTAMP
+    )""",
     """CREATE TABLE IF NOT EXISTS bad_records (
         system VARCHAR, endpoint VARCHAR, record_id VARCHAR, reason VARCHAR,
         first_seen TIMESTAMP, last_seen TIMESTAMP, resolved_at TIMESTAMP,
@@ -270,6 +273,19 @@ def set_extract_state(
     )
 
 
+def set_state(con: duckdb.DuckDBPyConnection, key: str, value: str | None) -> None:
+    con.execute(
+        """INSERT INTO sync_state VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE
+           SET value = excluded.value, updated_at = excluded.updated_at""",
+        [key, value, utcnow()],
+    )
+
+
+def get_state(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    row = con.execute("SELECT value FROM sync_state WHERE key = ?", [key]).fetchone()
+    return row[0] if row else None
+
+
 def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> int:
     """Remember malformed source records (set aside, reported) until a good version arrives."""
     now = utcnow()
@@ -379,6 +395,19 @@ def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> p
         "SELECT * FROM outbox WHERE op_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY created_at",
         [out],
     ).df()
+
+
+def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Iterable[str]) -> int:
+    """Operations of these kinds still waiting but no longer planned are dropped: the data moved
+    on (for example the other side changed again). Operations in flight are kept for recovery."""
+    res = con.execute(
+        """UPDATE outbox SET status = 'superseded'
+           WHERE status IN ('pending', 'failed', 'deferred')
+             AND op IN (SELECT unnest(?::VARCHAR[]))
+             AND op_key NOT IN (SELECT unnest(?::VARCHAR[]))""",
+        [list(ops), list(keep_keys)],
+    ).fetchone()
+    return int(res[0]) if res else 0
 
 
 def _s(value: Any) -> str | None:

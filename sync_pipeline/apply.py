@@ -1,0 +1,477 @@
+"""Apply planned operations through the API clients, outbox first.
+
+Every operation is in the outbox before its API call and is marked in flight just before it; a
+success marks it applied, moves the baseline and appends to the audit log in one DuckDB
+transaction. A run that crashed in between finds the operation still in flight and redoes it
+safely: updates are idempotent (same value written again), and a creation first looks for the
+record it may already have made (by the Unleashed Guid stored on the CRM record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from sync_pipeline import baseline, store
+from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
+from sync_pipeline.clients.crm import CrmClient
+from sync_pipeline.clients.unleashed import UnleashedClient
+
+log = logging.getLogger("sync_pipeline.apply")
+
+PUSH_OPS = ("update_erp",)
+PULL_OPS = ("update_crm",)
+CREATE_OPS = ("create_crm_contact", "create_crm_company")
+
+
+class CrashForTest(RuntimeError):
+    """Raised by a test hook to simulate a process dying between an API write and the baseline."""
+
+
+@dataclass
+class ApplyStats:
+    applied: int = 0
+    failed: int = 0
+    deferred: int = 0
+    recovered: int = 0
+    records: int = 0
+    requests: int = 0
+    errors: list[str] = field(default_factory=list)
+    applied_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "operations_applied": self.applied,
+            "operations_failed": self.failed,
+            "operations_deferred": self.deferred,
+            "recovered_after_crash": self.recovered,
+            "records_written": self.records,
+            "api_requests": self.requests,
+        }
+
+
+@dataclass
+class Hooks:
+    """Test seams: `after_write(op_ids)` runs after an API write, before the baseline moves."""
+
+    after_write: Callable[[list[str]], None] | None = None
+
+    def wrote(self, op_ids: list[str]) -> None:
+        if self.after_write is not None:
+            self.after_write(op_ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers over nested JSON paths ("SalesPerson.Email")
+# ------------------------------------------------------------------------------------------------
+def get_path(obj: dict[str, Any] | None, path: str) -> Any:
+    cur: Any = obj
+    for part in path.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def _group(ops: pd.DataFrame, keys: list[str]) -> list[tuple[Any, pd.DataFrame]]:
+    if ops.empty:
+        return []
+    return list(ops.groupby(keys, dropna=False, sort=False))
+
+
+class Resolver:
+    """Turns canonical reference values (an account manager's email) into what each API stores."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._salespersons = {
+            (r[0] or "").strip().lower(): json.loads(r[1])
+            for r in con.execute(
+                "SELECT data->>'$.Email', data FROM unleashed_salespersons WHERE active"
+            ).fetchall()
+        }
+        self._users = {
+            (r[0] or "").strip().lower(): r[1]
+            for r in con.execute(
+                "SELECT data->>'$.Email', id FROM crm_users WHERE active"
+            ).fetchall()
+        }
+
+    def salesperson(self, email: str) -> dict[str, Any] | None:
+        sp = self._salespersons.get(email.strip().lower())
+        if sp is None:
+            return None
+        return {k: sp.get(k) for k in ("Guid", "FullName", "Email")}
+
+    def user_id(self, email: str) -> int | None:
+        uid = self._users.get(email.strip().lower())
+        return None if uid is None else int(uid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Push: CRM → Unleashed (read–merge–write per record)
+# ------------------------------------------------------------------------------------------------
+def apply_push(
+    con: duckdb.DuckDBPyConnection,
+    client: UnleashedClient,
+    mappings: dict[str, Any],
+    run_id: str,
+    hooks: Hooks | None = None,
+) -> ApplyStats:
+    hooks = hooks or Hooks()
+    stats = ApplyStats()
+    before = client.stats.total
+    pending = store.unfinished(con, PUSH_OPS)
+    resolver = Resolver(con)
+    for (entity, erp_id), ops in _group(pending, ["entity", "erp_id"]):
+        mapping = mappings[entity]
+        try:
+            if entity == "company":
+                _push_customer(con, client, mapping, erp_id, ops, resolver, run_id, stats, hooks)
+            else:
+                parent = ops["erp_parent_id"].iloc[0]
+                _push_contact(con, client, mapping, parent, erp_id, ops, run_id, stats, hooks)
+        except CrashForTest:
+            raise
+        except ApiError as exc:
+            _fail(con, ops, exc, stats)
+    stats.requests = client.stats.total - before
+    return stats
+
+
+def _erp_value(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
+    """The top-level Unleashed key to set and its value for one canonical field."""
+    f = mapping.fields[field_name]
+    ref = getattr(f, "reference", None)
+    erp_path = f.erp
+    top = erp_path.split(".")[0]
+    if ref is not None:
+        if not value:
+            return top, None
+        sp = resolver.salesperson(value)
+        if sp is None:
+            raise ValidationError(
+                "Unleashed", "POST", "/Customers/{guid}", None,
+                f"no active Unleashed salesperson has the email {value!r}",
+            )  # fmt: skip
+        return top, sp
+    if "." in erp_path:
+        raise ValueError(f"cannot write nested Unleashed path {erp_path!r} for {field_name}")
+    return top, value
+
+
+def _stale(ops: pd.DataFrame, current: dict[str, Any], mapping: Any) -> list[str]:
+    """Operations whose Unleashed value changed since planning: re-planned after the next import."""
+    stale = []
+    for op in ops.to_dict("records"):
+        now = _text(get_path(current, mapping.fields[op["field"]].erp))
+        if now.strip() != _text(op["old_value"]).strip():
+            stale.append(op["op_id"])
+    return stale
+
+
+def _push_customer(
+    con: duckdb.DuckDBPyConnection,
+    client: UnleashedClient,
+    mapping: Any,
+    guid: str,
+    ops: pd.DataFrame,
+    resolver: Resolver,
+    run_id: str,
+    stats: ApplyStats,
+    hooks: Hooks,
+) -> None:
+    current = client.get_customer(guid).to_wire()
+    ops = _drop_stale(con, ops, current, mapping, stats)
+    if ops.empty:
+        return
+    changes = {}
+    for op in ops.to_dict("records"):
+        key, value = _erp_value(mapping, op["field"], _text(op["new_value"]), resolver)
+        changes[key] = value
+    _mark_in_flight(con, ops)
+    current.update(changes)
+    client.save_customer(current)
+    hooks.wrote(list(ops["op_id"]))
+    _complete_updates(con, "company", ops, run_id, "crm_to_erp", stats)
+
+
+def _push_contact(
+    con: duckdb.DuckDBPyConnection,
+    client: UnleashedClient,
+    mapping: Any,
+    customer_guid: str,
+    contact_guid: str,
+    ops: pd.DataFrame,
+    run_id: str,
+    stats: ApplyStats,
+    hooks: Hooks,
+) -> None:
+    contacts = {str(c.Guid): c.to_wire() for c in client.list_contacts(customer_guid)}
+    current = contacts.get(str(contact_guid))
+    if current is None:
+        for op_id in ops["op_id"]:
+            store.mark(con, op_id, "deferred", "contact no longer exists in Unleashed")
+        stats.deferred += len(ops)
+        return
+    ops = _drop_stale(con, ops, current, mapping, stats)
+    if ops.empty:
+        return
+    merged = dict(current)
+    for op in ops.to_dict("records"):
+        merged[mapping.fields[op["field"]].erp] = _text(op["new_value"])
+    _mark_in_flight(con, ops)
+    client.update_contact(customer_guid, contact_guid, merged)
+    hooks.wrote(list(ops["op_id"]))
+    _complete_updates(con, "contact", ops, run_id, "crm_to_erp", stats)
+
+
+def _drop_stale(
+    con: duckdb.DuckDBPyConnection,
+    ops: pd.DataFrame,
+    current: dict[str, Any],
+    mapping: Any,
+    stats: ApplyStats,
+) -> pd.DataFrame:
+    # An op already in flight was written by a run that died: the value there is ours.
+    fresh = ops[ops["status"] != "in_flight"]
+    stale = set(_stale(fresh, current, mapping)) if not fresh.empty else set()
+    for op_id in stale:
+        store.mark(
+            con, op_id, "deferred",
+            "Unleashed changed this field after planning; it is re-planned after the next import",
+        )  # fmt: skip
+    stats.deferred += len(stale)
+    return ops[~ops["op_id"].isin(stale)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pull: Unleashed → CRM (partial updates) and creations
+# ------------------------------------------------------------------------------------------------
+def apply_pull(
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mappings: dict[str, Any],
+    run_id: str,
+    *,
+    updates: bool = True,
+    creations: bool = True,
+    hooks: Hooks | None = None,
+) -> ApplyStats:
+    hooks = hooks or Hooks()
+    stats = ApplyStats()
+    before = client.stats.total
+    resolver = Resolver(con)
+    kinds = (PULL_OPS if updates else ()) + (CREATE_OPS if creations else ())
+    pending = store.unfinished(con, kinds)
+    if pending.empty:
+        return stats
+    # Companies before contacts, so a new contact's company already exists.
+    pending = pending.sort_values(
+        "op", key=lambda s: s.map({"create_crm_company": 0, "update_crm": 1}).fillna(2)
+    )
+    for (entity, op_kind, rec), ops in _group(pending, ["entity", "op", "erp_id"]):
+        mapping = mappings[entity]
+        try:
+            if op_kind == "update_crm":
+                _pull_update(con, client, mapping, ops, resolver, run_id, stats, hooks)
+            elif op_kind == "create_crm_contact":
+                _create_contact(con, client, mapping, ops.iloc[0].to_dict(), run_id, stats, hooks)
+            elif op_kind == "create_crm_company":
+                _create_company(con, client, mapping, ops.iloc[0].to_dict(), run_id, stats, hooks)
+        except CrashForTest:
+            raise
+        except ApiError as exc:
+            _fail(con, ops, exc, stats)
+    stats.requests = client.stats.total - before
+    return stats
+
+
+def _crm_change(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
+    f = mapping.fields[field_name]
+    ref = getattr(f, "reference", None)
+    if ref is not None:
+        write_field = ref.crm_write_field
+        if not value:
+            return write_field, None
+        uid = resolver.user_id(value)
+        if uid is None:
+            raise ValidationError(
+                "CRM", "PATCH", "/Divisions({key})", None,
+                f"no active CRM user has the email {value!r}",
+            )  # fmt: skip
+        return write_field, uid
+    if "." in f.crm:
+        raise ValueError(f"cannot write nested CRM path {f.crm!r} for {field_name}")
+    return f.crm, value
+
+
+def _pull_update(
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mapping: Any,
+    ops: pd.DataFrame,
+    resolver: Resolver,
+    run_id: str,
+    stats: ApplyStats,
+    hooks: Hooks,
+) -> None:
+    crm_id = ops["crm_id"].iloc[0]
+    changes = {}
+    for op in ops.to_dict("records"):
+        key, value = _crm_change(mapping, op["field"], _text(op["new_value"]), resolver)
+        changes[key] = value
+    _mark_in_flight(con, ops)
+    client.patch(mapping.crm.entity_set, int(crm_id), changes)
+    hooks.wrote(list(ops["op_id"]))
+    _complete_updates(con, mapping.entity, ops, run_id, "erp_to_crm", stats)
+
+
+def _create_contact(
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mapping: Any,
+    op: dict[str, Any],
+    run_id: str,
+    stats: ApplyStats,
+    hooks: Hooks,
+) -> None:
+    payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
+    guid = str(op["erp_id"])
+    existing = None
+    if op["attempts"] > 0 or op["status"] == "in_flight":
+        found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
+        existing = found[0] if found else None
+        if existing is not None:
+            stats.recovered += 1
+    store.mark(con, op["op_id"], "in_flight")
+    created = existing or client.create(mapping.crm.entity_set, payload)
+    hooks.wrote([op["op_id"]])
+    new_id = str(created[mapping.crm.key])
+    con.begin()
+    try:
+        baseline.record_creation(con, "contact", crm_id=new_id, erp_id=guid, op=op, payload=payload)
+        store.complete(
+            con, op, run_id=run_id, direction="erp_to_crm", result_id=new_id,
+            audit_rows=[{
+                "entity": "contact", "crm_id": new_id, "erp_id": guid, "field": None,
+                "old_value": None, "new_value": json.dumps(payload, ensure_ascii=False),
+                "reason": "contact created in Unleashed",
+            }],
+        )  # fmt: skip
+        con.commit()
+    except Exception:
+        con.rollback()
+        raise
+    stats.applied += 1
+    stats.records += 1
+    stats.applied_rows.append({**op, "crm_id": new_id})
+
+
+def _create_company(
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mapping: Any,
+    op: dict[str, Any],
+    run_id: str,
+    stats: ApplyStats,
+    hooks: Hooks,
+) -> None:
+    payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
+    payload = dict(payload)
+    account_code = payload.pop("AccountCode", None)
+    guid = str(op["erp_id"])
+    division = None
+    if op["attempts"] > 0 or op["status"] == "in_flight":
+        found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
+        division = found[0] if found else None
+        if division is not None:
+            stats.recovered += 1
+    store.mark(con, op["op_id"], "in_flight")
+    if division is None:
+        division = client.create(mapping.crm.entity_set, payload)
+    division_id = division[mapping.crm.key]
+    if account_code and not client.find("SalesLedgers", "DivisionId", division_id):
+        client.create("SalesLedgers", {"DivisionId": division_id, "AccountCode": account_code})
+    hooks.wrote([op["op_id"]])
+    new_id = str(division_id)
+    con.begin()
+    try:
+        baseline.record_creation(con, "company", crm_id=new_id, erp_id=guid, op=op, payload=payload)
+        store.complete(
+            con, op, run_id=run_id, direction="erp_to_crm", result_id=new_id,
+            audit_rows=[{
+                "entity": "company", "crm_id": new_id, "erp_id": guid, "field": None,
+                "old_value": None, "new_value": json.dumps(payload, ensure_ascii=False),
+                "reason": "customer created in Unleashed (standard import)",
+            }],
+        )  # fmt: skip
+        con.commit()
+    except Exception:
+        con.rollback()
+        raise
+    stats.applied += 1
+    stats.records += 1
+    stats.applied_rows.append({**op, "crm_id": new_id})
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared bookkeeping
+# ------------------------------------------------------------------------------------------------
+def _mark_in_flight(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame) -> None:
+    for op_id in ops["op_id"]:
+        store.mark(con, op_id, "in_flight")
+
+
+def _complete_updates(
+    con: duckdb.DuckDBPyConnection,
+    entity: str,
+    ops: pd.DataFrame,
+    run_id: str,
+    direction: str,
+    stats: ApplyStats,
+) -> None:
+    rows = ops.to_dict("records")
+    con.begin()
+    try:
+        baseline.record_agreement(
+            con,
+            entity,
+            [
+                {"erp_id": r["erp_id"], "field": r["field"], "value": _text(r["new_value"])}
+                for r in rows
+            ],
+        )
+        for r in rows:
+            store.complete(con, r, run_id=run_id, direction=direction)
+        con.commit()
+    except Exception:
+        con.rollback()
+        raise
+    stats.applied += len(rows)
+    stats.records += 1
+    stats.applied_rows.extend(rows)
+
+
+def _fail(
+    con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, exc: ApiError, stats: ApplyStats
+) -> None:
+    retry_later = isinstance(exc, TransientApiError)
+    message = str(exc)
+    for op_id in ops["op_id"]:
+        # A transient failure after an ambiguous write stays in flight so the next run checks
+        # before redoing; anything else is failed and retried on the next run.
+        status = "in_flight" if retry_later and exc.maybe_applied else "failed"
+        store.mark(con, op_id, status, message)
+    stats.failed += len(ops)
+    stats.errors.append(message)
+    log.warning("%s", message)

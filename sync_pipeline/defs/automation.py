@@ -1,0 +1,181 @@
+"""Jobs, the CRM change sensor and the schedules. Every tick re-reads the settings file, so an
+operator's change takes effect on the next tick, and a tick that does nothing says why."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from sync_pipeline.clients.base import ApiError
+from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
+from sync_pipeline.defs.extract import CRM_EXTRACTS, IMPORT_PARTITIONS, UNLEASHED_EXTRACTS
+from sync_pipeline.defs.resources import CrmResource, SyncConfigResource
+from sync_pipeline.defs.sync import (
+    account_manager_candidates,
+    account_manager_fix,
+    pull_to_crm,
+    push_to_unleashed,
+    sync_links,
+    sync_plan,
+)
+from sync_pipeline.guards import two_way_refusal
+
+GUARD_RECHECK = timedelta(minutes=10)
+WATCHED_SETS = ("Divisions", "Contacts")
+
+crm_push_job = dg.define_asset_job(
+    "crm_push_job",
+    selection=dg.AssetSelection.assets(*CRM_EXTRACTS, sync_links, sync_plan, push_to_unleashed),
+    description="CRM changes to Unleashed, launched by the CRM change sensor within seconds.",
+    tags={"sync/direction": "push"},
+)
+
+_cycle = dg.AssetSelection.assets(
+    *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, sync_plan, pull_to_crm, push_to_unleashed,
+    account_manager_candidates,
+)  # fmt: skip
+
+sync_cycle_job = dg.define_asset_job(
+    "sync_cycle_job",
+    selection=_cycle,
+    partitions_def=IMPORT_PARTITIONS,
+    description="One import window from Unleashed, then plan and apply both ways.",
+    tags={"sync/direction": "both"},
+)
+
+full_resync_job = dg.define_asset_job(
+    "full_resync_job",
+    selection=_cycle,
+    partitions_def=IMPORT_PARTITIONS,
+    description="Re-read both systems in full (no cursors), then plan and apply both ways.",
+    config={
+        "ops": {
+            name: {"config": {"full_refresh": True}}
+            for name in (
+                "crm__companies", "crm__contacts", "crm__users", "crm__sales_ledgers",
+                "unleashed_customers",
+            )
+        }
+    },  # fmt: skip
+    tags={"sync/direction": "both", "sync/full": "true"},
+)
+
+account_manager_fix_job = dg.define_asset_job(
+    "account_manager_fix_job",
+    selection=dg.AssetSelection.assets(
+        *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, account_manager_fix
+    ),
+    partitions_def=IMPORT_PARTITIONS,
+    description="Nightly: CRM account managers set to the Unleashed salespersons.",
+)
+
+JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job]
+
+
+def _hour_partition(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
+
+
+@dg.sensor(
+    job=crm_push_job,
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Polls the CRM for companies and contacts modified since the cursor; launches a push.",
+)
+def crm_change_sensor(
+    context: dg.SensorEvaluationContext, crm: CrmResource, sync_config: SyncConfigResource
+):
+    settings = sync_config.settings()
+    if not settings.two_way_sync:
+        return dg.SkipReason(
+            "Two-way sync is off in the settings (two_way_sync: false): CRM changes are not "
+            "pushed to Unleashed. The daytime import of new Unleashed records continues."
+        )
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    now = datetime.now(UTC)
+    with crm.get_client() as client:
+        checked = cursor.get("guard_checked_at")
+        if not checked or now - datetime.fromisoformat(checked) > GUARD_RECHECK:
+            cursor["refusal"] = two_way_refusal(client)
+            cursor["guard_checked_at"] = now.isoformat()
+        if cursor.get("refusal"):
+            context.update_cursor(json.dumps(cursor))
+            return dg.SkipReason(cursor["refusal"])
+        latest = {}
+        try:
+            for entity_set in WATCHED_SETS:
+                since = cursor.get(entity_set)
+                latest[entity_set] = client.latest_modified(
+                    entity_set, since=parse_timestamp(since) if since else None
+                )
+        except ApiError as exc:
+            return dg.SkipReason(f"Could not poll the CRM this tick: {exc}")
+    changed = {k: v for k, v in latest.items() if v is not None}
+    if not changed:
+        context.update_cursor(json.dumps(cursor))
+        return dg.SkipReason("No CRM company or contact changed since the last push.")
+    for entity_set, when in changed.items():
+        cursor[entity_set] = format_timestamp(when)
+    run_key = "crm-push:" + ",".join(f"{k}={cursor.get(k)}" for k in WATCHED_SETS)
+    context.update_cursor(json.dumps(cursor))
+    return dg.RunRequest(
+        run_key=run_key,
+        tags={"sync/trigger": "crm-change", **{f"sync/{k}": cursor[k] for k in changed}},
+    )
+
+
+@dg.schedule(
+    job=sync_cycle_job,
+    cron_schedule="*/5 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daytime imports from Unleashed (hours, days and interval from the settings file).",
+)
+def daytime_import_schedule(context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource):
+    settings = sync_config.settings()
+    when = context.scheduled_execution_time or datetime.now(UTC)
+    local = when.astimezone(settings.zone)
+    if not settings.imports.is_open(local):
+        w = settings.imports
+        return dg.SkipReason(
+            f"Outside the import window ({','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} "
+            f"every {w.every_minutes} min, {settings.timezone}); local time {local:%a %H:%M}."
+        )
+    return dg.RunRequest(
+        run_key=f"import:{when.astimezone(UTC):%Y-%m-%dT%H:%M}",
+        partition_key=_hour_partition(when),
+        tags={"sync/trigger": "daytime-import"},
+    )
+
+
+@dg.schedule(
+    job=account_manager_fix_job,
+    cron_schedule="*/5 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Overnight account-manager fix at the time set in the settings file.",
+)
+def overnight_account_manager_fix_schedule(
+    context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource
+):
+    settings = sync_config.settings()
+    when = context.scheduled_execution_time or datetime.now(UTC)
+    local = when.astimezone(settings.zone)
+    if not settings.overnight_account_manager_fix:
+        return dg.SkipReason(
+            "The overnight account-manager fix is off in the settings "
+            "(overnight_account_manager_fix: false)."
+        )
+    at = settings.overnight_fix_at
+    minutes = local.hour * 60 + local.minute - (at.hour * 60 + at.minute)
+    if not 0 <= minutes < 5:
+        return dg.SkipReason(f"Runs at {at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
+    return dg.RunRequest(
+        run_key=f"account-manager-fix:{local:%Y-%m-%d}",
+        partition_key=_hour_partition(when),
+        tags={"sync/trigger": "overnight-fix"},
+    )
+
+
+SENSORS = [crm_change_sensor]
+SCHEDULES = [daytime_import_schedule, overnight_account_manager_fix_schedule]

@@ -1,0 +1,134 @@
+"""Extract assets: both systems into DuckDB snapshot tables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import dagster as dg
+
+from sync_pipeline import extract
+from sync_pipeline.defs.resources import (
+    CrmResource,
+    SyncConfigResource,
+    SyncDuckDB,
+    UnleashedResource,
+)
+from sync_pipeline.report import bad_records_md
+
+# Unleashed imports are partitioned by hour so a missed window can be backfilled. The current hour
+# is included (end_offset=1) so the daytime schedule can import it while it is still open.
+IMPORT_PARTITIONS = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", end_offset=1)
+
+
+class ExtractConfig(dg.Config):
+    full_refresh: bool = False
+
+
+def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=["crm", kind],
+        group_name="extract",
+        kinds={"duckdb"},
+        pool="duckdb",
+        description=description,
+    )
+    def _extract(
+        context: dg.AssetExecutionContext,
+        config: ExtractConfig,
+        crm: CrmResource,
+        duckdb: SyncDuckDB,
+        sync_config: SyncConfigResource,
+    ) -> dg.MaterializeResult:
+        settings = sync_config.settings()
+        mappings = sync_config.mappings()
+        source = extract.crm_sources(mappings["company"].crm.expand)[kind]
+        with crm.get_client() as client, duckdb.get_connection() as con:
+            stats = extract.extract_crm(
+                con, client, source, full_refresh=config.full_refresh,
+                overlap=timedelta(seconds=settings.extract_overlap_seconds),
+            )  # fmt: skip
+        return dg.MaterializeResult(
+            metadata={
+                **stats.metadata(),
+                "bad_records_preview": dg.MetadataValue.md(bad_records_md(stats.bad)),
+            }
+        )
+
+    return _extract
+
+
+crm_companies = _crm_asset("companies", "CRM companies (OData Divisions) with account managers.")
+crm_contacts = _crm_asset("contacts", "CRM contacts.")
+crm_users = _crm_asset("users", "CRM users (candidates for account manager).")
+crm_sales_ledgers = _crm_asset(
+    "sales_ledgers", "CRM sales ledgers: the account code links a company to an Unleashed customer."
+)
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            ["unleashed", "customers"],
+            group_name="extract",
+            kinds={"duckdb"},
+            description="Unleashed customers, imported by hourly window.",
+        ),
+        dg.AssetSpec(
+            ["unleashed", "contacts"],
+            group_name="extract",
+            kinds={"duckdb"},
+            description="Unleashed contacts, read inside their customers' pages.",
+        ),
+    ],  # fmt: skip
+    partitions_def=IMPORT_PARTITIONS,
+    pool="duckdb",
+)
+def unleashed_customers(
+    context: dg.AssetExecutionContext,
+    config: ExtractConfig,
+    unleashed: UnleashedResource,
+    duckdb: SyncDuckDB,
+    sync_config: SyncConfigResource,
+):
+    settings = sync_config.settings()
+    window = context.partition_time_window if context.has_partition_key else None
+    with unleashed.get_client() as client, duckdb.get_connection() as con:
+        stats = extract.extract_unleashed_customers(
+            con, client,
+            window_start=window.start if window else None,
+            full_refresh=config.full_refresh,
+            overlap=timedelta(seconds=settings.extract_overlap_seconds),
+        )  # fmt: skip
+    meta = stats.metadata()
+    yield dg.MaterializeResult(
+        asset_key=["unleashed", "customers"],
+        metadata={
+            **{k: v for k, v in meta.items() if not k.startswith("contacts_")},
+            "window": f"{window.start:%Y-%m-%d %H:%M}–{window.end:%H:%M} UTC" if window else "-",
+            "bad_records_preview": dg.MetadataValue.md(bad_records_md(stats.bad)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=["unleashed", "contacts"],
+        metadata={k: v for k, v in meta.items() if k.startswith("contacts_")}
+        | {"customers_with_over_100_contacts": meta["customers_with_over_100_contacts"]},
+    )
+
+
+@dg.asset(
+    key=["unleashed", "salespersons"],
+    group_name="extract",
+    kinds={"duckdb"},
+    pool="duckdb",
+    description="Unleashed salespersons (account managers are matched to them by email).",
+)
+def unleashed_salespersons(
+    unleashed: UnleashedResource, duckdb: SyncDuckDB
+) -> dg.MaterializeResult:
+    with unleashed.get_client() as client, duckdb.get_connection() as con:
+        stats = extract.extract_unleashed_salespersons(con, client)
+    return dg.MaterializeResult(metadata=stats.metadata())
+
+
+CRM_EXTRACTS = [crm_companies, crm_contacts, crm_users, crm_sales_ledgers]
+UNLEASHED_EXTRACTS = [unleashed_customers, unleashed_salespersons]

@@ -1,0 +1,115 @@
+"""Dagster resources: the two API clients, the DuckDB store, the settings file and the mappings.
+
+Secrets come only from environment variables (`EnvVar`), so they never sit in code, run config or
+the Dagster UI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+from dagster_duckdb import DuckDBResource
+
+from sync_pipeline import store
+from sync_pipeline.clients.crm import CrmClient
+from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.mapping import load_mappings
+from sync_pipeline.settings import Settings, load_settings
+
+DEFAULT_DB = ".data/sync.duckdb"
+DEFAULT_MAPPINGS = str(Path(__file__).resolve().parents[2] / "mappings")
+
+
+class CrmResource(dg.ConfigurableResource):
+    """Prospect CRM OData API. Pacing defaults to the workspace-wide 1,200 requests / 10 minutes."""
+
+    base_url: str = "https://crm-odata-v1.prospect365.com"
+    token: str
+    rate_limit: int = 1200
+    rate_window_s: float = 600
+    timeout_s: float = 30
+
+    def get_client(self) -> CrmClient:
+        return CrmClient(
+            self.base_url,
+            self.token,
+            timeout=self.timeout_s,
+            rate_limit=self.rate_limit,
+            rate_window_s=self.rate_window_s,
+        )
+
+
+class UnleashedResource(dg.ConfigurableResource):
+    """Unleashed API (HMAC-signed)."""
+
+    base_url: str = "https://api.unleashedsoftware.com"
+    api_id: str
+    api_key: str
+    client_type: str = "acme/crmsync"
+    requests_per_minute: int | None = None
+    timeout_s: float = 30
+
+    def get_client(self) -> UnleashedClient:
+        return UnleashedClient(
+            self.base_url,
+            self.api_id,
+            self.api_key,
+            self.client_type,
+            timeout=self.timeout_s,
+            requests_per_minute=self.requests_per_minute,
+        )
+
+
+class SyncDuckDB(DuckDBResource):
+    """DuckDBResource that creates the schema and waits for other writer processes (file lock),
+    so overlapping runs queue instead of failing on DuckDB's single-writer lock."""
+
+    lock_timeout_s: float = 1800
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with store.connect(self.database, lock_timeout=self.lock_timeout_s) as con:
+            yield con
+
+
+class SyncConfigResource(dg.ConfigurableResource):
+    """Where the operator settings and the field mappings live; both are re-read on every use."""
+
+    settings_file: str = "settings.yaml"
+    mappings_dir: str = DEFAULT_MAPPINGS
+
+    def settings(self) -> Settings:
+        return load_settings(self.settings_file)
+
+    def mappings(self) -> dict:
+        return load_mappings(self.mappings_dir)
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources for the code location, wired to environment variables."""
+    return {
+        "crm": CrmResource(
+            base_url=dg.EnvVar("CRM_BASE_URL"),
+            token=dg.EnvVar("CRM_TOKEN"),
+        ),
+        "unleashed": UnleashedResource(
+            base_url=dg.EnvVar("UNLEASHED_BASE_URL"),
+            api_id=dg.EnvVar("UNLEASHED_API_ID"),
+            api_key=dg.EnvVar("UNLEASHED_API_KEY"),
+        ),
+        "duckdb": SyncDuckDB(database=_env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)),
+        "sync_config": SyncConfigResource(
+            settings_file=_env_or("SYNC_SETTINGS_FILE", "settings.yaml"),
+            mappings_dir=_env_or("SYNC_MAPPINGS_DIR", DEFAULT_MAPPINGS),
+        ),
+    }
+
+
+def _env_or(name: str, default: str) -> str:
+    import os
+
+    return os.environ.get(name) or default

@@ -1,0 +1,247 @@
+"""Plan and apply assets: links, the three-way plan, push, pull and the overnight account-manager fix."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+from sync_pipeline import account_managers, apply, links, store
+from sync_pipeline import diff as diff_mod
+from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
+from sync_pipeline.defs.resources import (
+    CrmResource,
+    SyncConfigResource,
+    SyncDuckDB,
+    UnleashedResource,
+)
+from sync_pipeline.guards import two_way_refusal
+from sync_pipeline.report import applied_md, conflicts_md, md_table, plan_md, rejections_md
+
+UPDATE_OPS = ("update_erp", "update_crm")
+CREATE_OPS = ("create_crm_contact", "create_crm_company")
+REFUSAL_KEY = "two_way_refusal"
+
+
+def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
+    return {f"setting: {k}": v for k, v in sync_config.settings().summary().items()}
+
+
+@dg.asset(
+    key=["sync", "links"],
+    group_name="plan",
+    kinds={"duckdb"},
+    pool="duckdb",
+    deps=[*CRM_EXTRACTS, unleashed_customers],
+    description="One-to-one links: CRM company ↔ Unleashed customer, CRM contact ↔ Unleashed contact.",
+)
+def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.MaterializeResult:
+    mappings = sync_config.mappings()
+    with duckdb.get_connection() as con:
+        result = links.update_links(con, mappings)
+    return dg.MaterializeResult(metadata=links.link_metadata(result))
+
+
+@dg.asset(
+    key=["sync", "plan"],
+    group_name="plan",
+    kinds={"duckdb", "pandas"},
+    pool="duckdb",
+    deps=[sync_links, unleashed_salespersons],
+    description="The three-way field diff against the last agreed values: one row per operation.",
+)
+def sync_plan(
+    context: dg.AssetExecutionContext,
+    crm: CrmResource,
+    duckdb: SyncDuckDB,
+    sync_config: SyncConfigResource,
+) -> dg.MaterializeResult:
+    settings = sync_config.settings()
+    mappings = sync_config.mappings()
+    with crm.get_client() as client:
+        refusal = two_way_refusal(client) if settings.two_way_sync else None
+    with duckdb.get_connection() as con:
+        plan = diff_mod.plan_changes(
+            con, mappings,
+            initial_policy=settings.initial_policy,
+            policy_overrides=settings.conflict_policies,
+            account_manager_sync=settings.account_manager_sync,
+            default_region=settings.default_phone_region,
+        )  # fmt: skip
+        queued = queue_plan(
+            con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
+        )
+    if refusal:
+        context.log.warning(refusal)
+    elif not settings.two_way_sync:
+        context.log.info("Two-way sync is off: only the standard import (creations) is queued.")
+    counts = plan["op"].value_counts().to_dict() if not plan.empty else {}
+    return dg.MaterializeResult(
+        metadata={
+            "operations_planned": len(plan),
+            **{f"planned: {op}": int(n) for op, n in sorted(counts.items())},
+            "operations_queued": queued["queued"],
+            "conflicts": int(plan["conflict"].fillna(False).astype(bool).sum()) if len(plan) else 0,
+            "rejections_open": queued["rejections"]["open"],
+            "two_way": refusal or ("on" if settings.two_way_sync else "off (settings)"),
+            "plan_preview": dg.MetadataValue.md(plan_md(plan)),
+            "conflicts_preview": dg.MetadataValue.md(conflicts_md(plan)),
+            "rejections_preview": dg.MetadataValue.md(rejections_md(plan)),
+            **_settings_metadata(sync_config),
+        }
+    )
+
+
+def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: str | None) -> dict:
+    """Record rejections and conflicts, then put what may run into the outbox (before any call).
+
+    Creations from Unleashed (the standard import) always run; updates only with two-way sync on
+    and no guard refusing it."""
+    store.set_state(con, REFUSAL_KEY, refusal)
+    rejections = store.sync_rejections(con, plan)
+    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way and not refusal else set())
+    ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
+    if ops.empty:
+        conflicts = 0
+    else:
+        conflicts = store.record_conflicts(con, ops, run_id)
+    keep = [store.op_key(r) for r in ops.to_dict("records")] if not ops.empty else []
+    store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
+    queued = store.enqueue(con, ops, run_id) if not ops.empty else pd.DataFrame()
+    return {"queued": len(queued), "rejections": rejections, "conflicts": conflicts}
+
+
+@dg.asset(
+    key=["sync", "push_to_unleashed"],
+    group_name="apply",
+    kinds={"duckdb"},
+    pool="duckdb",
+    deps=[sync_plan],
+    description="CRM changes written to Unleashed (read–merge–write of the whole record).",
+)
+def push_to_unleashed(
+    context: dg.AssetExecutionContext,
+    unleashed: UnleashedResource,
+    duckdb: SyncDuckDB,
+    sync_config: SyncConfigResource,
+) -> dg.MaterializeResult:
+    settings = sync_config.settings()
+    with duckdb.get_connection() as con:
+        refusal = store.get_state(con, REFUSAL_KEY)
+        if not settings.two_way_sync or refusal:
+            why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
+            context.log.info(why)
+            return dg.MaterializeResult(
+                metadata={"skipped": why, **_settings_metadata(sync_config)}
+            )
+        with unleashed.get_client() as client:
+            stats = apply.apply_push(con, client, sync_config.mappings(), context.run_id)
+    return _apply_result(stats, sync_config)
+
+
+@dg.asset(
+    key=["sync", "pull_to_crm"],
+    group_name="apply",
+    kinds={"duckdb"},
+    pool="duckdb",
+    deps=[sync_plan],
+    description="Unleashed changes written to the CRM, new Unleashed contacts and customers created.",
+)
+def pull_to_crm(
+    context: dg.AssetExecutionContext,
+    crm: CrmResource,
+    duckdb: SyncDuckDB,
+    sync_config: SyncConfigResource,
+) -> dg.MaterializeResult:
+    settings = sync_config.settings()
+    with duckdb.get_connection() as con:
+        refusal = store.get_state(con, REFUSAL_KEY)
+        updates = settings.two_way_sync and not refusal
+        with crm.get_client() as client:
+            stats = apply.apply_pull(
+                con, client, sync_config.mappings(), context.run_id, updates=updates
+            )
+    result = _apply_result(stats, sync_config)
+    if not updates:
+        result.metadata["updates_skipped"] = refusal or "two-way sync is off in settings"
+    return result
+
+
+def _apply_result(stats: apply.ApplyStats, sync_config: SyncConfigResource) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        metadata={
+            **stats.metadata(),
+            "applied_preview": dg.MetadataValue.md(applied_md(stats.applied_rows)),
+            "errors": dg.MetadataValue.md(
+                "\n".join(f"- {e}" for e in stats.errors[:20]) or "_none_"
+            ),
+            **_settings_metadata(sync_config),
+        }
+    )
+
+
+@dg.asset(
+    key=["crm", "account_manager_candidates"],
+    group_name="plan",
+    kinds={"duckdb"},
+    pool="duckdb",
+    deps=[*CRM_EXTRACTS, unleashed_salespersons],
+    description="CRM users who may be chosen as account managers (they match an active salesperson).",
+)
+def account_manager_candidates(duckdb: SyncDuckDB) -> dg.MaterializeResult:
+    with duckdb.get_connection() as con:
+        frame = account_managers.candidates(con)
+    usable = frame[frame["salesperson_guid"].notna()]
+    return dg.MaterializeResult(
+        metadata={
+            "users": len(frame),
+            "usable_as_account_manager": len(usable),
+            "preview": dg.MetadataValue.md(
+                md_table(frame.to_dict("records"), ["user_id", "name", "email", "salesperson"])
+            ),
+        }
+    )
+
+
+@dg.asset(
+    key=["sync", "account_manager_fix"],
+    group_name="apply",
+    kinds={"duckdb"},
+    pool="duckdb",
+    deps=[sync_links, unleashed_salespersons],
+    description="Overnight: every linked CRM company's account manager set to Unleashed's salesperson.",
+)
+def account_manager_fix(
+    context: dg.AssetExecutionContext,
+    crm: CrmResource,
+    duckdb: SyncDuckDB,
+    sync_config: SyncConfigResource,
+) -> dg.MaterializeResult:
+    settings = sync_config.settings()
+    if not settings.overnight_account_manager_fix:
+        why = "The overnight account-manager fix is off in settings."
+        context.log.info(why)
+        return dg.MaterializeResult(metadata={"skipped": why, **_settings_metadata(sync_config)})
+    mappings = sync_config.mappings()
+    with duckdb.get_connection() as con:
+        fixes = account_managers.plan_fix(con, mappings)
+        todo = fixes[fixes["op"] == "update_crm"]
+        if len(todo):
+            store.enqueue(con, todo, context.run_id)
+        with crm.get_client() as client:
+            stats = apply.apply_pull(
+                con, client, mappings, context.run_id, updates=True, creations=False
+            )
+    result = _apply_result(stats, sync_config)
+    result.metadata["companies_corrected"] = int(len(todo))
+    result.metadata["rejected"] = dg.MetadataValue.md(rejections_md(fixes))
+    return result
+
+
+SYNC_ASSETS = [
+    sync_links,
+    sync_plan,
+    push_to_unleashed,
+    pull_to_crm,
+    account_manager_candidates,
+    account_manager_fix,
+]

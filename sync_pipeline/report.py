@@ -1,0 +1,163 @@
+"""What a person reads: markdown previews for the Dagster UI and the plain-text cycle report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+OP_LABELS = {
+    "update_erp": "CRM → Unleashed",
+    "update_crm": "Unleashed → CRM",
+    "create_crm_contact": "new contact → CRM",
+    "create_crm_company": "new customer → CRM",
+    "reject": "rejected",
+}
+
+
+def _cell(value: Any, width: int = 40) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
+        return ""
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def md_table(rows: list[dict[str, Any]], columns: list[str], limit: int = 25) -> str:
+    if not rows:
+        return "_none_"
+    head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
+    body = "\n".join(
+        "| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]
+    )
+    more = f"\n\n_…and {len(rows) - limit} more_" if len(rows) > limit else ""
+    return head + body + more
+
+
+def bad_records_md(bad: Iterable[Any]) -> str:
+    rows = [
+        {"system": b.system, "endpoint": b.endpoint, "record": b.record_id, "reason": b.reason}
+        for b in bad
+    ]
+    return md_table(rows, ["system", "endpoint", "record", "reason"])
+
+
+def plan_md(plan: pd.DataFrame, limit: int = 25) -> str:
+    if plan is None or plan.empty:
+        return "_nothing to do: both systems agree_"
+    rows = plan.assign(direction=plan["op"].map(OP_LABELS)).to_dict("records")
+    return md_table(
+        rows,
+        ["direction", "entity", "crm_id", "erp_id", "field", "crm_value", "erp_value",
+         "new_value", "conflict", "reason"],
+        limit,
+    )  # fmt: skip
+
+
+def conflicts_md(plan: pd.DataFrame) -> str:
+    if plan is None or plan.empty or "conflict" not in plan:
+        return "_none_"
+    rows = plan[plan["conflict"].fillna(False).astype(bool)].to_dict("records")
+    return md_table(
+        rows, ["entity", "crm_id", "erp_id", "field", "crm_value", "erp_value", "policy", "reason"]
+    )
+
+
+def rejections_md(plan: pd.DataFrame) -> str:
+    if plan is None or plan.empty:
+        return "_none_"
+    rows = plan[plan["op"] == "reject"].to_dict("records")
+    return md_table(rows, ["entity", "crm_id", "erp_id", "field", "new_value", "reason"])
+
+
+def applied_md(rows: list[dict[str, Any]]) -> str:
+    return md_table(
+        [{**r, "direction": OP_LABELS.get(r.get("op"), r.get("op"))} for r in rows],
+        ["direction", "entity", "crm_id", "erp_id", "field", "old_value", "new_value"],
+    )
+
+
+def cycle_report(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    since: datetime,
+    requests: dict[str, int] | None = None,
+    refusal: str | None = None,
+) -> str:
+    """A report a person can read in a minute: what changed each way, conflicts, rejections,
+    contacts created in the CRM and API requests per system, for everything logged since `since`."""
+    lines = ["Sync cycle report", "=================", ""]
+    if refusal:
+        lines += [refusal, ""]
+    audit = con.execute(
+        """SELECT direction, entity, crm_id, erp_id, field, old_value, new_value, reason
+           FROM audit_log WHERE logged_at >= ? ORDER BY logged_at""",
+        [since],
+    ).df()
+    for direction, title in (("crm_to_erp", "CRM → Unleashed"), ("erp_to_crm", "Unleashed → CRM")):
+        part = audit[(audit["direction"] == direction) & audit["field"].notna()]
+        lines.append(f"{title}: {len(part)} field update(s)")
+        for r in part.head(15).to_dict("records"):
+            lines.append(
+                f"  - {r['entity']} crm={r['crm_id']} unleashed={_short(r['erp_id'])} "
+                f"{r['field']}: {_q(r['old_value'])} → {_q(r['new_value'])}"
+            )
+        if len(part) > 15:
+            lines.append(f"  … and {len(part) - 15} more (see the audit_log table)")
+    created = audit[audit["field"].isna()]
+    for entity, title in (("contact", "Contacts created in the CRM"),
+                          ("company", "Companies created in the CRM (standard import)")):  # fmt: skip
+        part = created[created["entity"] == entity]
+        lines.append(f"{title}: {len(part)}")
+        for r in part.head(10).to_dict("records"):
+            lines.append(f"  - crm={r['crm_id']} from unleashed={_short(r['erp_id'])}")
+    conflicts = con.execute(
+        """SELECT entity, crm_id, erp_id, field, crm_value, erp_value, winner, policy
+           FROM conflicts WHERE seen_at >= ? ORDER BY seen_at""",
+        [since],
+    ).df()
+    lines.append(f"Conflicts resolved: {len(conflicts)}")
+    for r in conflicts.head(10).to_dict("records"):
+        lines.append(
+            f"  - {r['entity']} crm={r['crm_id']} {r['field']}: CRM {_q(r['crm_value'])} vs "
+            f"Unleashed {_q(r['erp_value'])} → {r['winner'].upper()} wins ({r['policy']})"
+        )
+    rejections = con.execute(
+        """SELECT entity, crm_id, erp_id, field, value, reason FROM rejections
+           WHERE resolved_at IS NULL ORDER BY first_seen"""
+    ).df()
+    lines.append(f"Open rejections (not sent; fix the value and they retry): {len(rejections)}")
+    for r in rejections.head(15).to_dict("records"):
+        lines.append(f"  - {r['reason']}")
+    failed = con.execute(
+        "SELECT entity, op, crm_id, erp_id, field, last_error FROM outbox WHERE status = 'failed'"
+    ).df()
+    if len(failed):
+        lines.append(f"Failed operations (retried next run): {len(failed)}")
+        for r in failed.head(10).to_dict("records"):
+            lines.append(f"  - {r['last_error']}")
+    bad = con.execute(
+        "SELECT system, endpoint, record_id, reason FROM bad_records WHERE resolved_at IS NULL"
+    ).df()
+    if len(bad):
+        lines.append(f"Malformed source records set aside: {len(bad)}")
+        for r in bad.head(10).to_dict("records"):
+            lines.append(f"  - {r['system']} {r['endpoint']} {r['record_id']}: {r['reason']}")
+    if requests:
+        lines.append(
+            "API requests: " + ", ".join(f"{system} {n}" for system, n in requests.items())
+        )
+    return "\n".join(lines)
+
+
+def _short(guid: Any) -> str:
+    text = "" if guid is None else str(guid)
+    return text[:8] + "…" if len(text) > 12 else text
+
+
+def _q(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "''"
+    return repr(str(value))
