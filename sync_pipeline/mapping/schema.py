@@ -1,0 +1,323 @@
+"""Declarative field mapping: pydantic models for `mappings/*.yaml` and a strict loader.
+
+Every identifier in a mapping reaches SQL (DuckDB JSON paths, column aliases) and OData
+(`$select`, `$filter`), so each one is checked against a conservative pattern at load time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An OData navigation to expand, optionally with a $select of plain names.
+EXPAND_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\(\$select=[A-Za-z_]\w*(,[A-Za-z_]\w*)*\))?$")
+
+Direction = Literal["both", "crm_to_erp", "erp_to_crm"]
+Normaliser = Literal["text", "name", "phone", "email", "website", "exact"]
+Validator = Literal["unleashed_website", "email", "salesperson_exists"]
+Policy = Literal["newest", "crm", "erp"]
+MatchCompare = Literal["exact", "email", "text"]
+Option = Literal["account_manager_sync"]
+
+# Columns the projection SQL adds itself; a field may not take one of these names.
+RESERVED_COLUMNS = frozenset(
+    {
+        "crm_id",
+        "crm_parent_id",
+        "crm_modified",
+        "crm_active",
+        "erp_id",
+        "erp_parent_id",
+        "erp_modified",
+        "erp_active",
+        "data",
+        "id",
+        "parent_id",
+        "modified",
+        "active",
+    }
+)
+
+
+class MappingError(ValueError):
+    """A mapping file is malformed; the message names the file, the entry and the problem."""
+
+
+def _path(value: str) -> str:
+    if not isinstance(value, str) or not PATH_RE.match(value):
+        raise ValueError(
+            f"unsafe identifier {value!r}: a field path is dot-separated names of letters, "
+            "digits and underscores"
+        )
+    return value
+
+
+def _name(value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(
+            f"unsafe identifier {value!r}: use letters, digits and underscores, not starting "
+            "with a digit"
+        )
+    return value
+
+
+def _expand(value: str) -> str:
+    if not isinstance(value, str) or not EXPAND_RE.match(value):
+        raise ValueError(
+            f"unsafe $expand {value!r}: expected Name or Name($select=A,B) with plain names"
+        )
+    return value
+
+
+FieldPath = Annotated[str, AfterValidator(_path)]
+Name = Annotated[str, AfterValidator(_name)]
+Expand = Annotated[str, AfterValidator(_expand)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CrmSource(_Model):
+    """Where the CRM side of an entity is read from and written to."""
+
+    entity_set: Name
+    table: Name
+    key: Name
+    modified: FieldPath
+    expand: list[Expand] = Field(default_factory=list)
+    parent_key: Name | None = None  # e.g. DivisionId on a contact
+    link_field: Name  # the CRM field that stores the Unleashed Guid
+
+
+class ErpSource(_Model):
+    """Where the Unleashed side of an entity is read from and written to."""
+
+    resource: Name
+    parent_resource: Name | None = None  # contacts live under /Customers/{guid}/Contacts
+    table: Name
+    key: Name
+    modified: FieldPath
+
+
+class MatchKey(_Model):
+    """One rule for pairing unlinked records; rules are tried in order."""
+
+    name: Name
+    crm: list[FieldPath] = Field(min_length=1)
+    erp: list[FieldPath] = Field(min_length=1)
+    compare: MatchCompare = "exact"
+    # When set, the CRM values come from this table's rows whose parent_id is the record id
+    # (the company's sales ledger carries the account code).
+    crm_table: Name | None = None
+    crm_entity: Name | None = None  # the CRM entity written on import, e.g. SalesLedger
+
+    @model_validator(mode="after")
+    def _same_arity(self) -> MatchKey:
+        if len(self.crm) != len(self.erp):
+            raise ValueError("crm and erp must list the same number of fields")
+        return self
+
+
+class Match(_Model):
+    within_linked_parent: bool = False
+    keys: list[MatchKey] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Match:
+        names = [k.name for k in self.keys]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate match key name(s): {', '.join(dupes)}")
+        return self
+
+
+class Reference(_Model):
+    """How a reference field is written: look the value up in a raw table, write what it finds.
+
+    `value` is the path of the field to write (e.g. UserId); null writes the whole record
+    object (Unleashed wants the full SalesPerson object).
+    """
+
+    field: Name
+    table: Name
+    match: FieldPath
+    value: FieldPath | None = None
+
+
+class FieldSpec(_Model):
+    crm: FieldPath
+    erp: FieldPath
+    direction: Direction | None = None
+    normaliser: Normaliser = "text"
+    validator: Validator | None = None
+    conflict_policy: Policy | None = None
+    option: Option | None = None
+    crm_write: Reference | None = None
+    erp_write: Reference | None = None
+
+
+class Defaults(_Model):
+    direction: Direction = "both"
+    conflict_policy: Policy = "newest"
+
+
+class EntityMapping(_Model):
+    entity: Literal["company", "contact"]
+    defaults: Defaults = Field(default_factory=Defaults)
+    crm: CrmSource
+    erp: ErpSource
+    match: Match
+    fields: dict[Name, FieldSpec] = Field(min_length=1)
+    source_file: str = ""
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> EntityMapping:
+        for name in self.fields:
+            if name in RESERVED_COLUMNS:
+                raise ValueError(f"field name {name!r} is reserved for a projection column")
+        for side in ("crm", "erp"):
+            seen: dict[str, str] = {}
+            for name, spec in self.fields.items():
+                path = getattr(spec, side)
+                if path in seen:
+                    raise ValueError(
+                        f"fields {seen[path]!r} and {name!r} both map the {side} path {path!r}"
+                    )
+                seen[path] = name
+        return self
+
+    # Resolved settings (defaults applied) -------------------------------------------------
+
+    def direction(self, field: str) -> str:
+        return self.fields[field].direction or self.defaults.direction
+
+    def policy(self, field: str) -> str:
+        return self.fields[field].conflict_policy or self.defaults.conflict_policy
+
+    def active_fields(self, *, account_manager_sync: bool = True) -> list[str]:
+        """Fields in play given the operator options."""
+        out = []
+        for name, spec in self.fields.items():
+            if spec.option == "account_manager_sync" and not account_manager_sync:
+                continue
+            out.append(name)
+        return out
+
+
+# Loading ----------------------------------------------------------------------------------
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, entry: str, line: int, first_line: int) -> None:
+        super().__init__(entry)
+        self.entry, self.line, self.first_line = entry, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (plain safe_load silently keeps the last one)."""
+
+    def compose_document(self):  # type: ignore[no-untyped-def]
+        node = super().compose_document()
+        self._paths: dict[int, str] = {}
+        self._walk(node, "")
+        return node
+
+    def _walk(self, node: yaml.Node, path: str) -> None:
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                self._walk(value_node, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                parent = getattr(self, "_paths", {}).get(id(node), "")
+                entry = f"{parent}.{key}" if parent else str(key)
+                raise _DuplicateKey(entry, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"]]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return ".".join(loc[:-1]) or "(top level)", f"unknown key {loc[-1]!r}"
+    entry = ".".join(loc) or "(top level)"
+    if kind == "missing":
+        return entry, "required key is missing"
+    if kind == "literal_error":
+        what = loc[-1] if loc else "value"
+        expected = err.get("ctx", {}).get("expected", "")
+        return entry, f"bad {what} {err['input']!r}: expected {expected}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return entry, msg
+
+
+def parse_mapping(data: Any, source: str) -> EntityMapping:
+    """Validate an already-parsed mapping document (`source` names it in errors)."""
+    if not isinstance(data, dict):
+        raise MappingError(f"{source}: (top level): expected a mapping of keys, got {data!r}")
+    try:
+        return EntityMapping.model_validate({**data, "source_file": source})
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        lines = [f"{source}: {entry}: {problem}" for entry, problem in problems]
+        raise MappingError("\n".join(lines)) from None
+
+
+def load_mapping(path: str | Path) -> EntityMapping:
+    """Load and validate one mapping file; any problem raises MappingError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise MappingError(
+            f"{path}: {dup.entry}: duplicate key on line {dup.line} "
+            f"(first defined on line {dup.first_line})"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise MappingError(f"{path}: (yaml): {exc}") from None
+    return parse_mapping(data, str(path))
+
+
+def load_mappings(directory: str | Path) -> dict[str, EntityMapping]:
+    """Load `company.yaml` and `contact.yaml` (and any other *.yaml) from a directory."""
+    directory = Path(directory)
+    out: dict[str, EntityMapping] = {}
+    for file in sorted(directory.glob("*.yaml")):
+        mapping = load_mapping(file)
+        if mapping.entity in out:
+            raise MappingError(
+                f"{file}: entity: {mapping.entity!r} is already defined in "
+                f"{out[mapping.entity].source_file}"
+            )
+        if file.stem != mapping.entity:
+            raise MappingError(
+                f"{file}: entity: {mapping.entity!r} does not match the file name {file.name!r}"
+            )
+        out[mapping.entity] = mapping
+    missing = {"company", "contact"} - out.keys()
+    if missing:
+        raise MappingError(f"{directory}: missing mapping file(s): {', '.join(sorted(missing))}")
+    return out
