@@ -1,0 +1,195 @@
+"""The `sync-pipeline` command: `emulators` runs both local API servers, `demo` shows them off.
+
+Each subcommand is one function taking the parsed arguments and returning an exit code, so a new
+one (`dev`) is a parser entry plus a function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_UNLEASHED_PORT = 8301
+DEFAULT_CRM_PORT = 8302
+DEFAULT_DATA_DIR = ".data/emulators"
+
+
+def _say(*lines: str) -> None:
+    # Flushed at once: callers (tests, tmux panes, CI logs) wait on these lines through a pipe.
+    print(*lines, sep="\n", flush=True)
+
+
+def _add_world_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--companies",
+        type=int,
+        default=50,
+        metavar="N",
+        help="Unleashed customers in the seed data (default: 50)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, metavar="S", help="seed of the seed data (default: 42)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sync-pipeline",
+        description="Two-way sync between Prospect CRM and Unleashed.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    emulators = commands.add_parser(
+        "emulators",
+        help="run the local Unleashed and Prospect CRM servers until Ctrl-C",
+        description="Run the local Unleashed and Prospect CRM servers, loaded with seed data, "
+        "until Ctrl-C or SIGTERM. State is kept in --data-dir between runs; delete that folder "
+        "to start again from the seed data.",
+    )
+    _add_world_options(emulators)
+    emulators.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"where the servers keep their state (default: {DEFAULT_DATA_DIR})",
+    )
+    emulators.add_argument(
+        "--in-memory", action="store_true", help="keep no state on disk (ignores --data-dir)"
+    )
+    emulators.add_argument(
+        "--host", default="127.0.0.1", metavar="H", help="address to bind (default: 127.0.0.1)"
+    )
+    emulators.add_argument(
+        "--unleashed-port",
+        type=int,
+        default=DEFAULT_UNLEASHED_PORT,
+        metavar="P",
+        help=f"Unleashed server port, 0 for any free port (default: {DEFAULT_UNLEASHED_PORT})",
+    )
+    emulators.add_argument(
+        "--crm-port",
+        type=int,
+        default=DEFAULT_CRM_PORT,
+        metavar="P",
+        help=f"CRM server port, 0 for any free port (default: {DEFAULT_CRM_PORT})",
+    )
+    emulators.set_defaults(handler=run_emulators)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start the local servers with seed data, show what they hold, and exit",
+    )
+    _add_world_options(demo)
+    demo.set_defaults(handler=run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+# --------------------------------------------------------------------------------------------
+# emulators
+# --------------------------------------------------------------------------------------------
+def run_emulators(args: argparse.Namespace) -> int:
+    from sync_pipeline.emulators.run import Emulators
+
+    data_dir = None if args.in_memory else Path(args.data_dir)
+    emulators = Emulators(
+        companies=args.companies,
+        seed=args.seed,
+        data_dir=data_dir,
+        host=args.host,
+        unleashed_port=args.unleashed_port,
+        crm_port=args.crm_port,
+    )
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        try:
+            emulators.start()
+        except OSError as exc:
+            print(f"sync-pipeline: cannot start the local servers: {exc}", file=sys.stderr)
+            return 1
+        _print_emulators(emulators, data_dir)
+        while not stop.wait(0.5):
+            pass
+        _say("", "Stopping the local servers ...")
+    finally:
+        emulators.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _say("Stopped.")
+    return 0
+
+
+def _print_emulators(emulators: Any, data_dir: Path | None) -> None:
+    held = emulators.holdings()
+    unleashed, crm = held["unleashed"], held["crm"]
+    env = emulators.env()
+    state = (
+        f"{data_dir} (kept between runs; delete it to start again from the seed data)"
+        if data_dir is not None
+        else "in memory (lost on exit)"
+    )
+    _say(
+        f"Unleashed server:    {emulators.unleashed_url}",
+        f"Prospect CRM server: {emulators.crm_url}",
+        "",
+        f"Unleashed holds {unleashed['customers']} customers "
+        f"({unleashed['obsolete_customers']} obsolete) and {unleashed['salespersons']} "
+        "salespersons.",
+        f"Prospect CRM holds {crm['divisions']} divisions (companies), {crm['contacts']} "
+        f"contacts, {crm['users']} users and {crm['sales_ledgers']} sales ledgers.",
+        f"State: {state}",
+        "",
+        "Local test credentials. These are not secrets: only these local servers accept them.",
+        f"  Unleashed API id:  {emulators.unleashed_api_id}",
+        f"  Unleashed API key: {emulators.unleashed_api_key}",
+        f"  CRM token:         {emulators.crm_token}",
+        "",
+        "Point the product at these servers with:",
+        *(f"  export {name}={value}" for name, value in env.items()),
+        "",
+        "Press Ctrl-C to stop.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+def run_demo(args: argparse.Namespace) -> int:
+    """Start both servers in memory, show what the seed data contains and what each API
+    answers, then stop. (To be replaced by the full sync cycle.)"""
+    from sync_pipeline.emulators.run import Emulators
+
+    with Emulators(companies=args.companies, seed=args.seed) as emulators:
+        summary = emulators.world.summary()
+        held = emulators.holdings()
+        _say(
+            f"Local servers: Unleashed {emulators.unleashed_url}, Prospect CRM {emulators.crm_url}",
+            "",
+            f"Seed data (companies={args.companies}, seed={args.seed}):",
+            *(f"  {kind:<32} {count:>7}" for kind, count in summary.items()),
+            "",
+            "Asked over the APIs (signed Unleashed requests, bearer-token CRM requests):",
+            *(
+                f"  {system:<9} {kind:<22} {count:>7}"
+                for system, counts in held.items()
+                for kind, count in counts.items()
+            ),
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
