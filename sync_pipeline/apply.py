@@ -22,6 +22,7 @@ from sync_pipeline import baseline, store
 from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
 
@@ -67,6 +68,10 @@ class Hooks:
             self.after_write(op_ids)
 
 
+# Used when a caller passes no hooks (the Dagster assets); tests set `after_write` to crash a run.
+TEST_HOOKS = Hooks()
+
+
 # ------------------------------------------------------------------------------------------------
 # Helpers over nested JSON paths ("SalesPerson.Email")
 # ------------------------------------------------------------------------------------------------
@@ -90,31 +95,24 @@ def _group(ops: pd.DataFrame, keys: list[str]) -> list[tuple[Any, pd.DataFrame]]
 
 
 class Resolver:
-    """Turns canonical reference values (an account manager's email) into what each API stores."""
+    """Turns canonical reference values (an account manager's email) into what each API stores,
+    following the mapping's `crm_write` / `erp_write` rules (look up a raw table by a field)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        self._salespersons = {
-            (r[0] or "").strip().lower(): json.loads(r[1])
-            for r in con.execute(
-                "SELECT data->>'$.Email', data FROM unleashed_salespersons WHERE active"
-            ).fetchall()
-        }
-        self._users = {
-            (r[0] or "").strip().lower(): r[1]
-            for r in con.execute(
-                "SELECT data->>'$.Email', id FROM crm_users WHERE active"
-            ).fetchall()
-        }
+        self._con = con
+        self._cache: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
 
-    def salesperson(self, email: str) -> dict[str, Any] | None:
-        sp = self._salespersons.get(email.strip().lower())
-        if sp is None:
+    def lookup(self, ref: Any, value: str) -> Any:
+        key = (ref.table, ref.match)
+        if key not in self._cache:
+            rows = self._con.execute(
+                f"SELECT data->>'$.{ref.match}', data FROM {ref.table} WHERE active"
+            ).fetchall()
+            self._cache[key] = {(m or "").strip().lower(): json.loads(d) for m, d in rows if m}
+        record = self._cache[key].get(value.strip().lower())
+        if record is None:
             return None
-        return {k: sp.get(k) for k in ("Guid", "FullName", "Email")}
-
-    def user_id(self, email: str) -> int | None:
-        uid = self._users.get(email.strip().lower())
-        return None if uid is None else int(uid)
+        return record if ref.value is None else get_path(record, ref.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,7 +125,7 @@ def apply_push(
     run_id: str,
     hooks: Hooks | None = None,
 ) -> ApplyStats:
-    hooks = hooks or Hooks()
+    hooks = hooks or TEST_HOOKS
     stats = ApplyStats()
     before = client.stats.total
     pending = store.unfinished(con, PUSH_OPS)
@@ -151,32 +149,45 @@ def apply_push(
 def _erp_value(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
     """The top-level Unleashed key to set and its value for one canonical field."""
     f = mapping.fields[field_name]
-    ref = getattr(f, "reference", None)
+    ref = f.erp_write
     erp_path = f.erp
-    top = erp_path.split(".")[0]
     if ref is not None:
         if not value:
-            return top, None
-        sp = resolver.salesperson(value)
-        if sp is None:
+            return ref.field, None
+        found = resolver.lookup(ref, value)
+        if found is None:
             raise ValidationError(
-                "Unleashed", "POST", "/Customers/{guid}", None,
-                f"no active Unleashed salesperson has the email {value!r}",
+                "Unleashed", "POST", f"/{mapping.erp.resource}/{{guid}}", None,
+                f"{field_name}: nothing in {ref.table} has {ref.match} {value!r}",
             )  # fmt: skip
-        return top, sp
+        return ref.field, found
+    top = erp_path
     if "." in erp_path:
         raise ValueError(f"cannot write nested Unleashed path {erp_path!r} for {field_name}")
     return top, value
 
 
-def _stale(ops: pd.DataFrame, current: dict[str, Any], mapping: Any) -> list[str]:
-    """Operations whose Unleashed value changed since planning: re-planned after the next import."""
-    stale = []
+def _triage(
+    ops: pd.DataFrame, current: dict[str, Any], mapping: Any
+) -> tuple[list[str], list[str]]:
+    """Split operations by what Unleashed holds now: (already there, changed since planning).
+
+    A value already equal to the one we write was written by a run that died before recording it.
+    A value that is neither the planned old one nor ours was changed in Unleashed after planning:
+    that operation waits for the next import, where the three-way diff sees the conflict."""
+    done, stale = [], []
     for op in ops.to_dict("records"):
-        now = _text(get_path(current, mapping.fields[op["field"]].erp))
-        if now.strip() != _text(op["old_value"]).strip():
+        f = mapping.fields[op["field"]]
+
+        def norm(value: Any, kind: str = f.normaliser) -> str:
+            return normalise(kind, _text(value))
+
+        now = norm(get_path(current, f.erp))
+        if now == norm(op["new_value"]):
+            done.append(op["op_id"])
+        elif now != norm(op["old_value"]):
             stale.append(op["op_id"])
-    return stale
+    return done, stale
 
 
 def _push_customer(
@@ -191,7 +202,7 @@ def _push_customer(
     hooks: Hooks,
 ) -> None:
     current = client.get_customer(guid).to_wire()
-    ops = _drop_stale(con, ops, current, mapping, stats)
+    ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:
         return
     changes = {}
@@ -223,7 +234,7 @@ def _push_contact(
             store.mark(con, op_id, "deferred", "contact no longer exists in Unleashed")
         stats.deferred += len(ops)
         return
-    ops = _drop_stale(con, ops, current, mapping, stats)
+    ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:
         return
     merged = dict(current)
@@ -241,10 +252,16 @@ def _drop_stale(
     current: dict[str, Any],
     mapping: Any,
     stats: ApplyStats,
+    run_id: str,
+    direction: str = "crm_to_erp",
 ) -> pd.DataFrame:
-    # An op already in flight was written by a run that died: the value there is ours.
-    fresh = ops[ops["status"] != "in_flight"]
-    stale = set(_stale(fresh, current, mapping)) if not fresh.empty else set()
+    done, stale_ids = _triage(ops, current, mapping)
+    # Account managers are compared by email; the planned old value is what the snapshot held.
+    stale = set(stale_ids)
+    if done:
+        _complete_updates(con, mapping.entity, ops[ops["op_id"].isin(done)], run_id, direction,
+                          stats)
+        ops = ops[~ops["op_id"].isin(done)]
     for op_id in stale:
         store.mark(
             con, op_id, "deferred",
@@ -267,7 +284,7 @@ def apply_pull(
     creations: bool = True,
     hooks: Hooks | None = None,
 ) -> ApplyStats:
-    hooks = hooks or Hooks()
+    hooks = hooks or TEST_HOOKS
     stats = ApplyStats()
     before = client.stats.total
     resolver = Resolver(con)
@@ -298,18 +315,17 @@ def apply_pull(
 
 def _crm_change(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
     f = mapping.fields[field_name]
-    ref = getattr(f, "reference", None)
+    ref = f.crm_write
     if ref is not None:
-        write_field = ref.crm_write_field
         if not value:
-            return write_field, None
-        uid = resolver.user_id(value)
-        if uid is None:
+            return ref.field, None
+        found = resolver.lookup(ref, value)
+        if found is None:
             raise ValidationError(
-                "CRM", "PATCH", "/Divisions({key})", None,
-                f"no active CRM user has the email {value!r}",
+                "CRM", "PATCH", f"/{mapping.crm.entity_set}({{key}})", None,
+                f"{field_name}: no CRM record in {ref.table} has {ref.match} {value!r}",
             )  # fmt: skip
-        return write_field, uid
+        return ref.field, found
     if "." in f.crm:
         raise ValueError(f"cannot write nested CRM path {f.crm!r} for {field_name}")
     return f.crm, value

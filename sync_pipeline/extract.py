@@ -202,8 +202,15 @@ def extract_unleashed_customers(
             )
     up_customers = store.upsert_snapshot(con, "unleashed_customers", customers)
     up_contacts = store.upsert_snapshot(con, "unleashed_contacts", contacts)
+    # A customer with a contact set aside as malformed has an incomplete list: a contact missing
+    # from it may just be that one, so nothing of that customer is read as deleted.
+    incomplete = {b.parent_id for b in result.bad if getattr(b, "parent_id", None)}
     gone = store.deactivate_missing_children(
-        con, "unleashed_contacts", parents, present, parent_modified
+        con,
+        "unleashed_contacts",
+        [p for p in parents if p not in incomplete],
+        present,
+        parent_modified,
     )
     store.record_bad_records(con, result.bad)
     store.resolve_bad_records(con, "Unleashed", "Customers", [r.id for r in customers])

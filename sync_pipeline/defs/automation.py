@@ -1,13 +1,13 @@
 """Jobs, the CRM change sensor and the schedules. Every tick re-reads the settings file, so an
 operator's change takes effect on the next tick, and a tick that does nothing says why."""
 
-from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from sync_pipeline.changes import latest_modified
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
 from sync_pipeline.defs.extract import CRM_EXTRACTS, IMPORT_PARTITIONS, UNLEASHED_EXTRACTS
@@ -54,7 +54,10 @@ full_resync_job = dg.define_asset_job(
         "ops": {
             name: {"config": {"full_refresh": True}}
             for name in (
-                "crm__companies", "crm__contacts", "crm__users", "crm__sales_ledgers",
+                "crm__companies",
+                "crm__contacts",
+                "crm__users",
+                "crm__sales_ledgers",
                 "unleashed_customers",
             )
         }
@@ -107,8 +110,8 @@ def crm_change_sensor(
         try:
             for entity_set in WATCHED_SETS:
                 since = cursor.get(entity_set)
-                latest[entity_set] = client.latest_modified(
-                    entity_set, since=parse_timestamp(since) if since else None
+                latest[entity_set] = latest_modified(
+                    client, entity_set, parse_timestamp(since) if since else None
                 )
         except ApiError as exc:
             return dg.SkipReason(f"Could not poll the CRM this tick: {exc}")

@@ -1,6 +1,5 @@
 """Asset checks: links are one-to-one, snapshots hold what the APIs reported, rejections get seen."""
 
-from __future__ import annotations
 
 import dagster as dg
 
@@ -18,7 +17,9 @@ from sync_pipeline.defs.sync import sync_links, sync_plan
 from sync_pipeline.report import md_table
 
 
-@dg.asset_check(asset=sync_links, description="Each record is linked to at most one on the other side.")
+@dg.asset_check(
+    asset=sync_links, description="Each record is linked to at most one on the other side."
+)
 def links_are_one_to_one(duckdb: SyncDuckDB) -> dg.AssetCheckResult:
     with duckdb.get_connection() as con:
         problems = links.one_to_one_violations(con)
@@ -26,7 +27,9 @@ def links_are_one_to_one(duckdb: SyncDuckDB) -> dg.AssetCheckResult:
         passed=len(problems) == 0,
         metadata={
             "violations": len(problems),
-            "preview": dg.MetadataValue.md(md_table(problems.to_dict("records"), list(problems.columns))),
+            "preview": dg.MetadataValue.md(
+                md_table(problems.to_dict("records"), list(problems.columns))
+            ),
         },
     )
 
@@ -98,7 +101,9 @@ def no_stale_rejections(duckdb: SyncDuckDB) -> dg.AssetCheckResult:
         metadata={
             "rejections_older_than_a_day": len(stale),
             "preview": dg.MetadataValue.md(
-                md_table(stale.to_dict("records"), ["entity", "crm_id", "field", "reason", "first_seen"])
+                md_table(
+                    stale.to_dict("records"), ["entity", "crm_id", "field", "reason", "first_seen"]
+                )
             ),
         },
     )

@@ -1,6 +1,5 @@
 """Extract assets: both systems into DuckDB snapshot tables."""
 
-from __future__ import annotations
 
 from datetime import timedelta
 
@@ -41,7 +40,7 @@ def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         settings = sync_config.settings()
         mappings = sync_config.mappings()
-        source = extract.crm_sources(mappings["company"].crm.expand)[kind]
+        source = extract.crm_sources(",".join(mappings["company"].crm.expand) or None)[kind]
         with crm.get_client() as client, duckdb.get_connection() as con:
             stats = extract.extract_crm(
                 con, client, source, full_refresh=config.full_refresh,

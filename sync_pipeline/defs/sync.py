@@ -1,6 +1,5 @@
 """Plan and apply assets: links, the three-way plan, push, pull and the overnight account-manager fix."""
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

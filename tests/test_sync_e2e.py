@@ -1,0 +1,493 @@
+"""End to end through Dagster against both local servers: one test per behaviour of the product."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import httpx
+import pytest
+
+from sync_pipeline import apply
+from sync_pipeline.defs.automation import (
+    crm_change_sensor,
+    daytime_import_schedule,
+    overnight_account_manager_fix_schedule,
+)
+
+VOLATILE = {"LastModifiedOn"}
+
+
+def _customer(h, guid) -> dict:
+    return h.unleashed.get_customer(guid).to_wire()
+
+
+def _unleashed_requests(h) -> int:
+    return h.emu.stats("unleashed")["total_requests"]
+
+
+def _requests_by_endpoint(h, system) -> dict[str, int]:
+    return h.emu.stats(system)["requests"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Updates both ways
+# ------------------------------------------------------------------------------------------------
+def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    before = _customer(h, pair["erp_id"])
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "+44 161 496 0123"})
+    h.emu.reset_stats("unleashed")
+    h.push()
+    after = _customer(h, pair["erp_id"])
+    assert after["PhoneNumber"] == "+44 161 496 0123"
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert changed - VOLATILE == {"PhoneNumber"}
+    # One read and one write for the record; the push job reads nothing else from Unleashed.
+    by_endpoint = _requests_by_endpoint(h, "unleashed")
+    assert sum(by_endpoint.values()) <= 2, by_endpoint
+
+
+def test_unleashed_edit_reaches_crm(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.unleashed.update_customer(pair["erp_id"], {"CustomerName": "Northwind Trading Ltd"})
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "Northwind Trading Ltd"
+    audit = h.query(
+        "SELECT * FROM audit_log WHERE crm_id = ? AND field = 'name'", [str(pair["crm_id"])]
+    )
+    assert list(audit["direction"]) == ["erp_to_crm"]
+    assert list(audit["new_value"]) == ["Northwind Trading Ltd"]
+
+
+def test_a_quiet_cycle_costs_one_request_per_list_endpoint(harness):
+    h = harness
+    h.cycle()
+    h.cycle()  # settles anything the first cycle wrote
+    h.emu.reset_stats("unleashed")
+    h.emu.reset_stats("crm")
+    h.cycle()
+    for system in ("unleashed", "crm"):
+        counts = _requests_by_endpoint(h, system)
+        assert all(n == 1 for n in counts.values()), (system, counts)
+        assert not any(k.startswith(("POST", "PATCH", "PUT")) for k in counts), counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Contacts
+# ------------------------------------------------------------------------------------------------
+def test_contact_created_in_unleashed_appears_in_crm_once(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    created = h.unleashed.create_contact(
+        pair["erp_id"],
+        {"FirstName": "Søren", "LastName": "Kierkegaard", "EmailAddress": "soren@example.dk",
+         "PhoneNumber": "+45 32 12 34 56"},
+    )  # fmt: skip
+    h.cycle()
+    h.cycle()
+    found = h.crm.find("Contacts", "UnleashedGuid", str(created.Guid))
+    assert len(found) == 1
+    assert found[0]["Forename"] == "Søren"
+    assert found[0]["Email"] == "soren@example.dk"
+    assert found[0]["DivisionId"] == pair["crm_id"]
+
+
+def test_crm_only_contact_never_appears_in_unleashed(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.create(
+        "Contacts",
+        {"DivisionId": pair["crm_id"], "Forename": "Only", "Surname": "InCrm",
+         "Email": "only.in.crm@example.com", "StatusFlag": "A"},
+    )  # fmt: skip
+    h.push()
+    h.cycle()
+    emails = {(c.EmailAddress or "").lower() for c in h.unleashed.list_contacts(pair["erp_id"])}
+    assert "only.in.crm@example.com" not in emails
+
+
+# ------------------------------------------------------------------------------------------------
+# Conflicts, rejections
+# ------------------------------------------------------------------------------------------------
+def test_conflict_follows_newest_policy_and_is_recorded(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 000 1111"})
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 000 2222"})  # later
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 000 2222"
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 000 2222"
+    conflicts = h.query("SELECT * FROM conflicts WHERE erp_id = ?", [pair["erp_id"]])
+    assert len(conflicts) == 1
+    row = conflicts.iloc[0]
+    assert (row["crm_value"], row["erp_value"], row["winner"]) == (
+        "0161 000 1111", "0161 000 2222", "erp"
+    )
+
+
+def test_conflict_policy_crm_from_settings(harness):
+    h = harness
+    h.cycle()
+    h.set_settings(conflict_policies={"company.phone": "crm"})
+    pair = h.linked_company()
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 000 2222"})
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 000 1111"})
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 000 1111"
+    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 000 1111"
+    winner = h.query("SELECT winner FROM conflicts WHERE erp_id = ?", [pair["erp_id"]])
+    assert list(winner["winner"]) == ["crm"]
+
+
+def test_invalid_website_is_reported_not_sent_while_other_fields_sync(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    before = _customer(h, pair["erp_id"])
+    h.crm.patch("Divisions", pair["crm_id"], {"Website": "www.acme .com", "Name": "Acme Renamed"})
+    h.push()
+    after = _customer(h, pair["erp_id"])
+    assert after["CustomerName"] == "Acme Renamed"
+    assert after.get("Website") == before.get("Website")
+    open_rejections = h.query(
+        "SELECT * FROM rejections WHERE resolved_at IS NULL AND crm_id = ? AND field = 'website'",
+        [str(pair["crm_id"])],
+    )
+    assert len(open_rejections) == 1
+    reason = open_rejections.iloc[0]["reason"]
+    assert "www.acme .com" in reason and "website" in reason.lower()
+    # Fixing the value in the CRM clears the rejection and sends it.
+    h.crm.patch("Divisions", pair["crm_id"], {"Website": "https://www.acme.com"})
+    h.push()
+    assert _customer(h, pair["erp_id"])["Website"] == "https://www.acme.com"
+    still_open = h.query(
+        "SELECT * FROM rejections WHERE resolved_at IS NULL AND crm_id = ? AND field = 'website'",
+        [str(pair["crm_id"])],
+    )
+    assert still_open.empty
+
+
+# ------------------------------------------------------------------------------------------------
+# Account managers
+# ------------------------------------------------------------------------------------------------
+def _user_without_salesperson(h) -> dict:
+    frame = h.query(
+        """SELECT u.id, u.data->>'$.Email' AS email FROM crm_users u
+           WHERE u.active AND NOT EXISTS (SELECT 1 FROM unleashed_salespersons s
+             WHERE lower(s.data->>'$.Email') = lower(u.data->>'$.Email'))
+           ORDER BY u.id LIMIT 1"""
+    )
+    return {"id": int(frame.iloc[0]["id"]), "email": frame.iloc[0]["email"]}
+
+
+def test_account_manager_without_salesperson_is_rejected_then_clears(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    user = _user_without_salesperson(h)
+    h.crm.patch("Divisions", pair["crm_id"], {"AccountManagerId": user["id"], "Phone": "0113 496 0000"})
+    h.push()
+    after = _customer(h, pair["erp_id"])
+    assert after["PhoneNumber"] == "0113 496 0000"  # the rest of the record still syncs
+    rejected = h.query(
+        "SELECT reason FROM rejections WHERE resolved_at IS NULL AND field = 'account_manager' "
+        "AND crm_id = ?",
+        [str(pair["crm_id"])],
+    )
+    assert len(rejected) == 1 and user["email"].lower() in rejected.iloc[0]["reason"].lower()
+    # The salesperson is added in Unleashed: the next cycle sends the account manager.
+    httpx.post(
+        f"{h.emu.unleashed_url}/_admin/salespersons",
+        json={"FullName": "New Salesperson", "Email": user["email"]},
+    ).raise_for_status()
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["SalesPerson"]["Email"].lower() == user["email"].lower()
+    cleared = h.query(
+        "SELECT * FROM rejections WHERE resolved_at IS NULL AND field = 'account_manager' "
+        "AND crm_id = ?",
+        [str(pair["crm_id"])],
+    )
+    assert cleared.empty
+
+
+def test_account_manager_sync_off_leaves_account_managers_alone(harness):
+    h = harness
+    h.cycle()
+    h.set_settings(account_manager_sync=False)
+    pair = h.linked_company("u.data->>'$.SalesPerson.Email' IS NOT NULL")
+    before = _customer(h, pair["erp_id"])["SalesPerson"]
+    other = h.query(
+        """SELECT u.id FROM crm_users u JOIN unleashed_salespersons s
+             ON lower(s.data->>'$.Email') = lower(u.data->>'$.Email') AND s.active
+           WHERE u.active AND lower(u.data->>'$.Email') <> lower(?) LIMIT 1""",
+        [before["Email"]],
+    ).iloc[0]["id"]
+    h.crm.patch("Divisions", pair["crm_id"], {"AccountManagerId": int(other)})
+    h.push()
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["SalesPerson"]["Guid"] == before["Guid"]
+    assert h.crm.get("Divisions", pair["crm_id"])["AccountManagerId"] == int(other)
+
+
+def test_overnight_fix_sets_crm_account_managers_from_unleashed(harness):
+    h = harness
+    h.set_settings(account_manager_sync=False)
+    h.cycle()
+    result = h.run("account_manager_fix_job")
+    meta = h.materialization_metadata(result, ["sync", "account_manager_fix"])
+    assert meta["companies_corrected"] >= 1
+    mismatched = h.query(
+        """SELECT l.crm_id FROM company_links l
+           JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
+           JOIN crm_users cu ON lower(cu.data->>'$.Email') = lower(u.data->>'$.SalesPerson.Email')
+           WHERE u.data->>'$.SalesPerson.Email' IS NOT NULL"""
+    )
+    for crm_id in mismatched["crm_id"]:
+        division = h.crm.get("Divisions", int(crm_id))
+        customer_email = h.query(
+            "SELECT u.data->>'$.SalesPerson.Email' AS e FROM unleashed_customers u "
+            "JOIN company_links l ON l.erp_id = u.id WHERE l.crm_id = ?",
+            [crm_id],
+        ).iloc[0]["e"]
+        user = h.crm.get("Users", division["AccountManagerId"])
+        assert user["Email"].lower() == customer_email.lower()
+
+
+def test_overnight_fix_off_changes_nothing(harness):
+    h = harness
+    h.set_settings(account_manager_sync=False, overnight_account_manager_fix=False)
+    h.cycle()
+    h.emu.reset_stats("crm")
+    result = h.run("account_manager_fix_job")
+    meta = h.materialization_metadata(result, ["sync", "account_manager_fix"])
+    assert "off" in meta["skipped"]
+    assert not any(k.startswith("PATCH") for k in _requests_by_endpoint(h, "crm"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and guards
+# ------------------------------------------------------------------------------------------------
+def test_all_options_off_stops_two_way_but_standard_import_continues(harness):
+    h = harness
+    h.set_settings(
+        two_way_sync=False, account_manager_sync=False, overnight_account_manager_fix=False
+    )
+    h.cycle()
+    pair = h.linked_company()
+    before = _customer(h, pair["erp_id"])
+    h.crm.patch("Divisions", pair["crm_id"], {"Name": "Changed In CRM Only"})
+    guid = str(uuid.uuid4())
+    h.unleashed.save_customer(
+        {"Guid": guid, "CustomerCode": "NEWCO1", "CustomerName": "Brand New Customer Ltd"}
+    )
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["CustomerName"] == before["CustomerName"]
+    created = h.crm.find("Divisions", "UnleashedGuid", guid)
+    assert len(created) == 1 and created[0]["Name"] == "Brand New Customer Ltd"
+    ledgers = h.crm.find("SalesLedgers", "DivisionId", created[0]["DivisionId"])
+    assert [x["AccountCode"] for x in ledgers] == ["NEWCO1"]
+
+
+@pytest.mark.parametrize(
+    "facts, words",
+    [({"operating_companies": 2}, "operating companies"),
+     ({"advanced_ledgers": True}, "advanced ledgers")],
+)  # fmt: skip
+def test_guard_refuses_two_way_sync_and_writes_nothing(harness, facts, words):
+    h = harness
+    h.cycle()
+    httpx.put(f"{h.emu.crm_url}/_admin/tenant", json=facts).raise_for_status()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Name": "Should Not Travel"})
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0200 000 0000"})
+    h.emu.reset_stats("unleashed")
+    h.emu.reset_stats("crm")
+    result = h.cycle()
+    meta = h.materialization_metadata(result, ["sync", "plan"])
+    assert words in meta["two_way"]
+    assert "Nothing was written" in meta["two_way"]
+    for system in ("unleashed", "crm"):
+        writes = [k for k in _requests_by_endpoint(h, system) if not k.startswith("GET")]
+        assert writes == [], (system, writes)
+    with dg.build_sensor_context(
+        instance=h.instance, resources=h.resources, cursor=None
+    ) as context:
+        tick = crm_change_sensor(context)
+    assert isinstance(tick, dg.SkipReason) and words in tick.skip_message
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash safety
+# ------------------------------------------------------------------------------------------------
+def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    contact = h.unleashed.create_contact(
+        pair["erp_id"], {"FirstName": "Crash", "LastName": "Test", "EmailAddress": "crash@example.com"}
+    )
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0999"})
+    # Plan, then die right after the API writes, before the baseline and audit are written.
+    for job in ("sync_cycle_job",):
+        with pytest.raises(Exception):  # noqa: B017 - the crash is the point
+            _run_with_crash(h, job)
+    h.cycle()
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0113 496 0999"
+    assert len(h.crm.find("Contacts", "UnleashedGuid", str(contact.Guid))) == 1
+    audit = h.query("SELECT * FROM audit_log WHERE erp_id = ?", [str(contact.Guid)])
+    assert len(audit) == 1  # the creation is logged once, after recovery
+    phone_audit = h.query(
+        "SELECT * FROM audit_log WHERE erp_id = ? AND field = 'phone'", [pair["erp_id"]]
+    )
+    assert len(phone_audit) == 1
+    stuck = h.query("SELECT * FROM outbox WHERE status IN ('pending', 'in_flight')")
+    assert stuck.empty
+
+
+def _run_with_crash(h, job):
+    def crash(op_ids):
+        raise apply.CrashForTest(f"simulated crash after writing {op_ids}")
+
+    apply.TEST_HOOKS.after_write = crash
+    try:
+        h.run(job)
+    finally:
+        apply.TEST_HOOKS.after_write = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Automation
+# ------------------------------------------------------------------------------------------------
+def test_sensor_cursor_and_run_keys(harness):
+    h = harness
+    h.cycle()
+    with dg.build_sensor_context(instance=h.instance, resources=h.resources) as context:
+        first = crm_change_sensor(context)
+        assert isinstance(first, dg.RunRequest)
+        cursor = context.cursor
+        again = crm_change_sensor(context)
+        assert isinstance(again, dg.SkipReason) and "No CRM" in again.skip_message
+        assert context.cursor == cursor or json.loads(context.cursor).get("Divisions") == (
+            json.loads(cursor).get("Divisions")
+        )
+        pair = h.linked_company()
+        h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 1234"})
+        second = crm_change_sensor(context)
+        assert isinstance(second, dg.RunRequest)
+        assert second.run_key != first.run_key
+    h.set_settings(two_way_sync=False)
+    with dg.build_sensor_context(instance=h.instance, resources=h.resources) as context:
+        off = crm_change_sensor(context)
+    assert isinstance(off, dg.SkipReason) and "off" in off.skip_message
+
+
+@pytest.mark.parametrize(
+    "local, fires",
+    [("2026-11-23 10:00", True),   # Monday, inside the window
+     ("2026-11-23 10:05", False),  # not on a 15-minute mark
+     ("2026-11-23 06:45", False),  # before 07:00
+     ("2026-11-23 19:15", False),  # after 19:00
+     ("2026-11-28 10:00", False)],  # Saturday
+)  # fmt: skip
+def test_daytime_import_schedule_hours(harness, local, fires):
+    h = harness
+    from zoneinfo import ZoneInfo
+
+    when = datetime.fromisoformat(local).replace(tzinfo=ZoneInfo("Europe/London"))
+    with dg.build_schedule_context(
+        instance=h.instance, scheduled_execution_time=when, resources=h.resources
+    ) as context:
+        result = daytime_import_schedule(context)
+    if fires:
+        assert isinstance(result, dg.RunRequest)
+        assert result.partition_key == when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
+    else:
+        assert isinstance(result, dg.SkipReason)
+
+
+def test_overnight_schedule_fires_once_at_the_configured_time(harness):
+    h = harness
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo("Europe/London")
+    results = []
+    for hhmm in ("01:55", "02:00", "02:05"):
+        when = datetime.fromisoformat(f"2026-11-24 {hhmm}").replace(tzinfo=tz)
+        with dg.build_schedule_context(
+            instance=h.instance, scheduled_execution_time=when, resources=h.resources
+        ) as context:
+            results.append(overnight_account_manager_fix_schedule(context))
+    assert [isinstance(r, dg.RunRequest) for r in results] == [False, True, False]
+    assert results[1].run_key == "account-manager-fix:2026-11-24"
+
+
+def test_backfill_of_a_past_window_imports_and_is_idempotent(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.unleashed.update_customer(pair["erp_id"], {"CustomerName": "Changed During Outage"})
+    past = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%d-%H:00")
+    h.cycle(partition_key=past)
+    assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "Changed During Outage"
+    snapshot = h.query("SELECT id, modified, data FROM unleashed_customers ORDER BY id")
+    audit_rows = len(h.query("SELECT * FROM audit_log"))
+    h.cycle(partition_key=past)
+    assert h.query("SELECT id, modified, data FROM unleashed_customers ORDER BY id").equals(
+        snapshot
+    )
+    assert len(h.query("SELECT * FROM audit_log")) == audit_rows
+
+
+OVERLAP_SCRIPT = """
+import sys, dagster as dg
+from pathlib import Path
+from tests.harness import Harness
+
+class Emu:  # the servers run in the parent test process
+    def __init__(self, u, c, i, k, t):
+        self.unleashed_url, self.crm_url = u, c
+        self.unleashed_api_id, self.unleashed_api_key, self.crm_token = i, k, t
+
+h = Harness(Emu(*sys.argv[1:6]), Path(sys.argv[6]))
+h.settings_file.write_text(Path(sys.argv[7]).read_text())
+h.cycle()
+print("cycle ok")
+"""
+
+
+def test_two_overlapping_runs_do_not_fail_on_the_duckdb_lock(harness, tmp_path):
+    h = harness
+    args = [
+        h.emu.unleashed_url, h.emu.crm_url, h.emu.unleashed_api_id, h.emu.unleashed_api_key,
+        h.emu.crm_token, str(h.db.parent), str(h.settings_file),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OVERLAP_SCRIPT, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "cycle ok" in out
+    # Both runs completed and nothing was created twice.
+    dupes = h.query(
+        "SELECT data->>'$.UnleashedGuid' g, count(*) n FROM crm_contacts "
+        "WHERE data->>'$.UnleashedGuid' IS NOT NULL GROUP BY 1 HAVING n > 1"
+    )
+    assert dupes.empty
