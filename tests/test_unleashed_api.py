@@ -1,0 +1,657 @@
+"""The Unleashed client against the local Unleashed server, over real sockets on free ports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from sync_pipeline.clients.base import (
+    AuthError,
+    RetrySettings,
+    TransientApiError,
+    ValidationError,
+)
+from sync_pipeline.clients.dates import decode_date, encode_date, encode_dates
+from sync_pipeline.clients.unleashed import (
+    Customer,
+    UnleashedClient,
+    UnleashedValidationError,
+    format_modified_since,
+    signature,
+)
+from sync_pipeline.emulators.common import FaultConfig, ServerThread
+from sync_pipeline.emulators.unleashed_server import (
+    LOCAL_API_ID,
+    LOCAL_API_KEY,
+    create_app,
+    expected_signature,
+)
+
+FAST_RETRY = RetrySettings(attempts=6, initial_wait=0.01, max_wait=0.3, max_total=15)
+BASE = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
+DATE_RE = re.compile(r"^/Date\(\d+\)/$")
+
+
+def gid(n: int) -> str:
+    return str(uuid.UUID(int=n))
+
+
+SP_ACTIVE = gid(0xA1)
+SP_OTHER = gid(0xA2)
+SP_OBSOLETE = gid(0xA3)
+
+
+def make_world(customers: int = 25, big_contacts: int = 0) -> dict:
+    salespersons = [
+        {"Guid": SP_ACTIVE, "FullName": "Ann Active", "Email": "ann@example.com"},
+        {"Guid": SP_OTHER, "FullName": "Bob Other", "Email": "bob@example.com"},
+        {
+            "Guid": SP_OBSOLETE,
+            "FullName": "Old Timer",
+            "Email": "old@example.com",
+            "Obsolete": True,
+        },
+    ]
+    for sp in salespersons:
+        sp.setdefault("Obsolete", False)
+        sp["LastModifiedOn"] = BASE
+    rows = []
+    for i in range(customers):
+        rows.append(
+            {
+                "Guid": gid(i + 1),
+                "CustomerCode": f"C{i + 1:03d}",
+                "CustomerName": f"Customer {i + 1}",
+                "PhoneNumber": f"0161 000 {i:04d}",
+                "Website": f"https://c{i + 1}.example.com",
+                "Email": f"accounts@c{i + 1}.example.com",
+                "Obsolete": i == 3,
+                "SalesPerson": (
+                    {"Guid": SP_ACTIVE, "FullName": "Ann Active", "Email": "ann@example.com"}
+                    if i % 2 == 0
+                    else None
+                ),
+                "CreatedOn": BASE + timedelta(minutes=i),
+                "LastModifiedOn": BASE + timedelta(minutes=i, seconds=30),
+                "Currency": {"CurrencyCode": "GBP"},
+                "Addresses": [{"AddressType": "Postal", "City": "Leeds"}],
+                "Notes": f"note {i + 1}",
+                "TaxCode": "VAT 20%",
+                "Contacts": [
+                    {
+                        "Guid": gid(10_000 + i * 1000 + j),
+                        "FirstName": f"First{j}",
+                        "LastName": f"Last{i}",
+                        "EmailAddress": f"p{j}@c{i + 1}.example.com",
+                        "PhoneNumber": None,
+                        "MobilePhone": "07700 900000",
+                        "FaxNumber": None,
+                        "OfficePhone": None,
+                    }
+                    for j in range(big_contacts if i == 0 and big_contacts else 2)
+                ],
+            }
+        )
+    return {"salespersons": salespersons, "customers": rows}
+
+
+def start(tmp_path, name: str = "unleashed.db", **kwargs) -> ServerThread:
+    kwargs.setdefault("world", make_world())
+    return ServerThread(create_app(store_path=str(tmp_path / name), **kwargs)).start()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = start(tmp_path)
+    yield srv
+    srv.stop()
+
+
+def make_client(url: str, **kwargs) -> UnleashedClient:
+    kwargs.setdefault("retry", FAST_RETRY)
+    kwargs.setdefault("page_size", 7)
+    return UnleashedClient(url, LOCAL_API_ID, LOCAL_API_KEY, **kwargs)
+
+
+@pytest.fixture
+def client(server):
+    with make_client(server.url) as c:
+        yield c
+
+
+def signed_get(url: str, path: str, query: str = "", **header_overrides) -> httpx.Response:
+    headers = {
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+        "api-auth-id": LOCAL_API_ID,
+        "api-auth-signature": signature(LOCAL_API_KEY, query),
+        "client-type": "acme/crmsync",
+    }
+    for key, value in header_overrides.items():
+        key = key.replace("_", "-")
+        if value is None:
+            headers.pop(key, None)
+        else:
+            headers[key] = value
+    full = f"{url}{path}?{query}" if query else f"{url}{path}"
+    return httpx.get(full, headers=headers)
+
+
+def admin(server: ServerThread, method: str, path: str, body=None) -> httpx.Response:
+    return httpx.request(method, f"{server.url}/_admin{path}", json=body)
+
+
+# --------------------------------------------------------------------------------------------
+# Signing and authentication
+# --------------------------------------------------------------------------------------------
+def test_signature_known_answer():
+    # Computed independently: printf '%s' QUERY | openssl dgst -sha256 -hmac KEY -binary | base64
+    key = "test-key-0123456789"
+    query = "pageSize=7&includeObsolete=true&modifiedSince=2024-01-02T03:04:05.678"
+    assert signature(key, query) == "2e9vsfQEQGs0HjW+yx33zhcYnvOVTgloKw9zs4H0jZI="
+    assert signature(key, "") == "FbNEhxPIMDPFVfm4nfuqSAzRo8HgHw2Newml5VrkybY="
+    assert expected_signature(key, query.encode()) == signature(key, query)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"api_auth_signature": "AAAA"}, "does not match"),
+        ({"api_auth_signature": signature("another-key", "pageSize=5")}, "does not match"),
+        ({"api_auth_id": gid(999)}, "api-auth-id"),
+        ({"api_auth_signature": None}, "missing"),
+        ({"client_type": None}, "client-type"),
+        ({"client_type": "Acme/CrmSync"}, "client-type"),
+        ({"client_type": "crmsync"}, "client-type"),
+    ],
+)
+def test_bad_credentials_get_403(server, overrides, why):
+    response = signed_get(server.url, "/Customers", "pageSize=5", **overrides)
+    assert response.status_code == 403
+    assert why in response.json()["Description"]
+
+
+def test_wrong_key_is_an_auth_error_without_the_key(server):
+    c = UnleashedClient(server.url, LOCAL_API_ID, "wrong-key-xyz", retry=FAST_RETRY)
+    with c, pytest.raises(AuthError) as info:
+        c.list_customers()
+    assert info.value.status == 403
+    assert c.stats.total == 1  # never retried
+    assert "wrong-key-xyz" not in str(info.value)
+
+
+def test_client_type_must_be_lowercase_owner_app():
+    with pytest.raises(ValueError, match="client_type"):
+        UnleashedClient("http://localhost", LOCAL_API_ID, LOCAL_API_KEY, "Acme/Sync")
+
+
+def test_signed_raw_request_lists_customers(server):
+    response = signed_get(server.url, "/Customers", "pageSize=5&includeObsolete=true")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["Pagination"] == {
+        "NumberOfItems": 25,
+        "PageSize": 5,
+        "PageNumber": 1,
+        "NumberOfPages": 5,
+    }
+    first = body["Items"][0]
+    assert DATE_RE.match(first["CreatedOn"]) and DATE_RE.match(first["LastModifiedOn"])
+    assert "Contacts" not in first
+    # A GUID means one record, an integer a page.
+    one = signed_get(server.url, f"/Customers/{first['Guid']}")
+    assert one.status_code == 200 and one.json()["CustomerCode"] == first["CustomerCode"]
+    assert signed_get(server.url, f"/Customers/{gid(777)}").status_code == 404
+
+
+def test_page_size_over_the_maximum_is_refused(server):
+    response = signed_get(server.url, "/Customers", "pageSize=1001")
+    assert response.status_code == 400
+    assert response.json()["Items"][0]["Field"] == "pageSize"
+    assert signed_get(server.url, "/Customers", "pageSize=1000").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+# --------------------------------------------------------------------------------------------
+def test_paging_sees_every_record_exactly_once(client):
+    seen = []
+    for chunk in client.iter_customer_pages():
+        seen += [c.Guid for c in chunk.items]
+    assert len(seen) == 25 and len(set(seen)) == 25
+    assert client.stats.sent["GET /Customers/{page}"] == 4  # 7 + 7 + 7 + 4
+
+    result = client.list_customers()
+    assert {c.Guid for c in result.items} == set(seen)
+    assert (result.reported_total, result.pages, result.bad) == (25, 4, [])
+    modified = [c.LastModifiedOn for c in result.items]
+    assert modified == sorted(modified)  # orderBy=LastModifiedOn
+    assert all(isinstance(c.LastModifiedOn, datetime) and c.LastModifiedOn.tzinfo for c in result)
+
+
+class _ModifyAfterFirstPage(httpx.HTTPTransport):
+    """Real sockets, plus an edit on the server right after page 1 has been read."""
+
+    def __init__(self, server: ServerThread) -> None:
+        super().__init__()
+        self.server = server
+        self.done = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if not self.done and request.url.path == "/Customers/1":
+            self.done = True
+            admin(self.server, "PUT", f"/customers/{gid(1)}", {"PhoneNumber": "0113 000 0001"})
+        return response
+
+
+def test_a_record_moving_while_paging_does_not_hide_another(server):
+    # gid(1) is first by LastModifiedOn; editing it after page 1 moves it to the end, which
+    # shifts every later record back one place: one record of page 2 would be skipped.
+    with make_client(server.url, transport=_ModifyAfterFirstPage(server)) as c:
+        result = c.list_customers()
+    assert len({x.Guid for x in result}) == len(result) == 25
+    assert next(x for x in result if x.Guid == gid(1)).PhoneNumber == "0113 000 0001"
+    assert result.pages == 8  # a second pass was needed
+
+
+def test_modified_since_returns_created_or_modified_records(server, client):
+    since = datetime.now(UTC)
+    client.update_customer(gid(5), {"PhoneNumber": "0113 496 0000"})
+    created = client.save_customer({"CustomerCode": "NEW001", "CustomerName": "New Ltd"})
+    result = client.list_customers(modified_since=since)
+    assert sorted(c.Guid for c in result) == sorted([gid(5), created.Guid])
+    # Inclusive at millisecond precision: the exact LastModifiedOn still matches.
+    again = client.list_customers(modified_since=created.LastModifiedOn)
+    assert [c.Guid for c in again] == [created.Guid]
+    # Seconds-only form and the ms form are both accepted; anything else is refused.
+    assert (
+        signed_get(server.url, "/Customers", "modifiedSince=2099-01-01T00:00:00").json()["Items"]
+        == []
+    )
+    bad = signed_get(server.url, "/Customers", "modifiedSince=yesterday")
+    assert bad.status_code == 400 and bad.json()["Items"][0]["Field"] == "modifiedSince"
+    assert format_modified_since(datetime(2024, 1, 2, 3, 4, 5, 678900)) == "2024-01-02T03:04:05.678"
+
+
+def test_include_obsolete_defaults_to_false_on_the_server(server, client):
+    raw = signed_get(server.url, "/Customers", "pageSize=100").json()
+    assert raw["Pagination"]["NumberOfItems"] == 24
+    assert gid(4) not in {c["Guid"] for c in raw["Items"]}
+    # The client asks for obsolete customers by default: a delta sync must see retirements.
+    listed = client.list_customers()
+    assert [c.Obsolete for c in listed if c.Guid == gid(4)] == [True]
+    assert len(client.list_customers(include_obsolete=False)) == 24
+
+
+def test_include_all_contacts_caps_at_100(tmp_path):
+    srv = start(tmp_path, world=make_world(customers=3, big_contacts=130))
+    try:
+        with make_client(srv.url) as c:
+            big = next(x for x in c.list_customers() if x.Guid == gid(1))
+            assert len(big.Contacts) == 100
+            assert len(c.list_contacts(gid(1))) == 130  # the contacts endpoint is not capped
+            without = c.list_customers(include_all_contacts=False)
+            assert all(x.Contacts is None for x in without)
+    finally:
+        srv.stop()
+
+
+def test_customer_code_is_a_starts_with_match(client):
+    for code in ("ACME1", "ACME10", "ACME2"):
+        client.save_customer({"CustomerCode": code, "CustomerName": code})
+    found = client.list_customers(customer_code="ACME1")
+    assert sorted(c.CustomerCode for c in found) == ["ACME1", "ACME10"]
+    # An exact match is the caller's own check.
+    assert [c.CustomerCode for c in found if c.CustomerCode == "ACME1"] == ["ACME1"]
+
+
+def test_malformed_records_are_set_aside_with_reasons(server, client):
+    admin(server, "PUT", f"/customers/{gid(2)}", {"LastModifiedOn": "/Date(oops)/"})
+    admin(server, "PUT", f"/customers/{gid(3)}", {"CustomerName": 123})
+    contacts = [
+        {"Guid": gid(50_001), "FirstName": "Good", "LastName": "One"},
+        {"Guid": gid(50_002), "FirstName": 42, "LastName": "Bad"},
+    ]
+    admin(server, "PUT", f"/customers/{gid(6)}", {"Contacts": contacts})
+
+    result = client.list_customers()
+    assert len(result.items) == 23
+    reasons = {b.record_id: b.reason for b in result.bad}
+    assert "LastModifiedOn" in reasons[gid(2)] and "/Date(oops)/" in reasons[gid(2)]
+    assert "CustomerName" in reasons[gid(3)] and "C003" in reasons[gid(3)]
+    assert "FirstName" in reasons[gid(50_002)]
+    contact_bad = next(b for b in result.bad if b.record_id == gid(50_002))
+    assert contact_bad.parent_id == gid(6)
+    kept = next(c for c in result if c.Guid == gid(6))
+    assert [x.FirstName for x in kept.Contacts] == ["Good"]
+
+
+def test_record_without_guid_is_set_aside():
+    page = {
+        "Pagination": {"NumberOfItems": 2, "PageSize": 7, "PageNumber": 1, "NumberOfPages": 1},
+        "Items": [
+            {"CustomerCode": "NOGUID", "CustomerName": "No Guid"},
+            {"Guid": gid(1), "CustomerCode": "OK", "CustomerName": "Fine"},
+        ],
+    }
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=page))
+    with make_client("http://unleashed.test", transport=transport) as c:
+        result = c.list_customers()
+    assert [x.CustomerCode for x in result] == ["OK"]
+    assert result.bad[0].record_id is None
+    assert "NOGUID" in result.bad[0].reason and "Guid" in result.bad[0].reason
+
+
+def test_list_salespersons_includes_obsolete(client):
+    result = client.list_salespersons()
+    assert {s.Email: s.Obsolete for s in result} == {
+        "ann@example.com": False,
+        "bob@example.com": False,
+        "old@example.com": True,
+    }
+    assert client.stats.sent["GET /Salespersons/{page}"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Writing customers
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("website", "why"),
+    [
+        ("htp://x", "http:// or https://"),
+        ("www.example.com", "http:// or https://"),
+        ("https://www.example .com", "space"),
+        ("http://localhost", "dotted"),
+    ],
+)
+def test_refused_website_names_field_value_and_record(server, client, website, why):
+    with pytest.raises(ValidationError) as info:
+        client.update_customer(gid(7), {"Website": website})
+    error = info.value
+    assert isinstance(error, UnleashedValidationError)
+    text = str(error)
+    assert text.startswith("Unleashed POST /Customers/{guid} failed (HTTP 400): Website")
+    assert repr(website) in text and why in text
+    assert gid(7) in text and "C007" in text
+    assert error.fields == ["Website"] and error.record_id == gid(7)
+    assert client.get_customer(gid(7)).Website == "https://c7.example.com"  # nothing written
+
+
+def test_other_refusals(client):
+    cases = [
+        ({"CustomerName": "No code"}, "CustomerCode"),
+        ({"CustomerCode": "X1", "CustomerName": ""}, "CustomerName"),
+        ({"CustomerCode": "C001", "CustomerName": "Duplicate code"}, "CustomerCode"),
+        (
+            {"CustomerCode": "X2", "CustomerName": "n", "SalesPerson": {"Guid": gid(404)}},
+            "SalesPerson",
+        ),
+        (  # the client sends either spelling as SalesPerson
+            {"CustomerCode": "X3", "CustomerName": "n", "Salesperson": {"Guid": SP_OBSOLETE}},
+            "SalesPerson",
+        ),
+    ]
+    for body, field in cases:
+        with pytest.raises(UnleashedValidationError) as info:
+            client.save_customer(body)
+        assert info.value.fields == [field], body
+
+
+def test_post_is_a_full_replace(client):
+    before = client.get_customer(gid(8))
+    assert before.model_extra["Notes"] == "note 8"
+    wire = before.to_wire(include_contacts=False)
+    del wire["Notes"], wire["Currency"]
+    saved = client.save_customer(wire)
+    assert "Notes" not in saved.model_extra and "Currency" not in saved.model_extra
+    assert saved.CreatedOn == before.CreatedOn  # server-owned
+    assert saved.LastModifiedOn > before.LastModifiedOn
+    # Contacts are kept: they have their own endpoints.
+    assert len(client.list_contacts(gid(8))) == 2
+
+
+def test_update_customer_keeps_unknown_fields_in_two_requests(client):
+    before = client.get_customer(gid(9))
+    sent_before = client.stats.total
+    after = client.update_customer(
+        gid(9), {"Website": "https://new.example.org", "Salesperson": {"Guid": SP_OTHER}}
+    )
+    assert client.stats.total - sent_before == 2
+    assert after.Website == "https://new.example.org"
+    assert after.SalesPerson.Guid == SP_OTHER and after.SalesPerson.FullName == "Bob Other"
+    assert after.SalesPerson.Email == "bob@example.com"
+    for key in ("Notes", "Currency", "Addresses", "TaxCode"):
+        assert after.model_extra[key] == before.model_extra[key]
+    assert (after.PhoneNumber, after.Email) == (before.PhoneNumber, before.Email)
+    cleared = client.update_customer(gid(9), {"SalesPerson": None})
+    assert cleared.SalesPerson is None
+
+
+def test_customer_model_round_trip():
+    raw = {
+        "Guid": gid(1),
+        "CustomerCode": "A",
+        "Salesperson": {"Guid": SP_ACTIVE, "LastModifiedOn": "/Date(1449745526820)/"},
+        "LastModifiedOn": "/Date(1449745526820)/",
+        "Custom": {"Nested": "/Date(5)/"},
+    }
+    customer = Customer.model_validate(raw)
+    assert customer.SalesPerson.Guid == SP_ACTIVE
+    assert customer.LastModifiedOn == datetime(2015, 12, 10, 11, 5, 26, 820000, tzinfo=UTC)
+    wire = customer.to_wire()
+    assert wire["SalesPerson"]["LastModifiedOn"] == "/Date(1449745526820)/"
+    assert wire["LastModifiedOn"] == "/Date(1449745526820)/"
+    assert wire["Custom"] == {"Nested": "/Date(5)/"} and "Salesperson" not in wire
+    assert decode_date("/Date(1449745526820+0000)/") == customer.LastModifiedOn
+    assert encode_dates({"a": [BASE]}) == {"a": [encode_date(BASE)]}
+    with pytest.raises(ValueError):
+        decode_date("/Date(abc)/")
+
+
+# --------------------------------------------------------------------------------------------
+# Contacts
+# --------------------------------------------------------------------------------------------
+def test_contact_create_update_delete_and_uniqueness(client):
+    customer = gid(10)
+    new = client.create_contact(
+        customer, {"FirstName": "Zoë", "LastName": "Ångström", "EmailAddress": "zoe@x.example"}
+    )
+    assert new.Guid
+    with pytest.raises(UnleashedValidationError) as info:
+        client.create_contact(
+            customer, {"FirstName": "zoë", "LastName": "Ångström", "EmailAddress": "ZOE@x.example"}
+        )
+    assert "not unique" in str(info.value) and customer in str(info.value)
+    # The same person under another customer is fine.
+    client.create_contact(
+        gid(11), {"FirstName": "Zoë", "LastName": "Ångström", "EmailAddress": "zoe@x.example"}
+    )
+
+    sent_before = client.stats.total
+    updated = client.update_contact(customer, new.Guid, {"MobilePhone": "07700 900123"})
+    assert client.stats.total - sent_before == 2
+    assert (updated.FirstName, updated.MobilePhone) == ("Zoë", "07700 900123")
+
+    others = [c for c in client.list_contacts(customer) if c.Guid != new.Guid]
+    with pytest.raises(UnleashedValidationError):  # renaming onto another contact's identity
+        client.update_contact(
+            customer,
+            new.Guid,
+            {k: getattr(others[0], k) for k in ("FirstName", "LastName", "EmailAddress")},
+        )
+
+    assert client.delete_contact(customer, new.Guid) is True
+    assert new.Guid not in {c.Guid for c in client.list_contacts(customer)}
+    assert client.delete_contact(customer, new.Guid) is False
+
+
+def test_contact_change_bumps_customer_last_modified(client):
+    before = client.get_customer(gid(12)).LastModifiedOn
+    contact = client.list_contacts(gid(12))[0]
+    client.update_contact(gid(12), contact.Guid, {"PhoneNumber": "0113 496 0123"})
+    after_update = client.get_customer(gid(12)).LastModifiedOn
+    assert after_update > before
+    client.delete_contact(gid(12), contact.Guid)
+    assert client.get_customer(gid(12)).LastModifiedOn > after_update
+
+
+# --------------------------------------------------------------------------------------------
+# Durability, throttling and faults
+# --------------------------------------------------------------------------------------------
+def test_state_survives_a_restart(tmp_path):
+    srv = start(tmp_path)
+    with make_client(srv.url) as c:
+        c.update_customer(gid(13), {"Website": "https://kept.example.com"})
+        contact = c.create_contact(gid(13), {"FirstName": "Kept", "LastName": "Contact"})
+    srv.stop()
+    srv = start(tmp_path, world=make_world(customers=2))  # same file: the world is not reloaded
+    try:
+        with make_client(srv.url) as c:
+            assert len(c.list_customers()) == 25
+            assert c.get_customer(gid(13)).Website == "https://kept.example.com"
+            assert contact.Guid in {x.Guid for x in c.list_contacts(gid(13))}
+    finally:
+        srv.stop()
+
+
+def test_paced_client_never_hits_the_server_throttle(tmp_path):
+    # Server: 1,200 requests/minute counted over a 1-second moving window (20 per second).
+    srv = start(tmp_path, requests_per_minute=1200, throttle_window_s=1)
+    try:
+        with make_client(srv.url, retry=RetrySettings(attempts=1)) as unpaced:
+            with pytest.raises(TransientApiError) as info:
+                for _ in range(40):
+                    unpaced.get_customer(gid(1))
+            assert info.value.status == 429 and info.value.retry_after >= 1
+        time.sleep(1.1)
+        with make_client(srv.url, requests_per_minute=1140) as paced:  # 19 per second
+            started = time.monotonic()
+            for _ in range(60):
+                paced.get_customer(gid(1))
+            elapsed = time.monotonic() - started
+        assert paced.stats.statuses == {200: 60}
+        assert elapsed > 2.0  # paced: 60 requests at 19/s cannot finish sooner
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        FaultConfig(burst_429=2, retry_after_s=0.1),
+        FaultConfig(error_rate=0.3, seed=1),
+        FaultConfig(drop_rate=0.4, seed=3),
+        FaultConfig(malformed_rate=0.4, seed=1),
+    ],
+    ids=["429", "5xx", "dropped", "malformed"],
+)
+def test_recovers_from_injected_faults(tmp_path, faults):
+    srv = start(tmp_path, faults=faults)
+    try:
+        with make_client(srv.url) as c:
+            result = c.list_customers()
+            assert len(result) == 25 and result.bad == []
+            retries = c.stats.total - result.pages
+            assert retries > 0
+            stats = admin(srv, "GET", "/stats").json()
+            assert sum(stats["injected"].values()) == retries
+            assert stats["requests"]["GET /Customers/{page}"] == c.stats.total
+    finally:
+        srv.stop()
+
+
+def test_a_create_is_not_retried_blindly_after_a_dropped_connection(tmp_path):
+    srv = start(tmp_path, faults=FaultConfig(drop_rate=1.0))
+    try:
+        with make_client(srv.url) as c:
+            with pytest.raises(TransientApiError) as info:
+                c.create_contact(gid(1), {"FirstName": "Only", "LastName": "Once"})
+            assert info.value.maybe_applied
+            assert c.stats.sent == {"POST /Customers/{guid}/Contacts": 1}
+        assert admin(srv, "GET", "/stats").json()["requests"] == {
+            "POST /Customers/{guid}/Contacts": 1
+        }
+    finally:
+        srv.stop()
+
+
+def test_save_customer_is_idempotent_and_retried_after_a_drop(tmp_path):
+    # seed 1: the first request is dropped, the second goes through.
+    srv = start(tmp_path, faults=FaultConfig(drop_rate=0.5, seed=1))
+    try:
+        with make_client(srv.url) as c:
+            saved = c.save_customer({"CustomerCode": "RETRY1", "CustomerName": "Retried Ltd"})
+            assert c.stats.sent == {"POST /Customers/{guid}": 2}
+        admin(srv, "PUT", "/faults", {})
+        with make_client(srv.url) as c:
+            assert [x.Guid for x in c.list_customers(customer_code="RETRY1")] == [saved.Guid]
+    finally:
+        srv.stop()
+
+
+def test_secrets_never_reach_logs_errors_or_repr(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in ("httpx", "httpcore", "sync_pipeline"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    secret_key = "very-secret-unleashed-key-42"
+    srv = start(tmp_path, api_key=secret_key, faults=FaultConfig(burst_429=1, retry_after_s=0.05))
+    try:
+        with UnleashedClient(srv.url, LOCAL_API_ID, secret_key, retry=FAST_RETRY) as c:
+            c.list_customers()
+            with pytest.raises(ValidationError) as refused:
+                c.update_customer(gid(1), {"Website": "not a url"})
+            texts = [repr(c), str(vars(c)), str(refused.value), caplog.text]
+        with UnleashedClient(srv.url, LOCAL_API_ID, secret_key + "x", retry=FAST_RETRY) as bad:
+            with pytest.raises(AuthError) as denied:
+                bad.list_customers()
+            texts += [repr(bad), str(denied.value), caplog.text]
+    finally:
+        srv.stop()
+    assert "retrying" in caplog.text and "HTTP Request" in caplog.text  # the logs did run
+    for text in texts:
+        assert secret_key not in text
+        assert LOCAL_API_ID not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded world and admin endpoints
+# --------------------------------------------------------------------------------------------
+def test_seeded_world_and_admin_endpoints(tmp_path):
+    seed = pytest.importorskip("sync_pipeline.emulators.seed")
+    world = seed.generate_world(companies=20, seed=3)
+    srv = start(tmp_path, world=world)
+    try:
+        with make_client(srv.url, page_size=1000) as c:
+            result = c.list_customers()
+            assert len(result) == 20 and result.bad == []
+            assert len(c.list_salespersons().bad) == 0
+            reseeded = admin(srv, "POST", "/seed", {"companies": 12, "seed": 1}).json()
+            assert reseeded["customers"] == 12
+            assert len(c.list_customers()) == 12
+            added = admin(
+                srv, "POST", "/salespersons", {"FullName": "New Rep", "Email": "rep@example.com"}
+            ).json()
+            assert DATE_RE.match(added["LastModifiedOn"])
+            assert "rep@example.com" in {s.Email for s in c.list_salespersons()}
+            raw = admin(srv, "GET", f"/customers/{result.items[0].Guid}")
+            assert raw.status_code == 404  # reseeding replaced every customer
+            admin(srv, "POST", "/reset")
+            assert len(c.list_customers()) == 20  # reset returns to the world the server began with
+    finally:
+        srv.stop()
+
+
+def test_admin_requests_are_not_counted_or_faulted(server):
+    assert admin(server, "PUT", "/faults", {"error_rate": 1.0}).status_code == 200
+    assert admin(server, "GET", f"/customers/{gid(1)}").json()["CustomerCode"] == "C001"
+    stats = admin(server, "GET", "/stats").json()
+    assert stats["total_requests"] == 0
+    assert json.loads(json.dumps(stats["faults"]))["error_rate"] == 1.0
