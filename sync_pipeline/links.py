@@ -1,0 +1,340 @@
+"""Links: which CRM record is which Unleashed record, one-to-one, kept in DuckDB.
+
+Tables (created by `ensure_schema`):
+
+- `company_links(crm_id, erp_id, method, linked_at)`
+- `contact_links(crm_id, erp_id, crm_parent_id, erp_parent_id, method, linked_at)`
+- `link_issues(entity, kind, method, key_value, crm_ids, erp_ids, detail, seen_at)`: what the
+  last `update_links` could not do (ambiguous keys) or undid (unlinked records); replaced on
+  every run.
+
+Uniqueness on each side is kept by `update_links` (a record only ever joins a link when it is in
+none) and verified by `one_to_one_violations` (an asset check); there is no DuckDB UNIQUE index
+because at millions of rows its ART index costs more memory than the whole diff.
+
+Matching rules come from the mapping's `match.keys`, tried in order; a rule links a pair only when
+the key value is held by exactly one unlinked record on each side. Existing links are kept as
+long as both records are active (and, for contacts, still under a linked company pair);
+otherwise the link is removed and reported, and its baseline forgotten. Nothing is deleted in
+either system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from sync_pipeline import baseline
+from sync_pipeline.mapping.projection import ident, value_expr
+from sync_pipeline.mapping.schema import EntityMapping, MatchKey
+
+LINK_TABLES = {"company": "company_links", "contact": "contact_links"}
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS company_links (
+        crm_id VARCHAR NOT NULL, erp_id VARCHAR NOT NULL, method VARCHAR, linked_at TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS contact_links (
+        crm_id VARCHAR NOT NULL, erp_id VARCHAR NOT NULL,
+        crm_parent_id VARCHAR, erp_parent_id VARCHAR, method VARCHAR, linked_at TIMESTAMP
+    )""",
+    """CREATE TABLE IF NOT EXISTS link_issues (
+        entity VARCHAR, kind VARCHAR, method VARCHAR, key_value VARCHAR,
+        crm_ids VARCHAR[], erp_ids VARCHAR[], detail VARCHAR, seen_at TIMESTAMP
+    )""",
+]
+
+ISSUE_COLUMNS = ["entity", "kind", "method", "key_value", "crm_ids", "erp_ids", "detail"]
+
+
+@dataclass
+class LinkResult:
+    """What one `update_links` pass did, per entity."""
+
+    kept: dict[str, int] = field(default_factory=dict)
+    linked: dict[str, dict[str, int]] = field(default_factory=dict)  # entity -> method -> n
+    unlinked: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
+    ambiguous: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
+
+    def total_linked(self, entity: str) -> int:
+        return sum(self.linked.get(entity, {}).values())
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    for ddl in SCHEMA:
+        con.execute(ddl)
+
+
+# Key expressions ---------------------------------------------------------------------------
+
+
+def _compare_sql(expr: str, compare: str) -> str:
+    if compare == "email":
+        return f"lower(trim({expr}))"
+    if compare == "text":
+        return f"trim(regexp_replace({expr}, '\\s+', ' ', 'g'))"
+    return expr
+
+
+def _key_sql(paths: list[str], compare: str, alias: str) -> str:
+    parts = [_compare_sql(value_expr(p, alias), compare) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    # chr(31) (unit separator) cannot be typed into a name field, so parts cannot run together.
+    return " || chr(31) || ".join(parts)
+
+
+def _empty_key(paths: list[str]) -> str:
+    return "" if len(paths) == 1 else chr(31) * (len(paths) - 1)
+
+
+def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
+    """crm_id, crm_parent_id, key_value for every CRM record carrying a non-empty key."""
+    crm_table = ident(mapping.crm.table)
+    parent = "r.parent_id" if mapping.crm.parent_key else "CAST(NULL AS VARCHAR)"
+    active = "AND r.active" if active_only else ""
+    empty = _empty_key(key.crm).replace("'", "''")
+    if key.crm_table:
+        # e.g. the sales ledger: its parent_id is the company (Division) id.
+        expr = _key_sql(key.crm, key.compare, "t")
+        return (
+            f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, {expr} AS key_value "
+            f"FROM {ident(key.crm_table)} t JOIN {crm_table} r ON r.id = t.parent_id {active} "
+            f"WHERE t.active AND {expr} <> '{empty}'"
+        )
+    expr = _key_sql(key.crm, key.compare, "r")
+    return (
+        f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, {expr} AS key_value "
+        f"FROM {crm_table} r WHERE {expr} <> '{empty}' {active}"
+    )
+
+
+def erp_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
+    """erp_id, erp_parent_id, key_value for every Unleashed record carrying a non-empty key."""
+    parent = "r.parent_id" if mapping.erp.parent_resource else "CAST(NULL AS VARCHAR)"
+    expr = _key_sql(key.erp, key.compare, "r")
+    active = "AND r.active" if active_only else ""
+    empty = _empty_key(key.erp).replace("'", "''")
+    return (
+        f"SELECT r.id AS erp_id, {parent} AS erp_parent_id, {expr} AS key_value "
+        f"FROM {ident(mapping.erp.table)} r WHERE {expr} <> '{empty}' {active}"
+    )
+
+
+def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, *, unlinked_only: bool) -> str:
+    """Distinct (crm_id, erp_id, key_value) pairs agreeing on `key`, with how many partners
+    each side has (n_crm: CRM records for this erp_id; n_erp: the reverse)."""
+    links = LINK_TABLES[mapping.entity]
+    c_filter = f"WHERE crm_id NOT IN (SELECT crm_id FROM {links})" if unlinked_only else ""
+    e_filter = f"WHERE erp_id NOT IN (SELECT erp_id FROM {links})" if unlinked_only else ""
+    if mapping.match.within_linked_parent:
+        join = (
+            "JOIN company_links pl ON pl.crm_id = c.crm_parent_id "
+            "JOIN e ON e.erp_parent_id = pl.erp_id AND e.key_value = c.key_value"
+        )
+    else:
+        join = "JOIN e ON e.key_value = c.key_value"
+    return f"""
+        WITH c AS (SELECT * FROM ({crm_keys_sql(mapping, key)}) {c_filter}),
+             e AS (SELECT * FROM ({erp_keys_sql(mapping, key)}) {e_filter}),
+             pairs AS (
+                SELECT DISTINCT c.crm_id, c.crm_parent_id, e.erp_id, e.erp_parent_id, c.key_value
+                FROM c {join})
+        SELECT *, count(*) OVER (PARTITION BY erp_id) AS n_crm,
+                  count(*) OVER (PARTITION BY crm_id) AS n_erp
+        FROM pairs"""
+
+
+# Update ----------------------------------------------------------------------------------
+
+
+def _unlink(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFrame:
+    entity = mapping.entity
+    links = LINK_TABLES[entity]
+    crm_t, erp_t = ident(mapping.crm.table), ident(mapping.erp.table)
+    crm_label = "CRM company" if entity == "company" else "CRM contact"
+    erp_label = "Unleashed customer" if entity == "company" else "Unleashed contact"
+    parent_check = ""
+    if entity == "contact":
+        parent_check = """
+            WHEN NOT EXISTS (SELECT 1 FROM company_links pl
+                             WHERE pl.crm_id = c.parent_id AND pl.erp_id = e.parent_id)
+              THEN 'its companies are no longer linked to each other'"""
+    gone = con.execute(
+        f"""SELECT l.crm_id, l.erp_id,
+                CASE WHEN c.id IS NULL THEN '{crm_label} ' || l.crm_id || ' is no longer in the CRM'
+                     WHEN NOT c.active THEN '{crm_label} ' || l.crm_id || ' is inactive'
+                     WHEN e.id IS NULL THEN '{erp_label} ' || l.erp_id || ' is gone from Unleashed'
+                     WHEN NOT e.active THEN '{erp_label} ' || l.erp_id || ' is obsolete or removed'
+                     {parent_check}
+                END AS detail
+            FROM {links} l
+            LEFT JOIN {crm_t} c ON c.id = l.crm_id
+            LEFT JOIN {erp_t} e ON e.id = l.erp_id
+            WHERE detail IS NOT NULL"""
+    ).df()
+    if gone.empty:
+        return pd.DataFrame(columns=ISSUE_COLUMNS)
+    con.execute(
+        f"DELETE FROM {links} WHERE (crm_id, erp_id) IN (SELECT (crm_id, erp_id) FROM gone)"
+    )
+    baseline.forget(con, entity, gone["erp_id"].tolist())
+    return pd.DataFrame(
+        {
+            "entity": entity,
+            "kind": "unlinked",
+            "method": None,
+            "key_value": None,
+            "crm_ids": [[x] for x in gone["crm_id"]],
+            "erp_ids": [[x] for x in gone["erp_id"]],
+            "detail": gone["detail"] + "; the link was removed, nothing was deleted",
+        }
+    )
+
+
+def _refresh_contact_parents(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+    con.execute(
+        f"""UPDATE contact_links l SET crm_parent_id = c.parent_id, erp_parent_id = e.parent_id
+            FROM {ident(mapping.crm.table)} c, {ident(mapping.erp.table)} e
+            WHERE c.id = l.crm_id AND e.id = l.erp_id
+              AND (l.crm_parent_id IS DISTINCT FROM c.parent_id
+                   OR l.erp_parent_id IS DISTINCT FROM e.parent_id)"""
+    )
+
+
+def _link_by_key(
+    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, key: MatchKey
+) -> tuple[int, pd.DataFrame]:
+    entity = mapping.entity
+    links = LINK_TABLES[entity]
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _link_candidates AS "
+        + candidate_pairs_sql(mapping, key, unlinked_only=True)
+    )
+    if entity == "contact":
+        inserted = con.execute(
+            f"""INSERT INTO {links}
+                    (crm_id, erp_id, crm_parent_id, erp_parent_id, method, linked_at)
+                SELECT crm_id, erp_id, crm_parent_id, erp_parent_id, ?, now()::TIMESTAMP
+                FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1""",
+            [key.name],
+        ).fetchall()[0]
+    else:
+        inserted = con.execute(
+            f"""INSERT INTO {links} (crm_id, erp_id, method, linked_at)
+                SELECT crm_id, erp_id, ?, now()::TIMESTAMP
+                FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1""",
+            [key.name],
+        ).fetchall()[0]
+    ambiguous = con.execute(
+        """SELECT key_value, list(DISTINCT crm_id ORDER BY crm_id) AS crm_ids,
+                  list(DISTINCT erp_id ORDER BY erp_id) AS erp_ids
+           FROM _link_candidates WHERE n_crm > 1 OR n_erp > 1
+           GROUP BY key_value ORDER BY key_value"""
+    ).df()
+    con.execute("DROP TABLE _link_candidates")
+    if ambiguous.empty:
+        return int(inserted[0]) if inserted else 0, pd.DataFrame(columns=ISSUE_COLUMNS)
+    ambiguous.insert(0, "method", key.name)
+    ambiguous.insert(0, "kind", "ambiguous")
+    ambiguous.insert(0, "entity", entity)
+    ambiguous["detail"] = [
+        f"{entity} {key.name} {kv!r} is shared by CRM {', '.join(c)} and "
+        f"Unleashed {', '.join(e)}; not linked: make the key unique on each side"
+        for kv, c, e in zip(
+            ambiguous["key_value"], ambiguous["crm_ids"], ambiguous["erp_ids"], strict=True
+        )
+    ]
+    return int(inserted[0]) if inserted else 0, ambiguous[ISSUE_COLUMNS]
+
+
+def update_links(
+    con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]
+) -> LinkResult:
+    """Keep valid links, drop links to inactive or missing records, add new unambiguous ones.
+
+    Companies are linked before contacts (contacts pair only within linked companies)."""
+    ensure_schema(con)
+    baseline.ensure_schema(con)
+    result = LinkResult()
+    unlinked, ambiguous = [], []
+    for entity in ("company", "contact"):
+        mapping = mappings[entity]
+        unlinked.append(_unlink(con, mapping))
+        if entity == "contact":
+            _refresh_contact_parents(con, mapping)
+        (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
+        result.kept[entity] = int(kept)
+        result.linked[entity] = {}
+        for key in mapping.match.keys:
+            n, amb = _link_by_key(con, mapping, key)
+            result.linked[entity][key.name] = n
+            ambiguous.append(amb)
+    result.unlinked = pd.concat(unlinked, ignore_index=True)
+    # A key ambiguous under one rule may be settled by a later rule: report it only while a
+    # record on each side of it is still unlinked.
+    amb = pd.concat(ambiguous, ignore_index=True)
+    if not amb.empty:
+        still = []
+        for row in amb.itertuples(index=False):
+            table = LINK_TABLES[row.entity]
+            (crm_open, erp_open) = con.execute(
+                f"""SELECT
+                      (SELECT count(*) FROM unnest(?::VARCHAR[]) t(i)
+                       WHERE i NOT IN (SELECT crm_id FROM {table})),
+                      (SELECT count(*) FROM unnest(?::VARCHAR[]) t(i)
+                       WHERE i NOT IN (SELECT erp_id FROM {table}))""",
+                [list(row.crm_ids), list(row.erp_ids)],
+            ).fetchall()[0]
+            still.append(crm_open > 0 and erp_open > 0)
+        amb = amb[still].reset_index(drop=True)
+    result.ambiguous = amb
+    issues = pd.concat([result.unlinked, result.ambiguous], ignore_index=True)
+    con.execute("DELETE FROM link_issues")
+    if not issues.empty:
+        con.execute(
+            """INSERT INTO link_issues
+               SELECT entity, kind, method, key_value, crm_ids, erp_ids, detail, now()::TIMESTAMP
+               FROM issues"""
+        )
+    return result
+
+
+# Verification and reporting -------------------------------------------------------------
+
+ONE_TO_ONE_SQL = """
+    SELECT 'company' AS entity, 'crm' AS side, crm_id AS id, count(*) AS links
+    FROM company_links GROUP BY crm_id HAVING count(*) > 1
+    UNION ALL
+    SELECT 'company', 'erp', erp_id, count(*) FROM company_links GROUP BY erp_id HAVING count(*) > 1
+    UNION ALL
+    SELECT 'contact', 'crm', crm_id, count(*) FROM contact_links GROUP BY crm_id HAVING count(*) > 1
+    UNION ALL
+    SELECT 'contact', 'erp', erp_id, count(*) FROM contact_links GROUP BY erp_id HAVING count(*) > 1
+    ORDER BY entity, side, id
+"""
+
+
+def one_to_one_violations(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Records linked more than once (entity, side, id, links); empty when links are one-to-one."""
+    ensure_schema(con)
+    return con.execute(ONE_TO_ONE_SQL).df()
+
+
+def link_metadata(result: LinkResult) -> dict[str, Any]:
+    """Plain values (ints, text) describing a pass, for run metadata."""
+    meta: dict[str, Any] = {}
+    for entity in ("company", "contact"):
+        meta[f"{entity}: links kept"] = result.kept.get(entity, 0)
+        for method, n in result.linked.get(entity, {}).items():
+            meta[f"{entity}: linked by {method}"] = n
+    meta["unlinked"] = len(result.unlinked)
+    meta["ambiguous"] = len(result.ambiguous)
+    issues = pd.concat([result.unlinked, result.ambiguous], ignore_index=True)
+    if not issues.empty:
+        meta["issues"] = "\n".join(f"- {d}" for d in issues["detail"].head(20))
+    return meta
