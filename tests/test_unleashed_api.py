@@ -435,6 +435,21 @@ def test_update_customer_keeps_unknown_fields_in_two_requests(client):
     assert cleared.SalesPerson is None
 
 
+def test_a_retired_salesperson_stays_but_cannot_be_newly_assigned(server, client):
+    customer = client.get_customer(gid(15))
+    assert customer.SalesPerson is not None and customer.SalesPerson.Guid == SP_ACTIVE
+    admin(
+        server,
+        "POST",
+        "/salespersons",
+        {"Guid": SP_ACTIVE, "Email": "ann@example.com", "FullName": "Ann Active", "Obsolete": True},
+    )
+    kept = client.update_customer(gid(15), {"PhoneNumber": "0113 496 0999"})
+    assert kept.SalesPerson.Guid == SP_ACTIVE and kept.SalesPerson.Obsolete
+    with pytest.raises(UnleashedValidationError, match="obsolete salesperson"):
+        client.update_customer(gid(16), {"SalesPerson": {"Guid": SP_ACTIVE}})
+
+
 def test_customer_model_round_trip():
     raw = {
         "Guid": gid(1),
@@ -600,7 +615,7 @@ def test_save_customer_is_idempotent_and_retried_after_a_drop(tmp_path):
 def test_secrets_never_reach_logs_errors_or_repr(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     for name in ("httpx", "httpcore", "sync_pipeline"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored after the test
     secret_key = "very-secret-unleashed-key-42"
     srv = start(tmp_path, api_key=secret_key, faults=FaultConfig(burst_429=1, retry_after_s=0.05))
     try:

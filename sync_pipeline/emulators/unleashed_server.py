@@ -599,7 +599,9 @@ class _Handlers:
                 problems.append(problem(key, sp, "must be an object with the salesperson's Guid"))
             elif stored is None:
                 problems.append(problem(key, sp_guid, "is not a known salesperson"))
-            elif stored.get("Obsolete"):
+            elif stored.get("Obsolete") and sp_guid != self._current_salesperson(guid):
+                # Assumed: an obsolete salesperson cannot be newly assigned, but a customer that
+                # already has one keeps it through an update of other fields.
                 problems.append(problem(key, sp_guid, "is an obsolete salesperson"))
         code = body.get("CustomerCode")
         if isinstance(code, str) and code.strip():
@@ -613,6 +615,11 @@ class _Handlers:
                     )
                     break
         return problems
+
+    def _current_salesperson(self, guid: str) -> str | None:
+        existing = self.store.get(CUSTOMERS, guid) or {}
+        sp = existing.get("SalesPerson")
+        return normalize_guid(sp.get("Guid")) if isinstance(sp, dict) else None
 
     # -- contacts ------------------------------------------------------------------------
     async def list_contacts(self, request: Request) -> Response:
