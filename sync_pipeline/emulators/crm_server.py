@@ -49,6 +49,7 @@ from sync_pipeline.emulators.odata import (
     parse_orderby,
     parse_select,
     parse_timestamp,
+    rows_after,
     shape,
     sort_rows,
 )
@@ -254,6 +255,8 @@ class CrmState:
         self.initial_world = initial_world
         self.model = Model(ENTITY_SETS.values(), self.lookup)
         self._last_ms = 0
+        # Bumped on every change, so cached sorted listings know when they are stale.
+        self.version = 0
         if not any(store.all(name) for name in ENTITY_SETS) and initial_world is not None:
             self.load(initial_world.crm)
         self._ensure_tenant_rows()
@@ -273,6 +276,7 @@ class CrmState:
         """Replace all state with `crm` (entity set -> records, timestamps as datetimes)."""
         counts = {}
         with self.store.lock:
+            self.version += 1
             self.store.clear()
             for name, entity in ENTITY_SETS.items():
                 records = []
@@ -370,6 +374,7 @@ class CrmState:
             if entity.timestamp:
                 updated[entity.timestamp] = self.next_timestamp()
             self.store.put(entity.name, str(key), updated)
+            self.version += 1
             return updated
 
     def create(self, entity: EntitySet, changes: dict[str, Any]) -> dict[str, Any]:
@@ -386,6 +391,7 @@ class CrmState:
             if entity.timestamp:
                 record[entity.timestamp] = self.next_timestamp()
             self.store.put(entity.name, str(key), record)
+            self.version += 1
             return record
 
     # -- tenant facts -----------------------------------------------------------------------
@@ -398,6 +404,7 @@ class CrmState:
 
     def set_tenant_facts(self, body: TenantFactsBody) -> dict[str, Any]:
         with self.store.lock:
+            self.version += 1
             if body.operating_companies is not None:
                 rows = sorted(
                     self.store.all("OperatingCompanies"), key=lambda r: r["OperatingCompanyId"]
@@ -486,6 +493,7 @@ def create_app(
     fault_state = FaultState(faults)
     rate = WorkspaceRateLimit(rate_limit, rate_window_s)
     expected_auth = f"Bearer {token}".encode()
+    listings: dict[tuple, Any] = {}
 
     async def api(request: Request) -> Response:
         supplied = request.headers.get("authorization", "").encode()
@@ -545,14 +553,22 @@ def create_app(
             raise ODataError("$count", f"must be true or false, not '{params['$count']}'")
         max_page = _max_page_size(request, page_size)
 
-        rows = state.rows(entity.name)
-        if predicate is not None:
-            rows = [r for r in rows if predicate(r)]
-        keyed, compare = sort_rows(rows, model, entity, orderby)
+        # Paging through a large set asks for the same sorted listing once per page: keep the
+        # last few, keyed on the state version so any write makes them stale.
+        cache_key = (entity.name, params.get("$filter"), params.get("$orderby"), state.version)
+        cached = listings.get(cache_key)
+        if cached is None:
+            rows = state.rows(entity.name)
+            if predicate is not None:
+                rows = [r for r in rows if predicate(r)]
+            cached = listings[cache_key] = sort_rows(rows, model, entity, orderby)
+            while len(listings) > 8:
+                listings.pop(next(iter(listings)))
+        keyed, compare = cached
         total = len(keyed)
         if "$skiptoken" in params:
             after = decode_skiptoken(params["$skiptoken"], len(orderby) + 1)
-            keyed = [kr for kr in keyed if compare(kr[0], after) > 0]
+            keyed = rows_after(keyed, after, compare)
         else:
             keyed = keyed[skip:]
         limit = max_page if top is None else min(max_page, top)

@@ -9,7 +9,6 @@ resulting AST against the entity model and evaluates it per record. `$orderby`, 
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import operator
 import re
@@ -436,22 +435,50 @@ def _compare_values(a: list[Any], b: list[Any], descending: list[bool]) -> int:
     return 0
 
 
+def _sort_value(value: Any) -> tuple:
+    return (0, 0) if value is None else (1, value)  # null sorts first ascending, as OData says
+
+
 def sort_rows(
     rows: list[dict[str, Any]],
     model: Model,
     entity: EntitySet,
     orderby: list[tuple[Path, bool]],
 ) -> tuple[list[tuple[list[Any], dict[str, Any]]], Callable[[list[Any], list[Any]], int]]:
-    """Rows sorted by the orderby keys then the entity key, with their sort values."""
+    """Rows sorted by the orderby keys then the entity key, with their sort values.
+
+    Sorted with one stable C-level sort per key (last key first), so a page of a large set costs
+    a few sorts rather than a Python comparison per pair.
+    """
     paths = [p for p, _ in orderby] + [(entity.key,)]
     descending = [d for _, d in orderby] + [False]
     keyed = [([model.resolve(entity, r, p) for p in paths], r) for r in rows]
+    for i in reversed(range(len(paths))):
+        try:
+            keyed.sort(key=lambda kr, i=i: _sort_value(kr[0][i]), reverse=descending[i])
+        except TypeError:  # mixed types in one column: fall back to text order
+            keyed.sort(key=lambda kr, i=i: _sort_value(str(kr[0][i])), reverse=descending[i])
 
     def compare(a: list[Any], b: list[Any]) -> int:
         return _compare_values(a, b, descending)
 
-    keyed.sort(key=functools.cmp_to_key(lambda x, y: compare(x[0], y[0])))
     return keyed, compare
+
+
+def rows_after(
+    keyed: list[tuple[list[Any], dict[str, Any]]],
+    after: list[Any],
+    compare: Callable[[list[Any], list[Any]], int],
+) -> list[tuple[list[Any], dict[str, Any]]]:
+    """The sorted rows strictly after the sort values `after` (binary search)."""
+    lo, hi = 0, len(keyed)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if compare(keyed[mid][0], after) > 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    return keyed[lo:]
 
 
 def encode_skiptoken(values: list[Any]) -> str:
