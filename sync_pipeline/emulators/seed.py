@@ -2,43 +2,49 @@
 that the standard import once kept as a copy of Unleashed, after which both sides drifted.
 
 `generate_world(companies=N, seed=S)` is pure: the same arguments give the same world, and nothing
-reads the clock (timestamps are offsets from `BASE_TIME`, 2026-01-05T09:00Z; the last standard
-import ran at `IMPORT_TIME`, seven days earlier). `companies` is the number of Unleashed customers.
-Empty values are `None` on both sides. Every kind below is present at least once from companies=10
-(most from companies=1); rates are of the records the kind applies to.
+reads the clock (timestamps are offsets from `BASE_TIME`, 2026-01-05T09:00Z, to the millisecond;
+the last standard import ran at `IMPORT_TIME`, seven days earlier). `companies` is the number of
+Unleashed customers. Empty values are `None` on both sides. Every kind below is present at
+companies=50 (checked at several seeds by tests/test_seed.py); rates are of the records the kind
+applies to, so the figures scale with N. At N=50, seed=42 (`World.summary()`): 50 customers
+(2 obsolete), 6 salespersons, 252 Unleashed contacts; 49 divisions, 47 sales ledgers, 250 CRM
+contacts, 8 users.
 
 Unleashed (`World.salespersons`, `World.customers`):
-- salespersons: max(6, N/8) capped at 60, exactly one `Obsolete`; emails unique and lower case;
-  one salesperson has a CRM user with the same name but a different email (so no match).
-- customers: unique `CustomerCode` (`[A-Z]{3,4}[0-9]{3,}`), ~8% outside the UK (Ireland, Germany,
-  France, Netherlands, USA; EUR/USD), addresses, currency, tax, payment term, notes and other
-  fields a full-replace update must keep; `SalesPerson` is an active salesperson or `None` (~12%);
-  websites are always valid absolute http(s) URLs or `None`; ~5% (at least 2) are `Obsolete`.
+- salespersons: max(6, N/8) capped at 60, exactly one `Obsolete`; emails unique and lower case.
+- customers: unique `CustomerCode` (`[A-Z]{3,4}[0-9]{3,}`, e.g. `CAFE001`), ~8% outside the UK
+  (Ireland, Germany, France, Netherlands, USA; EUR/USD), addresses, currency, tax, payment term,
+  notes and other fields a full-replace update must keep; `SalesPerson` (`{Guid, FullName,
+  Email}`) is an active salesperson with a CRM user, or `None` (~12%); websites are always valid
+  absolute http(s) URLs (some `http://`, trailing `/`, upper case) or `None`; ~4% (at least 2)
+  are `Obsolete`.
 - contacts: 1-5 per customer, and one customer with 130 (when N >= 10); first+last name is unique
-  within a customer; ~12% have no email address.
+  within a customer (CRM-only contacts included); ~6% have no email address.
 
 CRM (`World.crm`, keyed by entity set; integer keys from 1; `UnleashedGuid` is `None` everywhere,
 so the sync must link divisions by sales-ledger account code and contacts by email, then name):
 - one division + one sales ledger (`AccountCode` = `CustomerCode`) per linked customer;
-  ~6% of customers (at least 1) exist only in Unleashed, recently created (standard import pending);
-  obsolete customers are split between linked and Unleashed-only.
-- ~6% extra divisions (at least 1) with no sales ledger (CRM-only, unlinked), with contacts.
+  ~4% of customers (at least 1) exist only in Unleashed, created after the import (the standard
+  import will create them); obsolete customers are split between linked and Unleashed-only.
+- ~4% extra divisions (at least 1) with no sales ledger (CRM-only, unlinked), with contacts.
 - users: one per salesperson (~20%, at least one, differ in email case only; the obsolete
-  salesperson's user is inactive) plus users with no salesperson, one of whom is the account
-  manager of some divisions.
+  salesperson's user is inactive; one salesperson's user has the same name but another email, so
+  it matches nobody) plus users with no salesperson (`Tom Fletcher` is an account manager).
 - `OperatingCompanies`: one row; `SystemSettings`: one row with `AdvancedLedgersEnabled: False`.
 
-Drift between linked records (which side changed shows in the timestamps: after `IMPORT_TIME`):
-- company: the same phone number in another format (~15%), a different number (~5%), the same
-  website written differently (no scheme, trailing slash, upper case; ~15%), a different website
-  (~3%), a website Unleashed would refuse in the CRM only (~4%, at least 3: `www.x .com`,
-  `not a url`, `htp:/broken`, ...), a different name (~6%), a different account manager (~6%), an
-  account manager with no salesperson (~4%, at least 1).
-- contacts: email in different case (~5%), matchable only by first+last name because the CRM email
-  differs or is empty (~5%), phone in another format (~8%), a different phone/mobile (~6%),
-  Unleashed-only contacts to create in the CRM (~7%, at least 2, one beyond the 100th contact of the
-  big customer), CRM-only contacts never to create in Unleashed (~7%, at least 1).
-- unicode names throughout (é, ø, ß, ü, ’ ...), emails are ASCII.
+Drift between linked records (the side that changed was modified after `IMPORT_TIME`):
+- company: the same phone number in another format (~4%: `+44 20 7946 0123`, `020 7946 0123`,
+  `(020) 7946-0123`, `02079460123`, `0044 ...`), a different number (~2%), the same website
+  written differently in the CRM (~4%, at least 3: no scheme, upper case, trailing slash — as
+  typed, the scheme-less ones are values Unleashed would refuse), a different website (~1.5%),
+  a website Unleashed would refuse in the CRM only (~1.5%, at least 3: `www.x .com`,
+  `not a url`, `htp:/broken`, then `http://x`, ...), a different name (~2%), a different
+  account manager (~2%, either side), an account manager with no salesperson (~1.5%, at least 1).
+- contacts: email in different case (~3%), matchable only by first+last name because the email
+  is missing or differs (~3% plus those with no email), phone in another format (~4%), a different
+  phone or mobile (~3%), Unleashed-only contacts to create in the CRM (~4%, plus one beyond the
+  100th contact of the big customer), CRM-only contacts never to create in Unleashed (~4%).
+- unicode names (é, ø, ß, ü, ’ ...; about one name part in sixteen); emails are ASCII.
 
 `World.variety` lists the ids planted for each kind (keys as in `VARIETY_KINDS`), and
 `World.company_links` / `World.contact_links` give the links a correct matcher should find.
@@ -325,6 +331,11 @@ class _Builder:
         k = min(population, max(minimum, round(rate * population)))
         return set(self.rng.sample(range(population), k))
 
+    def pick_among(self, candidates: list[int], expected: float, minimum: int = 1) -> set[int]:
+        """About `expected` of `candidates` (at least `minimum`, if there are any)."""
+        chosen = self.pick(len(candidates), expected / max(1, len(candidates)), minimum)
+        return {candidates[j] for j in chosen}
+
     def before_import(self, earliest: datetime) -> datetime:
         span = max(1.0, (IMPORT_TIME - earliest).total_seconds())
         return _ms(earliest + timedelta(seconds=self.rng.uniform(0, span)))
@@ -469,7 +480,7 @@ class _Builder:
         # Half of the obsolete customers are linked; the rest of the Unleashed-only ones are new.
         obsolete_unlinked = set(sorted(obsolete)[::2])
         others = [i for i in range(n) if i not in obsolete]
-        new_ones = {others[j] for j in self.pick(len(others), 0.04 * n / max(1, len(others)))}
+        new_ones = self.pick_among(others, 0.04 * n)
         unlinked = obsolete_unlinked | new_ones
         linked = [i for i in range(n) if i not in unlinked]
         live_linked = [i for i in linked if i not in obsolete]
@@ -658,10 +669,17 @@ class _Builder:
         # Company-level kinds, as positions in the list of linked customers.
         phone_format = self.pick(n_linked, 0.04)
         phone_differs = self.pick(n_linked, 0.02)
-        web_format = self.pick(n_linked, 0.04)
-        web_differs = self.pick(n_linked, 0.015)
+        # One website kind per division, so each planted kind stays visible.
         invalid = sorted(self.pick(n_linked, 0.015, minimum=min(3, n_linked)))
         web_invalid = {pos: slot for slot, pos in enumerate(invalid)}
+        rest = [p for p in range(n_linked) if p not in web_invalid]
+        web_differs = self.pick_among(rest, 0.015 * n_linked)
+        with_site = [
+            p
+            for p in rest
+            if p not in web_differs and self.customers[self.linked_indices[p]]["Website"]
+        ]
+        web_format = self.pick_among(with_site, 0.04 * n_linked, minimum=3)
         name_differs = self.pick(n_linked, 0.02)
         manager_differs = self.pick(n_linked, 0.02)
         manager_unmatched = self.pick(n_linked, 0.015)
@@ -714,7 +732,7 @@ class _Builder:
                 kinds.append("company_website_invalid_in_crm")
                 template = _INVALID_WEBSITES[invalid_slot % len(_INVALID_WEBSITES)]
                 crm_website, crm_changed = template.format(slug=customer["_slug"]), True
-            elif pos in web_differs or (pos in web_format and website is None):
+            elif pos in web_differs:
                 kinds.append("company_website_differs")
                 new = f"https://www.{customer['_slug']}-{rng.choice(('online', 'shop', 'uk'))}.com"
                 if rng.random() < 0.5:
@@ -723,7 +741,8 @@ class _Builder:
                     customer["Website"], erp_changed = new, True
             elif pos in web_format:
                 kinds.append("company_website_format_only")
-                crm_website, crm_changed = self.restyled_website(website), True
+                crm_website = self.restyled_website(website, len(self.variety[kinds[-1]]))
+                crm_changed = True
             if pos in manager_unmatched and self.unmatched_manager_ids:
                 manager, crm_changed = rng.choice(self.unmatched_manager_ids), True
             elif pos in manager_differs and len(self.active_sps) > 1:
@@ -763,11 +782,12 @@ class _Builder:
                 self.crm_only_division(taken=set())
 
     @staticmethod
-    def restyled_website(website: str) -> str:
+    def restyled_website(website: str, turn: int) -> str:
+        """The same site written another way; successive turns cycle through the ways."""
         bare = website.split("://", 1)[1]
-        variants = [bare, bare.rstrip("/"), website.rstrip("/") + "/", website.upper()]
+        variants = [bare.rstrip("/"), website.upper(), website.rstrip("/") + "/", bare]
         variants = [v for v in variants if v != website]
-        return variants[len(website) % len(variants)]
+        return variants[turn % len(variants)]
 
     def copy_contacts(
         self, customer: dict[str, Any], division_id: int, taken: set[tuple[str, str]]
