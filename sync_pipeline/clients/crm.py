@@ -41,7 +41,7 @@ _FIELD_PATH = re.compile(r"^[A-Za-z_]\w*(?:/[A-Za-z_]\w*)*$")
 # The client's pacing window is a little wider than the server's, so clock skew and network
 # jitter between the two never push a burst over the server's sliding window.
 _PACING_STRETCH = 1.02
-_PACING_SLACK_S = 0.05
+_PACING_SLACK_S = 0.25
 
 
 # --------------------------------------------------------------------------------------------
