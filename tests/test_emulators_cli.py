@@ -1,0 +1,239 @@
+"""`sync-pipeline emulators` as a user runs it: a real process on real sockets, stopped by a signal;
+plus the `demo` command and the `Emulators` helper the other tests use."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sync_pipeline.cli import main
+from sync_pipeline.emulators.run import (
+    LOCAL_CRM_TOKEN,
+    LOCAL_UNLEASHED_API_ID,
+    LOCAL_UNLEASHED_API_KEY,
+    Emulators,
+)
+
+START_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[str]
+    queue: queue.Queue[str | None]
+    lines: list[str] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _reader(process: subprocess.Popen[str], out: queue.Queue[str | None]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        out.put(line.rstrip("\n"))
+    out.put(None)
+
+
+@contextmanager
+def emulators_process(data_dir: Path, *extra: str) -> Iterator[Running]:
+    """Start `sync-pipeline emulators` on free ports; wait until it prints the export lines."""
+    for attempt in range(3):  # a free port can be taken between probing and binding it
+        command = [
+            sys.executable, "-m", "sync_pipeline.cli", "emulators",
+            "--unleashed-port", str(free_port()), "--crm-port", str(free_port()),
+            "--data-dir", str(data_dir), "--companies", "20", *extra,
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8"
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        running = Running(process, lines)
+        threading.Thread(target=_reader, args=(process, lines), daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            running.lines.append(line)
+            if match := re.fullmatch(r"\s*export (\w+)=(\S+)", line):
+                running.exports[match[1]] = match[2]
+            if line.strip() == "Press Ctrl-C to stop.":
+                break
+        if "Press Ctrl-C to stop." in running.output:
+            try:
+                yield running
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            return
+        process.kill()
+        process.wait()
+        assert process.stderr is not None
+        stderr = process.stderr.read()
+        if "cannot start the local servers" not in stderr or attempt == 2:
+            pytest.fail(f"emulators did not start:\n{running.output}\n{stderr}")
+
+
+def stop(running: Running, sig: signal.Signals) -> tuple[int, str, str]:
+    """Send `sig`; return the exit code, all of stdout and stderr."""
+    running.process.send_signal(sig)
+    code = running.process.wait(timeout=30)
+    while (line := running.queue.get(timeout=10)) is not None:
+        running.lines.append(line)
+    assert running.process.stderr is not None
+    return code, running.output, running.process.stderr.read()
+
+
+def signed_headers(api_id: str, api_key: str, query: str) -> dict[str, str]:
+    digest = hmac.new(api_key.encode(), query.encode(), hashlib.sha256).digest()
+    return {
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+        "api-auth-id": api_id,
+        "api-auth-signature": base64.b64encode(digest).decode(),
+        "client-type": "acme/crmsync",
+    }
+
+
+def test_emulators_serve_both_apis_with_the_printed_settings_and_stop_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    with emulators_process(tmp_path / "state") as running:
+        env = running.exports
+        assert set(env) >= {
+            "UNLEASHED_BASE_URL", "UNLEASHED_API_ID", "UNLEASHED_API_KEY", "CRM_BASE_URL",
+            "CRM_TOKEN",
+        }  # fmt: skip
+        assert f"Unleashed server:    {env['UNLEASHED_BASE_URL']}" in running.output
+        assert f"Prospect CRM server: {env['CRM_BASE_URL']}" in running.output
+        assert "Unleashed holds 20 customers" in running.output
+        assert "not secrets" in running.output
+
+        query = "pageSize=5&includeObsolete=true"
+        url = f"{env['UNLEASHED_BASE_URL']}/Customers/1?{query}"
+        headers = signed_headers(env["UNLEASHED_API_ID"], env["UNLEASHED_API_KEY"], query)
+        response = httpx.get(url, headers=headers, timeout=10)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["Pagination"]["NumberOfItems"] == 20
+        assert len(body["Items"]) == 5 and all(c["CustomerCode"] for c in body["Items"])
+
+        wrong = signed_headers(env["UNLEASHED_API_ID"], "not-the-key", query)
+        assert httpx.get(url, headers=wrong, timeout=10).status_code == 403
+
+        crm = f"{env['CRM_BASE_URL']}/Divisions?$top=3&$expand=AccountManager"
+        response = httpx.get(crm, headers={"Authorization": f"Bearer {env['CRM_TOKEN']}"})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["value"]) == 3
+        assert httpx.get(crm).status_code == 401
+
+        code, output, stderr = stop(running, signal.SIGINT)
+    assert code == 0, stderr
+    assert "Stopped." in output
+    assert "Traceback" not in stderr
+    assert {p.name for p in (tmp_path / "state").iterdir()} >= {"unleashed.sqlite", "crm.sqlite"}
+
+
+def test_a_restart_on_the_same_data_dir_keeps_changes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "state"
+    with emulators_process(data_dir) as running:
+        env = running.exports
+        auth = {"Authorization": f"Bearer {env['CRM_TOKEN']}"}
+        response = httpx.patch(
+            f"{env['CRM_BASE_URL']}/Divisions(1)", json={"Name": "Renamed Ltd"}, headers=auth
+        )
+        assert response.status_code in (200, 204), response.text
+        code, _, stderr = stop(running, signal.SIGTERM)
+        assert code == 0, stderr
+    with emulators_process(data_dir) as running:
+        env = running.exports
+        auth = {"Authorization": f"Bearer {env['CRM_TOKEN']}"}
+        response = httpx.get(f"{env['CRM_BASE_URL']}/Divisions(1)", headers=auth)
+        assert response.json()["Name"] == "Renamed Ltd"
+        stop(running, signal.SIGTERM)
+
+
+def test_a_taken_port_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "sync_pipeline.cli", "emulators", "--in-memory",
+             "--unleashed-port", str(port), "--crm-port", "0", "--companies", "5"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot start the local servers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_shows_what_both_servers_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--companies", "12"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"customers\s+12\b", out)
+    assert re.search(r"crm\s+divisions\s+\d+", out)
+    assert LOCAL_UNLEASHED_API_KEY not in out  # the demo has no reason to print credentials
+
+
+def test_emulators_helper_env_faults_and_stats() -> None:
+    with Emulators(companies=10, crm_rate_limit=50, crm_rate_window_s=60) as emu:
+        env = emu.env()
+        assert env["UNLEASHED_BASE_URL"] == emu.unleashed_url
+        assert env["CRM_BASE_URL"] == emu.crm_url
+        assert env["UNLEASHED_API_ID"] == LOCAL_UNLEASHED_API_ID == emu.unleashed_api_id
+        assert env["CRM_TOKEN"] == LOCAL_CRM_TOKEN == emu.crm_token
+        assert emu.world is not None and len(emu.world.customers) == 10
+        held = emu.holdings()
+        assert held["unleashed"]["customers"] == 10
+        assert held["crm"]["divisions"] == len(emu.world.crm["Divisions"])
+
+        emu.reset_stats("crm")  # holdings() asked each entity set once
+        emu.set_faults("crm", burst_429=1)
+        auth = {"Authorization": f"Bearer {emu.crm_token}"}
+        assert httpx.get(f"{emu.crm_url}/Users", headers=auth).status_code == 429
+        assert httpx.get(f"{emu.crm_url}/Users", headers=auth).status_code == 200
+        stats = emu.stats("crm")
+        assert stats["injected"].get("429") == 1
+        assert stats["requests"]["GET /Users"] == 2
+        emu.set_faults("crm")
+        assert emu.stats("crm")["faults"]["burst_429"] == 0
+    with pytest.raises(RuntimeError):
+        _ = emu.crm_url
+
+
+def test_python_dash_m_prints_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sync_pipeline.cli", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert "emulators" in result.stdout and "demo" in result.stdout
