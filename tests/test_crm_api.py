@@ -627,9 +627,9 @@ def test_bad_records_are_set_aside_with_a_reason():
     client = CrmClient("http://crm.test", "t0k", transport=httpx.MockTransport(handler))
     result = client.list("Contacts")
     assert [r["ContactId"] for r in result.items] == [1, 4]
-    assert [(b.record_id, b.endpoint) for b in result.bad] == [
-        (None, "GET /Contacts"),
-        ("3", "GET /Contacts"),
+    assert [(b.system, b.record_id, b.endpoint) for b in result.bad] == [
+        ("CRM", None, "GET /Contacts"),
+        ("CRM", "3", "GET /Contacts"),
     ]
     assert "ContactId" in result.bad[0].reason
     assert "LastModified" in result.bad[1].reason and "Contacts(3)" in result.bad[1].reason
