@@ -237,11 +237,11 @@ def _push_contact(
     ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:
         return
-    merged = dict(current)
-    for op in ops.to_dict("records"):
-        merged[mapping.fields[op["field"]].erp] = _text(op["new_value"])
+    changes = {
+        mapping.fields[op["field"]].erp: _text(op["new_value"]) for op in ops.to_dict("records")
+    }
     _mark_in_flight(con, ops)
-    client.update_contact(customer_guid, contact_guid, merged)
+    client.update_contact(customer_guid, contact_guid, changes, current=current)
     hooks.wrote(list(ops["op_id"]))
     _complete_updates(con, "contact", ops, run_id, "crm_to_erp", stats)
 
@@ -259,8 +259,9 @@ def _drop_stale(
     # Account managers are compared by email; the planned old value is what the snapshot held.
     stale = set(stale_ids)
     if done:
-        _complete_updates(con, mapping.entity, ops[ops["op_id"].isin(done)], run_id, direction,
-                          stats)
+        _complete_updates(
+            con, mapping.entity, ops[ops["op_id"].isin(done)], run_id, direction, stats
+        )
         ops = ops[~ops["op_id"].isin(done)]
     for op_id in stale:
         store.mark(

@@ -125,7 +125,7 @@ def extract_crm(
         )
     upserted = store.upsert_snapshot(con, source.table, rows)
     store.record_bad_records(con, result.bad)
-    store.resolve_bad_records(con, "CRM", source.entity_set, [r.id for r in rows])
+    store.resolve_bad_records(con, "CRM", f"GET /{source.entity_set}", [r.id for r in rows])
     high = max((r.modified for r in rows if r.modified), default=None)
     store.set_extract_state(
         con,
@@ -164,8 +164,11 @@ def extract_unleashed_customers(
     if window_start is not None and not full_refresh and since is not None:
         since = min(since, window_start - overlap)
     before = client.stats.total
+    # Ordered by creation: an edit made while we page does not shift the pages (it would with
+    # LastModifiedOn), so no customer is skipped.
     result = client.list_customers(
-        modified_since=since, include_obsolete=True, include_all_contacts=True
+        modified_since=since, include_obsolete=True, include_all_contacts=True,
+        order_by="CreatedOn",
     )
     customers, contacts = [], []
     parents, present, parent_modified = [], [], {}
@@ -213,7 +216,9 @@ def extract_unleashed_customers(
         parent_modified,
     )
     store.record_bad_records(con, result.bad)
-    store.resolve_bad_records(con, "Unleashed", "Customers", [r.id for r in customers])
+    store.resolve_bad_records(
+        con, "Unleashed", "GET /Customers/{page}", [r.id for r in customers]
+    )
     high = max((r.modified for r in customers if r.modified), default=None)
     store.set_extract_state(
         con,

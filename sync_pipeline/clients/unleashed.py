@@ -566,20 +566,28 @@ class UnleashedClient(BaseClient):
         return self._one(Contact, raw, "POST", label, "contact")
 
     def update_contact(
-        self, customer_guid: str, contact_guid: str, changes: dict[str, Any]
+        self,
+        customer_guid: str,
+        contact_guid: str,
+        changes: dict[str, Any],
+        *,
+        current: dict[str, Any] | None = None,
     ) -> Contact:
-        """Read the customer's contacts, merge `changes` into the one, PUT it whole (2 requests)."""
+        """Read the customer's contacts, merge `changes` into the one, PUT it whole (2 requests).
+
+        A caller that has just read the contact passes it as `current` (1 request)."""
         guid = self._check_guid(customer_guid, "customer guid")
         contact_guid = self._check_guid(contact_guid, "contact guid")
         label = "/Customers/{guid}/Contacts/{contactGuid}"
-        current = next(
-            (
-                c
-                for c in self._raw_contacts(guid)
-                if isinstance(c, dict) and str(c.get("Guid", "")).lower() == contact_guid
-            ),
-            None,
-        )
+        if current is None:
+            current = next(
+                (
+                    c
+                    for c in self._raw_contacts(guid)
+                    if isinstance(c, dict) and str(c.get("Guid", "")).lower() == contact_guid
+                ),
+                None,
+            )
         if current is None:
             raise NotFoundError(
                 self.system,
