@@ -252,8 +252,18 @@ def _decide_field(
     if g.empty:
         return g, settle
     has_base = g["base_crm"].notna()
-    c_moved = has_base & eq.differs(g["crm_value"], g["base_crm"])
-    e_moved = has_base & eq.differs(g["erp_value"], g["base_erp"])
+    c_raw = has_base & (g["crm_value"] != g["base_crm"])
+    e_raw = has_base & (g["erp_value"] != g["base_erp"])
+    # The two baseline values agree after normalisation, and these rows' sides differ. So when
+    # only one side's raw value moved, that side changed: no normaliser call is needed. Only
+    # rows where both raw values moved are compared with their baselines.
+    c_moved = c_raw & ~e_raw
+    e_moved = e_raw & ~c_raw
+    both_raw = c_raw & e_raw
+    if both_raw.any():
+        sub = g[both_raw]
+        c_moved[both_raw] = eq.differs(sub["crm_value"], sub["base_crm"])
+        e_moved[both_raw] = eq.differs(sub["erp_value"], sub["base_erp"])
     direction = mapping.direction(name)
     # A one-way field only listens to its source side: edits on the other side are ignored.
     c_counts = c_moved if direction != "erp_to_crm" else pd.Series(False, index=g.index)

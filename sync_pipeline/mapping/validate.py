@@ -6,6 +6,7 @@ Empty values pass: clearing a field is always allowed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -39,8 +40,25 @@ def check_unleashed_website(value: str) -> str | None:
     return None
 
 
+# Plain addresses that email-validator certainly accepts (dot-atom local part, LDH labels, an
+# alphabetic TLD that is not special-use): checked by regex, ~100x cheaper than the library.
+_PLAIN_EMAIL = re.compile(
+    r"^[A-Za-z0-9_+\-]+(\.[A-Za-z0-9_+\-]+)*@"
+    r"([A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}$"
+)
+_SPECIAL_TLDS = {"arpa", "invalid", "local", "localhost", "onion", "test"}
+
+
 def check_email(value: str) -> str | None:
     if value.strip() == "":
+        return None
+    text = value.strip()
+    if (
+        len(text) <= 254
+        and _PLAIN_EMAIL.match(text)
+        and len(text.split("@")[0]) <= 64
+        and text.rsplit(".", 1)[-1].lower() not in _SPECIAL_TLDS
+    ):
         return None
     try:
         validate_email(value.strip(), check_deliverability=False)

@@ -1,0 +1,419 @@
+"""Benchmark the three-way diff at 100k/300k and 1M/3M companies/contacts.
+
+For each size: build the raw snapshot tables, links, baseline and digests in DuckDB SQL, edit
+about 1% of records on each side (one mapped field each, some on both sides = conflicts, some
+invalid websites, some formatting-only edits, some new Unleashed contacts and customers), then
+time `plan_changes` (median of 3 runs, each on a fresh copy of the database) in a separate
+process so its peak RSS is the planner's own, and compare with a bare DuckDB join of the same
+tables (crm ⋈ links ⋈ unleashed ⋈ baseline digest, reading every mapped field once).
+
+    python benchmarks/bench_diff.py                 # both sizes
+    python benchmarks/bench_diff.py --sizes 100000  # one size (companies; contacts = 3x)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGET_SECONDS = 5.0
+TARGET_RSS_MB = 2560
+TARGET_RATIO = 2.0
+MEMORY_LIMIT = "1536MB"  # DuckDB buffer pool cap for the planner process
+RUNS = 3
+
+
+def _guid(expr: str) -> str:
+    """A deterministic GUID-shaped string from an integer expression (md5 in SQL)."""
+    h = f"md5(({expr})::VARCHAR)"
+    return (
+        f"substr({h},1,8)||'-'||substr({h},9,4)||'-'||substr({h},13,4)||'-'"
+        f"||substr({h},17,4)||'-'||substr({h},21,12)"
+    )
+
+
+def _phone(expr: str) -> str:
+    d = f"lpad((({expr}) % 100000000)::VARCHAR, 8, '0')"
+    return f"'020 ' || substr({d},1,4) || ' ' || substr({d},5,4)"
+
+
+def _intl(expr: str) -> str:
+    d = f"lpad((({expr}) % 100000000)::VARCHAR, 8, '0')"
+    return f"'+44 20 ' || substr({d},1,4) || ' ' || substr({d},5,4)"
+
+
+def generate(db: str, n: int) -> dict:
+    """Build the tables for n companies / 3n contacts; returns counts of what was edited."""
+    import duckdb
+
+    from sync_pipeline import baseline, links
+    from sync_pipeline.mapping import load_mappings
+    from sync_pipeline.mapping.projection import digest_expr
+
+    mappings = load_mappings(ROOT / "mappings")
+    con = duckdb.connect(db)
+    con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
+    con.execute("SET preserve_insertion_order=false")
+    t0 = time.perf_counter()
+    for t in ("crm_companies", "crm_users", "unleashed_customers", "unleashed_salespersons"):
+        con.execute(f"CREATE TABLE {t} (id VARCHAR, modified TIMESTAMP, active BOOLEAN, data JSON)")
+    for t in ("crm_contacts", "crm_sales_ledgers", "unleashed_contacts"):
+        con.execute(
+            f"CREATE TABLE {t} (id VARCHAR, parent_id VARCHAR, modified TIMESTAMP, "
+            "active BOOLEAN, data JSON)"
+        )
+    ts = "TIMESTAMP '2026-01-01' + to_seconds(i % 86400)"
+    con.execute(
+        """INSERT INTO crm_users SELECT i::VARCHAR, TIMESTAMP '2026-01-01', true,
+             json_object('UserId', i, 'Name', 'User ' || i, 'Email', 'rep' || i || '@example.com',
+                         'Active', true) FROM range(20) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO unleashed_salespersons SELECT {_guid("-i - 1")}, TIMESTAMP '2026-01-01',
+             true, json_object('Guid', {_guid("-i - 1")}, 'FullName', 'Rep ' || i,
+                               'Email', 'Rep' || i || '@Example.com', 'Obsolete', false)
+             FROM range(20) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO crm_companies SELECT i::VARCHAR, {ts}, true, json_object(
+              'DivisionId', i, 'CompanyId', i, 'Name', 'Company ' || i,
+              'Phone', CASE WHEN i % 2 = 0 THEN {_intl("i")} ELSE {_phone("i")} END,
+              'Website', 'c' || i || '.example.com/', 'AccountManagerId', i % 20,
+              'AccountManager',
+                  json_object('UserId', i % 20, 'Email', 'rep' || (i % 20) || '@example.com'),
+              'UnleashedGuid', NULL, 'StatusFlag', 'A', 'LastModified', '2026-01-01T00:00:00.000Z')
+            FROM range({n}) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO crm_sales_ledgers SELECT 'L' || i, i::VARCHAR, {ts}, true,
+              json_object('SalesLedgerId', i, 'DivisionId', i, 'AccountCode', 'C' || i)
+            FROM range({n}) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO unleashed_customers SELECT {_guid("i")}, {ts}, true, json_object(
+              'Guid', {_guid("i")}, 'CustomerCode', 'C' || i, 'CustomerName', 'Company ' || i,
+              'PhoneNumber', {_phone("i")}, 'Website', 'https://www.c' || i || '.example.com',
+              'Obsolete', false, 'Currency', json_object('CurrencyCode', 'GBP'),
+              'SalesPerson', json_object('Guid', {_guid("-(i % 20) - 1")},
+                  'FullName', 'Rep ' || (i % 20), 'Email', 'Rep' || (i % 20) || '@Example.com'))
+            FROM range({n}) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO crm_contacts SELECT j::VARCHAR, (j // 3)::VARCHAR, {ts.replace("i", "j")},
+              true, json_object('ContactId', j, 'DivisionId', j // 3, 'Title', '',
+              'Forename', 'First' || j, 'Surname', 'Last' || j,
+              'Email', 'Person' || j || '@Example.com', 'Phone', {_phone("j + 7")},
+              'Mobile', '07700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'), 'Fax', '',
+              'UnleashedGuid', NULL, 'StatusFlag', 'A')
+            FROM range({3 * n}) t(j)"""
+    )
+    con.execute(
+        f"""INSERT INTO unleashed_contacts SELECT {_guid("j + 100000000")}, {_guid("j // 3")},
+              {ts.replace("i", "j")}, true, json_object('Guid', {_guid("j + 100000000")},
+              'FirstName', 'First' || j, 'LastName', 'Last' || j,
+              'EmailAddress', 'person' || j || '@example.com', 'PhoneNumber', {_intl("j + 7")},
+              'MobilePhone', '+44 7700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'),
+              'FaxNumber', '', 'OfficePhone', '')
+            FROM range({3 * n}) t(j)"""
+    )
+    links.ensure_schema(con)
+    baseline.ensure_schema(con)
+    con.execute(
+        f"""INSERT INTO company_links SELECT i::VARCHAR, {_guid("i")}, 'account_code',
+            TIMESTAMP '2026-01-01' FROM range({n}) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO contact_links SELECT j::VARCHAR, {_guid("j + 100000000")},
+            (j // 3)::VARCHAR, {_guid("j // 3")}, 'email', TIMESTAMP '2026-01-01'
+            FROM range({3 * n}) t(j)"""
+    )
+    gen_raw = time.perf_counter() - t0
+    # Baseline and digests: the values both sides held when they last agreed (before edits).
+    for entity, m in mappings.items():
+        lt = links.LINK_TABLES[entity]
+        for name, spec in m.fields.items():
+            con.execute(
+                f"""INSERT INTO sync_baseline
+                    SELECT '{entity}', l.erp_id, '{name}',
+                      coalesce(json_extract_string(c.data, '$.{spec.crm}'), ''),
+                      coalesce(json_extract_string(e.data, '$.{spec.erp}'), ''),
+                      TIMESTAMP '2026-01-01'
+                    FROM {lt} l JOIN {m.crm.table} c ON c.id = l.crm_id
+                    JOIN {m.erp.table} e ON e.id = l.erp_id"""
+            )
+        con.execute(
+            f"""INSERT INTO sync_baseline_digest
+                SELECT '{entity}', l.erp_id, {digest_expr(m, "crm", "c")},
+                       {digest_expr(m, "erp", "e")}
+                FROM {lt} l JOIN {m.crm.table} c ON c.id = l.crm_id
+                JOIN {m.erp.table} e ON e.id = l.erp_id"""
+        )
+    gen_base = time.perf_counter() - t0 - gen_raw
+    edits = _edit(con, mappings, n)
+    con.execute("CHECKPOINT")
+    con.close()
+    edits["generate_seconds"] = round(time.perf_counter() - t0, 1)
+    edits["generate_raw_seconds"] = round(gen_raw, 1)
+    edits["generate_baseline_seconds"] = round(gen_base, 1)
+    return edits
+
+
+def _edit(con, mappings, n: int) -> dict:
+    """About 1% of records edited on each side (one field each), plus conflicts and specials."""
+    from sync_pipeline.links import LINK_TABLES
+
+    counts = {}
+    for entity, m in mappings.items():
+        lt = LINK_TABLES[entity]
+        fields = list(m.fields.items())
+        nf = len(fields)
+        for side, table, key in (("crm", m.crm.table, "crm_id"), ("erp", m.erp.table, "erp_id")):
+            # Side-specific 1% of records; the field is chosen by a second hash. Records with
+            # hash % 1000 == 7 are edited on both sides in the same field (conflicts).
+            salt = 1 if side == "crm" else 2
+            sets = []
+            for pos, (name, spec) in enumerate(fields):
+                path = getattr(spec, side)
+                if name == "account_manager":
+                    new = (
+                        "json_object('UserId', 3, 'Email', 'rep3@example.com')"
+                        if side == "crm"
+                        else "json_object('Guid', 'x', 'FullName', 'Rep 4', "
+                        "'Email', 'Rep4@Example.com')"
+                    )
+                    top = path.split(".")[0]
+                    sets.append((pos, f"json_object('{top}', {new})"))
+                elif name == "website":
+                    sets.append(
+                        (pos, f"json_object('{path}', 'https://new-' || {key} || '.example.org')")
+                    )
+                elif spec.normaliser == "phone":
+                    sets.append(
+                        (pos, f"json_object('{path}', {_phone('hash(' + key + ') % 99991')})")
+                    )
+                elif spec.normaliser == "email":
+                    sets.append((pos, f"json_object('{path}', 'new.' || {key} || '@example.net')"))
+                else:
+                    sets.append((pos, f"json_object('{path}', 'Renamed {side} ' || {key})"))
+            case = " ".join(f"WHEN {pos} THEN {expr}" for pos, expr in sets)
+            pick = f"(hash(l.erp_id, 'field') % {nf})"
+            chosen = f"(hash(l.erp_id, {salt}) % 100 = 0 OR hash(l.erp_id) % 1000 = 7)"
+            con.execute(
+                f"""UPDATE {table} t SET data = json_merge_patch(t.data, CASE {pick} {case} END),
+                        modified = t.modified + INTERVAL ({salt}) HOUR
+                    FROM {lt} l WHERE t.id = l.{key} AND {chosen}"""
+            )
+            (k,) = con.execute(f"SELECT count(*) FROM {lt} l WHERE {chosen}").fetchall()[0]
+            counts[f"{entity}_{side}_edited"] = k
+        # 0.05% invalid websites typed in the CRM (rejected), 0.05% formatting-only phone edits.
+        if entity == "company":
+            con.execute(
+                """UPDATE crm_companies SET data = json_merge_patch(data,
+                     json_object('Website', 'bad site ' || id)) WHERE hash(id, 'w') % 2000 = 0"""
+            )
+        phone_path = m.fields["phone"].crm
+        con.execute(
+            f"""UPDATE {m.crm.table} SET data = json_merge_patch(data, json_object('{phone_path}',
+                  replace(data->>'$.{phone_path}', ' ', '-'))) WHERE hash(id, 'f') % 2000 = 0"""
+        )
+    # New Unleashed records (0.1%): contacts under linked customers, and new customers.
+    k = max(1, n // 1000)
+    con.execute(
+        f"""INSERT INTO unleashed_contacts SELECT {_guid("j + 900000000")}, {_guid("j * 7")},
+              TIMESTAMP '2026-01-02', true, json_object('Guid', {_guid("j + 900000000")},
+              'FirstName', 'Newbie' || j, 'LastName', 'Fresh', 'EmailAddress',
+              'newbie' || j || '@example.com', 'PhoneNumber', '', 'MobilePhone', '',
+              'FaxNumber', '') FROM range({3 * k}) t(j)"""
+    )
+    con.execute(
+        f"""INSERT INTO unleashed_customers SELECT {_guid("i + 800000000")},
+              TIMESTAMP '2026-01-02', true, json_object('Guid', {_guid("i + 800000000")},
+              'CustomerCode', 'NEW' || i, 'CustomerName', 'New customer ' || i,
+              'PhoneNumber', '', 'Website', '', 'Obsolete', false) FROM range({k}) t(i)"""
+    )
+    counts["new_erp_contacts"] = 3 * k
+    counts["new_erp_customers"] = k
+    return counts
+
+
+class PeakRss:
+    """Samples this process's RSS every 20 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def bare_join_sql(mappings) -> list[str]:
+    from sync_pipeline.links import LINK_TABLES
+    from sync_pipeline.mapping.projection import values_list_expr
+
+    out = []
+    for entity, m in mappings.items():
+        crm = values_list_expr([s.crm for s in m.fields.values()])
+        erp = values_list_expr([s.erp for s in m.fields.values()])
+        out.append(
+            f"""SELECT count(*), sum(hash(c.v, e.v, d.crm_digest, d.erp_digest))
+                FROM {LINK_TABLES[entity]} l
+                JOIN (SELECT id, {crm} AS v FROM {m.crm.table}) c ON c.id = l.crm_id
+                JOIN (SELECT id, {erp} AS v FROM {m.erp.table}) e ON e.id = l.erp_id
+                LEFT JOIN sync_baseline_digest d ON d.entity = '{entity}' AND d.erp_id = l.erp_id"""
+        )
+    return out
+
+
+def measure(db: str, what: str) -> dict:
+    """Run once in this (fresh) process: 'plan' or 'join'."""
+    import duckdb
+
+    from sync_pipeline.diff import plan_changes
+    from sync_pipeline.mapping import load_mappings
+
+    mappings = load_mappings(ROOT / "mappings")
+    con = duckdb.connect(db)
+    con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        if what == "plan":
+            plan = plan_changes(con, mappings)
+            rows = len(plan)
+            ops = {k: int(v) for k, v in plan["op"].value_counts().items()}
+            conflicts = int(plan["conflict"].sum())
+        else:
+            rows = 0
+            for sql in bare_join_sql(mappings):
+                rows += con.execute(sql).fetchall()[0][0]
+            ops, conflicts = {}, 0
+        seconds = time.perf_counter() - t0
+    con.close()
+    return {
+        "seconds": seconds,
+        "rss_mb": rss.peak / 2**20,
+        "rows": rows,
+        "ops": ops,
+        "conflicts": conflicts,
+    }
+
+
+def _child(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_size(n: int, workdir: Path) -> dict:
+    base = workdir / f"bench_{n}.duckdb"
+    print(f"\n== {n:,} companies / {3 * n:,} contacts: generating …", flush=True)
+    info = _child("--generate", str(base), str(n))
+    print(
+        f"   generated in {info['generate_seconds']} s "
+        f"(raw {info['generate_raw_seconds']} s, baseline {info['generate_baseline_seconds']} s); "
+        f"edits: {json.dumps({k: v for k, v in info.items() if not k.startswith('generate')})}",
+        flush=True,
+    )
+    plans, joins = [], []
+    for i in range(RUNS):
+        copy = workdir / f"run_{n}.duckdb"
+        shutil.copyfile(base, copy)
+        plans.append(_child("--measure", str(copy), "plan"))
+        copy.unlink()
+        joins.append(_child("--measure", str(base), "join"))
+        print(
+            f"   run {i + 1}: plan {plans[-1]['seconds']:.2f} s, "
+            f"{plans[-1]['rss_mb']:.0f} MB, {plans[-1]['rows']:,} rows; "
+            f"bare join {joins[-1]['seconds']:.2f} s",
+            flush=True,
+        )
+    base.unlink()
+    plan_s = statistics.median(p["seconds"] for p in plans)
+    join_s = statistics.median(j["seconds"] for j in joins)
+    return {
+        "n": n,
+        "plan_s": plan_s,
+        "join_s": join_s,
+        "ratio": plan_s / join_s,
+        "rss_mb": max(p["rss_mb"] for p in plans),
+        "rows": plans[-1]["rows"],
+        "ops": plans[-1]["ops"],
+        "conflicts": plans[-1]["conflicts"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--generate", nargs=2, metavar=("DB", "N"))
+    parser.add_argument("--measure", nargs=2, metavar=("DB", "WHAT"))
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    if args.generate:
+        print(json.dumps(generate(args.generate[0], int(args.generate[1]))))
+        return
+    if args.measure:
+        print(json.dumps(measure(*args.measure)))
+        return
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_diff_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = [run_size(n, workdir) for n in args.sizes]
+    print(
+        "\nthree-way diff (plan_changes), median of",
+        RUNS,
+        "runs; DuckDB memory_limit",
+        MEMORY_LIMIT,
+    )
+    header = (
+        f"{'companies':>10} {'contacts':>10} {'plan s':>7} {'join s':>7} {'ratio':>6} "
+        f"{'peak RSS MB':>11} {'rows planned':>12} {'conflicts':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r['n']:>10,} {3 * r['n']:>10,} {r['plan_s']:>7.2f} {r['join_s']:>7.2f} "
+            f"{r['ratio']:>6.2f} {r['rss_mb']:>11.0f} {r['rows']:>12,} {r['conflicts']:>9,}"
+        )
+    for r in results:
+        print(f"ops at {r['n']:,}: {r['ops']}")
+    big = max(results, key=lambda r: r["n"])
+    print(f"\ntargets at {big['n']:,} / {3 * big['n']:,}:")
+    for label, value, target, unit in (
+        ("plan time", big["plan_s"], TARGET_SECONDS, "s"),
+        ("peak memory", big["rss_mb"], TARGET_RSS_MB, "MB"),
+        ("ratio to bare join", big["ratio"], TARGET_RATIO, "x"),
+    ):
+        verdict = "met" if value <= target else "NOT met"
+        print(f"  {label:<20} {value:8.2f} {unit:<3} (target <= {target}) {verdict}")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

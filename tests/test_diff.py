@@ -1,0 +1,285 @@
+"""The three-way diff: what gets planned for each combination of CRM, Unleashed and baseline."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from sync_pipeline import diff, links
+from tests.diff_fixtures import World, one, rows
+
+
+@pytest.fixture
+def w() -> World:
+    """One linked company with one linked contact, agreed on every field."""
+    w = World()
+    w.user(1, "ann@example.com")
+    w.user(2, "bob@example.com")
+    w.salesperson("sp-ann", "Ann@Example.com")
+    w.crm_company(12, "Acme Ltd", phone="020 7946 0000", website="https://acme.com",
+                  manager="ann@example.com", code="ACME")  # fmt: skip
+    w.customer("g-acme", "ACME", "Acme Ltd", phone="020 7946 0000", website="https://acme.com",
+               salesperson="ann@example.com")  # fmt: skip
+    w.crm_contact(100, 12, "Jane", "Doe", email="jane@acme.com", phone="020 7946 0001")
+    w.erp_contact("c-jane", "g-acme", "Jane", "Doe", email="jane@acme.com", phone="020 7946 0001")
+    links.update_links(w.con, w.mappings)
+    assert plan(w).empty
+    return w
+
+
+def plan(w: World, **kw):
+    return diff.plan_changes(w.con, w.mappings, **kw)
+
+
+def test_plan_has_exactly_the_contract_columns_and_is_written_to_duckdb(w):
+    w.edit("crm_companies", "12", Name="Acme Limited")
+    p = plan(w)
+    assert list(p.columns) == diff.PLAN_COLUMNS
+    stored = w.con.execute("SELECT op, field, new_value FROM sync_plan").fetchall()
+    assert stored == [("update_erp", "name", "Acme Limited")]
+
+
+def test_nothing_changed_plans_nothing(w):
+    assert plan(w).empty
+
+
+def test_only_crm_changed_updates_unleashed(w):
+    w.edit("crm_companies", "12", Name="Acme Limited")
+    row = one(plan(w))
+    assert (row["op"], row["field"], row["new_value"], row["erp_value"], row["baseline_value"]) == (
+        "update_erp", "name", "Acme Limited", "Acme Ltd", "Acme Ltd",
+    )  # fmt: skip
+    assert not row["conflict"]
+    assert row["reason"] == "CRM changed name from 'Acme Ltd' to 'Acme Limited'"
+
+
+def test_only_unleashed_changed_updates_the_crm(w):
+    w.edit("unleashed_contacts", "c-jane", PhoneNumber="020 7946 0999")
+    row = one(plan(w))
+    assert (row["entity"], row["op"], row["field"], row["new_value"]) == (
+        "contact", "update_crm", "phone", "020 7946 0999",
+    )  # fmt: skip
+    assert (row["crm_parent_id"], row["erp_parent_id"]) == ("12", "g-acme")
+
+
+def test_reformatting_is_not_a_change(w):
+    w.edit("unleashed_customers", "g-acme", PhoneNumber="+44 20 7946 0000",
+           Website="https://www.ACME.com/")  # fmt: skip
+    w.edit("crm_contacts", "100", Email="  JANE@acme.com ")
+    assert plan(w).empty
+
+
+def test_first_sync_equal_after_normalisation_plans_nothing():
+    w = World()
+    w.crm_company(12, "Acme", phone="+44 20 7946 0000", website="Example.com/", code="A")
+    w.customer("g-1", "A", "Acme", phone="020 7946 0000", website="https://example.com")
+    links.update_links(w.con, w.mappings)
+    assert plan(w).empty
+    (n,) = w.con.execute("SELECT count(*) FROM sync_baseline WHERE erp_id = 'g-1'").fetchall()[0]
+    assert n == 4  # settled: the next pass knows both sides agreed
+
+
+def test_applied_change_does_not_echo(w):
+    w.edit("crm_companies", "12", Name="Acme Limited")
+    w.edit("unleashed_contacts", "c-jane", LastName="Smith")
+    p = plan(w)
+    assert len(p) == 2
+    w.apply(p)  # writes into the other side's snapshot and calls record_agreement
+    assert plan(w).empty
+
+
+def test_edits_to_different_fields_on_both_sides_both_survive(w):
+    w.edit("crm_companies", "12", Name="Acme Limited")
+    w.edit("unleashed_customers", "g-acme", PhoneNumber="020 7946 1234")
+    p = plan(w)
+    assert one(p, field="name")["op"] == "update_erp"
+    assert one(p, field="name")["new_value"] == "Acme Limited"
+    assert one(p, field="phone")["op"] == "update_crm"
+    assert one(p, field="phone")["new_value"] == "020 7946 1234"
+    assert not p["conflict"].any()
+
+
+def _conflict(w: World, crm_at: datetime, erp_at: datetime, **kw):
+    w.edit("crm_companies", "12", Name="Acme CRM", modified=crm_at)
+    w.edit("unleashed_customers", "g-acme", CustomerName="Acme ERP", modified=erp_at)
+    return one(plan(w, **kw), field="name")
+
+
+def test_conflict_newest_crm_wins_when_crm_is_later(w):
+    row = _conflict(w, datetime(2026, 3, 1, 12), datetime(2026, 3, 1, 11))
+    assert (row["op"], row["new_value"], row["conflict"], row["policy"]) == (
+        "update_erp", "Acme CRM", True, "newest",
+    )  # fmt: skip
+    assert "'Acme CRM'" in row["reason"] and "'Acme ERP'" in row["reason"]
+    assert "CRM wins by policy newest" in row["reason"]
+
+
+def test_conflict_newest_unleashed_wins_when_later_or_tied(w):
+    row = _conflict(w, datetime(2026, 3, 1, 11), datetime(2026, 3, 1, 12))
+    assert (row["op"], row["new_value"], row["conflict"]) == ("update_crm", "Acme ERP", True)
+    tie = datetime(2026, 3, 2, 9)
+    row = _conflict(w, tie, tie)
+    assert (row["op"], row["new_value"]) == ("update_crm", "Acme ERP")
+    assert "Unleashed wins by policy newest" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "op", "value"),
+    [("crm", "update_erp", "Acme CRM"), ("erp", "update_crm", "Acme ERP")],
+)
+def test_conflict_fixed_policies_ignore_timestamps(w, policy, op, value):
+    row = _conflict(w, datetime(2026, 3, 1, 11), datetime(2026, 3, 1, 12),
+                    policy_overrides={"company.name": policy})  # fmt: skip
+    later_crm = _conflict(w, datetime(2026, 3, 2, 12), datetime(2026, 3, 2, 11),
+                          policy_overrides={"company.name": policy})  # fmt: skip
+    for r in (row, later_crm):
+        assert (r["op"], r["new_value"], r["conflict"], r["policy"]) == (op, value, True, policy)
+
+
+def test_both_sides_changed_to_the_same_value_is_not_a_conflict(w):
+    w.edit("crm_companies", "12", Phone="020 7946 5555")
+    w.edit("unleashed_customers", "g-acme", PhoneNumber="+44 20 7946 5555")
+    assert plan(w).empty
+    w.edit("crm_companies", "12", Name="Later edit")
+    assert one(plan(w))["field"] == "name"  # the phone baseline was settled
+
+
+def test_invalid_website_is_rejected_and_other_fields_still_plan(w):
+    w.edit("crm_companies", "12", Website="acme .com", Name="Acme Limited")
+    p = plan(w)
+    assert rows(p, op="update_erp", field="website").empty
+    bad = one(p, op="reject")
+    assert bad["field"] == "website" and bad["new_value"] == "acme .com"
+    assert bad["reason"].startswith(
+        "company 'Acme Limited' (CRM 12 / Unleashed g-acme): website 'acme .com' is not "
+        "accepted by Unleashed: contains a space"
+    )
+    assert one(p, field="name")["op"] == "update_erp"
+    # Fixed in the CRM: the rejection retries itself as a normal update.
+    w.edit("crm_companies", "12", Website="https://acme.co.uk")
+    assert one(plan(w), field="website")["op"] == "update_erp"
+
+
+def test_account_manager_without_salesperson_is_rejected(w):
+    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"})
+    row = one(plan(w))
+    assert row["op"] == "reject" and row["field"] == "account_manager"
+    assert "'bob@example.com'" in row["reason"]
+    assert "no active Unleashed salesperson" in row["reason"]
+
+
+def test_salesperson_without_crm_user_is_rejected(w):
+    w.salesperson("sp-zed", "zed@example.com")
+    w.edit("unleashed_customers", "g-acme", SalesPerson={"Email": "zed@example.com"})
+    row = one(plan(w))
+    assert (row["op"], row["field"]) == ("reject", "account_manager")
+    assert "cannot be written to the CRM: no active CRM user has this email" in row["reason"]
+
+
+def test_account_manager_synced_case_insensitively(w):
+    w.salesperson("sp-bob", "BOB@example.com")
+    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"})
+    row = one(plan(w))
+    assert (row["op"], row["new_value"]) == ("update_erp", "bob@example.com")
+
+
+def test_account_manager_left_out_when_option_off(w):
+    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"}, Name="New")
+    p = plan(w, account_manager_sync=False)
+    assert list(p["field"]) == ["name"]
+
+
+def test_crm_to_erp_field_ignores_unleashed_edits(tmp_path):
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "mappings"
+    (tmp_path / "contact.yaml").write_text((src / "contact.yaml").read_text())
+    (tmp_path / "company.yaml").write_text(
+        (src / "company.yaml")
+        .read_text()
+        .replace("    normaliser: name\n", "    normaliser: name\n    direction: crm_to_erp\n", 1)
+    )
+    w = World(mappings_dir=tmp_path)
+    w.crm_company(12, "Acme", code="A")
+    w.customer("g-1", "A", "Acme")
+    links.update_links(w.con, w.mappings)
+    assert plan(w).empty
+    w.edit("unleashed_customers", "g-1", CustomerName="Changed in Unleashed")
+    assert plan(w).empty
+    w.edit("crm_companies", "12", Name="Changed in CRM")
+    row = one(plan(w))
+    assert (row["op"], row["new_value"], row["conflict"]) == ("update_erp", "Changed in CRM", False)
+
+
+def _unagreed_world() -> World:
+    w = World()
+    w.crm_company(12, "Acme CRM name", code="A", modified=datetime(2026, 5, 1, 12))
+    w.customer("g-1", "A", "Acme ERP name", modified=datetime(2026, 5, 1, 11))
+    links.update_links(w.con, w.mappings)
+    return w
+
+
+def test_no_baseline_follows_initial_policy_erp_by_default():
+    row = one(plan(_unagreed_world()))
+    assert (row["op"], row["new_value"], row["policy"], row["conflict"]) == (
+        "update_crm", "Acme ERP name", "initial:erp", False,
+    )  # fmt: skip
+    assert "no agreed value yet" in row["reason"]
+
+
+def test_initial_policy_crm():
+    row = one(plan(_unagreed_world(), initial_policy="crm"))
+    assert (row["op"], row["new_value"], row["policy"]) == (
+        "update_erp", "Acme CRM name", "initial:crm",
+    )  # fmt: skip
+
+
+def test_new_unleashed_contact_is_created_in_the_crm(w):
+    w.erp_contact("c-new", "g-acme", "New", "Person", email="new@acme.com", phone="0161 496 0000")
+    row = one(plan(w))
+    ids = (row["crm_id"], row["erp_id"], row["erp_parent_id"], row["crm_parent_id"])
+    assert row["op"] == "create_crm_contact"
+    assert ids == (None, "c-new", "g-acme", "12")
+    import json
+
+    payload = json.loads(row["payload"])
+    assert payload["DivisionId"] == 12 and payload["UnleashedGuid"] == "c-new"
+    assert (payload["Forename"], payload["Surname"], payload["Email"], payload["Phone"]) == (
+        "New", "Person", "new@acme.com", "0161 496 0000",
+    )  # fmt: skip
+
+
+def test_new_crm_contact_is_never_created_in_unleashed(w):
+    w.crm_contact(101, 12, "Only", "InCrm", email="only@acme.com")
+    assert plan(w).empty
+
+
+def test_new_unleashed_customer_is_imported_with_its_account_code(w):
+    w.customer("g-new", "NEW1", "Newco", website="https://newco.com", salesperson="ann@example.com")
+    row = one(plan(w))
+    import json
+
+    payload = json.loads(row["payload"])
+    assert row["op"] == "create_crm_company"
+    assert payload == {
+        "AccountCode": "NEW1", "AccountManagerId": 1, "Name": "Newco", "Phone": "",
+        "UnleashedGuid": "g-new", "Website": "https://newco.com",
+    }  # fmt: skip
+
+
+def test_inactive_unlinked_records_plan_nothing(w):
+    w.customer("g-old", "OLD", "Oldco", active=False)
+    w.erp_contact("c-old", "g-acme", "Gone", "Away", active=False)
+    assert plan(w).empty
+
+
+def test_unleashed_contact_matching_an_unlinkable_crm_contact_is_reported_not_duplicated(w):
+    # Two CRM contacts with one email: the Unleashed contact cannot be linked, nor created.
+    w.crm_contact(101, 12, "Sam", "One", email="sam@acme.com")
+    w.crm_contact(102, 12, "Sam", "Two", email="sam@acme.com")
+    w.erp_contact("c-sam", "g-acme", "Samuel", "X", email="sam@acme.com")
+    links.update_links(w.con, w.mappings)
+    row = one(plan(w))
+    assert row["op"] == "reject" and row["erp_id"] == "c-sam"
+    assert "CRM contact 101, 102 matches it by email" in row["reason"]
