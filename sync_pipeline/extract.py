@@ -7,7 +7,7 @@ Each extract asks only for what changed since the stored high-water mark minus a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -91,7 +91,8 @@ def _since(
     if full_refresh:
         return None
     high = store.get_high_water(con, source)
-    return None if high is None else high - overlap
+    # DuckDB holds naive UTC; the clients and partition windows speak aware UTC.
+    return None if high is None else high.replace(tzinfo=UTC) - overlap
 
 
 def extract_crm(

@@ -1,0 +1,174 @@
+"""The main job on the built-in local servers: one full sync cycle through Dagster, then a report.
+
+Also the `dev` command: both local servers plus `dagster dev` with the sensor and schedules on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sync_pipeline import store
+from sync_pipeline.report import cycle_report
+
+
+def _requests(emu) -> dict[str, int]:
+    return {
+        "Unleashed": emu.stats("unleashed")["total_requests"],
+        "CRM": emu.stats("crm")["total_requests"],
+    }
+
+
+def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) -> int:
+    """Start both local servers with seed data, run one full cycle through Dagster, print a report.
+
+    Then make a change on each side as a person would and run the push and a second cycle, so the
+    report shows both directions working on live edits too."""
+    import dagster as dg
+
+    from sync_pipeline.defs import build_defs
+    from sync_pipeline.defs.resources import (
+        DEFAULT_MAPPINGS,
+        CrmResource,
+        SyncConfigResource,
+        SyncDuckDB,
+        UnleashedResource,
+    )
+    from sync_pipeline.emulators.run import Emulators
+
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    work = Path(workdir or tempfile.mkdtemp(prefix="sync-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "sync.duckdb"
+    settings_file = Path(os.environ.get("SYNC_SETTINGS_FILE") or "settings.yaml")
+    print(f"Starting the local Unleashed and Prospect CRM servers ({companies} companies)…")
+    with Emulators(companies=companies, seed=seed) as emu:
+        print(f"  Unleashed: {emu.unleashed_url}\n  CRM:       {emu.crm_url}")
+        resources = {
+            "crm": CrmResource(base_url=emu.crm_url, token=emu.crm_token),
+            "unleashed": UnleashedResource(
+                base_url=emu.unleashed_url, api_id=emu.unleashed_api_id,
+                api_key=emu.unleashed_api_key,
+            ),
+            "duckdb": SyncDuckDB(database=str(db)),
+            "sync_config": SyncConfigResource(
+                settings_file=str(settings_file), mappings_dir=DEFAULT_MAPPINGS
+            ),
+        }  # fmt: skip
+        defs = build_defs(resources)
+        partition = datetime.now(UTC).strftime("%Y-%m-%d-%H:00")
+        with dg.DagsterInstance.ephemeral() as instance:
+            started = store.utcnow()
+            print("\n[1/3] Full sync cycle through Dagster (sync_cycle_job)…")
+            result = defs.resolve_job_def("sync_cycle_job").execute_in_process(
+                instance=instance, partition_key=partition, raise_on_error=False
+            )
+            if not result.success:
+                _print_failure(result)
+                return 1
+            first = _requests(emu)
+            with store.connect(db) as con:
+                print()
+                print(cycle_report(con, since=started, requests=first))
+
+            print("\n[2/3] A person edits both systems: a CRM phone number, a new Unleashed contact")
+            edits = _live_edits(emu, db)
+            emu.reset_stats("unleashed")
+            emu.reset_stats("crm")
+            started = store.utcnow()
+            push = defs.resolve_job_def("crm_push_job").execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+            cycle = defs.resolve_job_def("sync_cycle_job").execute_in_process(
+                instance=instance, partition_key=partition, raise_on_error=False
+            )
+            if not (push.success and cycle.success):
+                _print_failure(push if not push.success else cycle)
+                return 1
+            with store.connect(db) as con:
+                print(cycle_report(con, since=started, requests=_requests(emu)))
+            print("  " + edits)
+
+            print("\n[3/3] A cycle with nothing changed")
+            emu.reset_stats("unleashed")
+            emu.reset_stats("crm")
+            quiet = defs.resolve_job_def("sync_cycle_job").execute_in_process(
+                instance=instance, partition_key=partition, raise_on_error=False
+            )
+            if not quiet.success:
+                _print_failure(quiet)
+                return 1
+            costs = _requests(emu)
+            print(
+                "  API requests: "
+                + ", ".join(f"{k} {v}" for k, v in costs.items())
+                + " (one per list endpoint; nothing written)"
+            )
+    print(f"\nDuckDB file with snapshots, plan, outbox and audit log: {db}")
+    return 0
+
+
+def _live_edits(emu, db: Path) -> str:
+    from sync_pipeline.clients.crm import CrmClient
+    from sync_pipeline.clients.unleashed import UnleashedClient
+
+    with store.connect(db) as con:
+        crm_id, erp_id = con.execute(
+            """SELECT l.crm_id, l.erp_id FROM company_links l
+               JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
+               ORDER BY l.crm_id LIMIT 1"""
+        ).fetchone()
+    with CrmClient(emu.crm_url, emu.crm_token) as crm, UnleashedClient(
+        emu.unleashed_url, emu.unleashed_api_id, emu.unleashed_api_key
+    ) as unleashed:
+        crm.patch("Divisions", int(crm_id), {"Phone": "+44 113 496 0500"})
+        contact = unleashed.create_contact(
+            erp_id,
+            {"FirstName": "Ada", "LastName": "Lovelace", "EmailAddress": "ada@example.org"},
+        )
+    return (
+        f"(edited CRM company {crm_id}'s phone; created Unleashed contact {contact.Guid} "
+        f"under customer {erp_id})"
+    )
+
+
+def _print_failure(result) -> None:
+    for event in result.all_events:
+        if event.is_failure and event.step_failure_data:
+            err = event.step_failure_data.error
+            print(f"FAILED {event.step_key}: {err.message if err else ''}", file=sys.stderr)
+
+
+def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
+    """Both local servers (fixed ports, state kept in .data/) and `dagster dev` pointed at them."""
+    from sync_pipeline.emulators.run import Emulators
+
+    data = Path(".data")
+    home = data / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(
+        "concurrency:\n  pools:\n    default_limit: 1\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    with Emulators(
+        companies=companies, seed=seed, data_dir=data / "emulators",
+        unleashed_port=8301, crm_port=8302,
+    ) as emu:  # fmt: skip
+        env = {
+            **os.environ,
+            **emu.env(),
+            "DAGSTER_HOME": str(home.resolve()),
+            "SYNC_DUCKDB_PATH": str((data / "sync.duckdb").resolve()),
+        }
+        print(f"Unleashed: {emu.unleashed_url}   CRM: {emu.crm_url}")
+        print(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops everything)")
+        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(port)]
+        try:
+            return subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            return 0
