@@ -82,10 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="start the local servers with seed data, show what they hold, and exit",
+        help="run a full sync cycle through Dagster on the local servers and print the report",
     )
     _add_world_options(demo)
+    demo.add_argument(
+        "--workdir", default=None, metavar="DIR", help="where to keep the DuckDB file (temp dir)"
+    )
     demo.set_defaults(handler=run_demo)
+
+    dev = commands.add_parser(
+        "dev",
+        help="start the local servers and `dagster dev` with the sensor and schedules running",
+    )
+    _add_world_options(dev)
+    dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default: 3000)")
+    dev.set_defaults(handler=run_dev)
     return parser
 
 
@@ -168,27 +179,17 @@ def _print_emulators(emulators: Any, data_dir: Path | None) -> None:
 # demo
 # --------------------------------------------------------------------------------------------
 def run_demo(args: argparse.Namespace) -> int:
-    """Start both servers in memory, show what the seed data contains and what each API
-    answers, then stop. (To be replaced by the full sync cycle.)"""
-    from sync_pipeline.emulators.run import Emulators
+    """The main job on the local servers: a full sync cycle through Dagster and its report."""
+    from sync_pipeline.demo import run_demo as demo
 
-    with Emulators(companies=args.companies, seed=args.seed) as emulators:
-        summary = emulators.world.summary()
-        held = emulators.holdings()
-        _say(
-            f"Local servers: Unleashed {emulators.unleashed_url}, Prospect CRM {emulators.crm_url}",
-            "",
-            f"Seed data (companies={args.companies}, seed={args.seed}):",
-            *(f"  {kind:<32} {count:>7}" for kind, count in summary.items()),
-            "",
-            "Asked over the APIs (signed Unleashed requests, bearer-token CRM requests):",
-            *(
-                f"  {system:<9} {kind:<22} {count:>7}"
-                for system, counts in held.items()
-                for kind, count in counts.items()
-            ),
-        )
-    return 0
+    return demo(companies=args.companies, seed=args.seed, workdir=args.workdir)
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    """Both local servers plus `dagster dev` with the sensor and schedules running."""
+    from sync_pipeline.demo import run_dev as dev
+
+    return dev(companies=args.companies, seed=args.seed, port=args.port)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ from sync_pipeline import store
 from sync_pipeline.report import cycle_report
 
 
+# Dagster's console logger prints every step event; the demo's report says what matters.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _requests(emu) -> dict[str, int]:
     return {
         "Unleashed": emu.stats("unleashed")["total_requests"],
@@ -66,7 +70,7 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
             started = store.utcnow()
             print("\n[1/3] Full sync cycle through Dagster (sync_cycle_job)…")
             result = defs.resolve_job_def("sync_cycle_job").execute_in_process(
-                instance=instance, partition_key=partition, raise_on_error=False
+                instance=instance, partition_key=partition, raise_on_error=False, run_config=QUIET
             )
             if not result.success:
                 _print_failure(result)
@@ -76,16 +80,18 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
                 print()
                 print(cycle_report(con, since=started, requests=first))
 
-            print("\n[2/3] A person edits both systems: a CRM phone number, a new Unleashed contact")
+            print(
+                "\n[2/3] A person edits both systems: a CRM phone number, a new Unleashed contact"
+            )
             edits = _live_edits(emu, db)
             emu.reset_stats("unleashed")
             emu.reset_stats("crm")
             started = store.utcnow()
             push = defs.resolve_job_def("crm_push_job").execute_in_process(
-                instance=instance, raise_on_error=False
+                instance=instance, raise_on_error=False, run_config=QUIET
             )
             cycle = defs.resolve_job_def("sync_cycle_job").execute_in_process(
-                instance=instance, partition_key=partition, raise_on_error=False
+                instance=instance, partition_key=partition, raise_on_error=False, run_config=QUIET
             )
             if not (push.success and cycle.success):
                 _print_failure(push if not push.success else cycle)
@@ -98,7 +104,7 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
             emu.reset_stats("unleashed")
             emu.reset_stats("crm")
             quiet = defs.resolve_job_def("sync_cycle_job").execute_in_process(
-                instance=instance, partition_key=partition, raise_on_error=False
+                instance=instance, partition_key=partition, raise_on_error=False, run_config=QUIET
             )
             if not quiet.success:
                 _print_failure(quiet)
@@ -123,9 +129,12 @@ def _live_edits(emu, db: Path) -> str:
                JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
                ORDER BY l.crm_id LIMIT 1"""
         ).fetchone()
-    with CrmClient(emu.crm_url, emu.crm_token) as crm, UnleashedClient(
-        emu.unleashed_url, emu.unleashed_api_id, emu.unleashed_api_key
-    ) as unleashed:
+    with (
+        CrmClient(emu.crm_url, emu.crm_token) as crm,
+        UnleashedClient(
+            emu.unleashed_url, emu.unleashed_api_id, emu.unleashed_api_key
+        ) as unleashed,
+    ):
         crm.patch("Divisions", int(crm_id), {"Phone": "+44 113 496 0500"})
         contact = unleashed.create_contact(
             erp_id,
@@ -152,8 +161,7 @@ def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
     home = data / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(
-        "concurrency:\n  pools:\n    default_limit: 1\n"
-        "telemetry:\n  enabled: false\n"
+        "concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n"
     )
     with Emulators(
         companies=companies, seed=seed, data_dir=data / "emulators",
