@@ -297,7 +297,7 @@ def apply_pull(
     pending = pending.sort_values(
         "op", key=lambda s: s.map({"create_crm_company": 0, "update_crm": 1}).fillna(2)
     )
-    for (entity, op_kind, rec), ops in _group(pending, ["entity", "op", "erp_id"]):
+    for (entity, op_kind, _erp_id), ops in _group(pending, ["entity", "op", "erp_id"]):
         mapping = mappings[entity]
         try:
             if op_kind == "update_crm":

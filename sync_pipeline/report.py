@@ -107,8 +107,11 @@ def cycle_report(
         if len(part) > 15:
             lines.append(f"  … and {len(part) - 15} more (see the audit_log table)")
     created = audit[audit["field"].isna()]
-    for entity, title in (("contact", "Contacts created in the CRM"),
-                          ("company", "Companies created in the CRM (standard import)")):  # fmt: skip
+    titles = (
+        ("contact", "Contacts created in the CRM"),
+        ("company", "Companies created in the CRM (standard import)"),
+    )
+    for entity, title in titles:
         part = created[created["entity"] == entity]
         lines.append(f"{title}: {len(part)}")
         for r in part.head(10).to_dict("records"):

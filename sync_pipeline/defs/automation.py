@@ -1,7 +1,6 @@
 """Jobs, the CRM change sensor and the schedules. Every tick re-reads the settings file, so an
 operator's change takes effect on the next tick, and a tick that does nothing says why."""
 
-
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -85,7 +84,7 @@ def _hour_partition(when: datetime) -> str:
     job=crm_push_job,
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Polls the CRM for companies and contacts modified since the cursor; launches a push.",
+    description="Polls the CRM for companies and contacts changed since the cursor; then a push.",
 )
 def crm_change_sensor(
     context: dg.SensorEvaluationContext, crm: CrmResource, sync_config: SyncConfigResource

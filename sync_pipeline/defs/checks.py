@@ -1,5 +1,4 @@
-"""Asset checks: links are one-to-one, snapshots hold what the APIs reported, rejections get seen."""
-
+"""Asset checks: one-to-one links, snapshots hold what the APIs reported, rejections get seen."""
 
 import dagster as dg
 
@@ -9,7 +8,6 @@ from sync_pipeline.defs.extract import (
     crm_contacts,
     crm_sales_ledgers,
     crm_users,
-    unleashed_customers,
     unleashed_salespersons,
 )
 from sync_pipeline.defs.resources import SyncDuckDB

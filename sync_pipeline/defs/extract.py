@@ -1,6 +1,5 @@
 """Extract assets: both systems into DuckDB snapshot tables."""
 
-
 from datetime import timedelta
 
 import dagster as dg

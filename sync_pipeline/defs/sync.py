@@ -1,5 +1,4 @@
-"""Plan and apply assets: links, the three-way plan, push, pull and the overnight account-manager fix."""
-
+"""Plan and apply assets: links, the three-way plan, push, pull and the overnight fix."""
 
 import dagster as dg
 import pandas as pd
@@ -31,7 +30,7 @@ def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
     kinds={"duckdb"},
     pool="duckdb",
     deps=[*CRM_EXTRACTS, unleashed_customers],
-    description="One-to-one links: CRM company ↔ Unleashed customer, CRM contact ↔ Unleashed contact.",
+    description="One-to-one links: CRM company ↔ Unleashed customer, contact ↔ contact.",
 )
 def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.MaterializeResult:
     mappings = sync_config.mappings()
@@ -99,10 +98,7 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     rejections = store.sync_rejections(con, plan)
     allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way and not refusal else set())
     ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
-    if ops.empty:
-        conflicts = 0
-    else:
-        conflicts = store.record_conflicts(con, ops, run_id)
+    conflicts = 0 if ops.empty else store.record_conflicts(con, ops, run_id)
     keep = [store.op_key(r) for r in ops.to_dict("records")] if not ops.empty else []
     store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
     queued = store.enqueue(con, ops, run_id) if not ops.empty else pd.DataFrame()
@@ -143,7 +139,7 @@ def push_to_unleashed(
     kinds={"duckdb"},
     pool="duckdb",
     deps=[sync_plan],
-    description="Unleashed changes written to the CRM, new Unleashed contacts and customers created.",
+    description="Unleashed changes to the CRM; new Unleashed contacts and customers created.",
 )
 def pull_to_crm(
     context: dg.AssetExecutionContext,
@@ -184,7 +180,7 @@ def _apply_result(stats: apply.ApplyStats, sync_config: SyncConfigResource) -> d
     kinds={"duckdb"},
     pool="duckdb",
     deps=[*CRM_EXTRACTS, unleashed_salespersons],
-    description="CRM users who may be chosen as account managers (they match an active salesperson).",
+    description="CRM users who may be account managers (they match an active salesperson).",
 )
 def account_manager_candidates(duckdb: SyncDuckDB) -> dg.MaterializeResult:
     with duckdb.get_connection() as con:
@@ -207,7 +203,7 @@ def account_manager_candidates(duckdb: SyncDuckDB) -> dg.MaterializeResult:
     kinds={"duckdb"},
     pool="duckdb",
     deps=[sync_links, unleashed_salespersons],
-    description="Overnight: every linked CRM company's account manager set to Unleashed's salesperson.",
+    description="Overnight: each linked CRM company's account manager set from Unleashed.",
 )
 def account_manager_fix(
     context: dg.AssetExecutionContext,
