@@ -7,9 +7,7 @@ from datetime import datetime
 from sync_pipeline.clients.crm import CrmClient, encode_query, format_timestamp, parse_timestamp
 
 
-def latest_modified(
-    client: CrmClient, entity_set: str, since: datetime | None
-) -> datetime | None:
+def latest_modified(client: CrmClient, entity_set: str, since: datetime | None) -> datetime | None:
     """The newest `LastModified` of `entity_set` after `since` (one request), or None."""
     options = [("$select", "LastModified"), ("$orderby", "LastModified desc"), ("$top", "1")]
     if since is not None:

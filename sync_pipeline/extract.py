@@ -168,7 +168,9 @@ def extract_unleashed_customers(
     # Ordered by creation: an edit made while we page does not shift the pages (it would with
     # LastModifiedOn), so no customer is skipped.
     result = client.list_customers(
-        modified_since=since, include_obsolete=True, include_all_contacts=True,
+        modified_since=since,
+        include_obsolete=True,
+        include_all_contacts=True,
         order_by="CreatedOn",
     )
     customers, contacts = [], []
@@ -217,9 +219,7 @@ def extract_unleashed_customers(
         parent_modified,
     )
     store.record_bad_records(con, result.bad)
-    store.resolve_bad_records(
-        con, "Unleashed", "GET /Customers/{page}", [r.id for r in customers]
-    )
+    store.resolve_bad_records(con, "Unleashed", "GET /Customers/{page}", [r.id for r in customers])
     high = max((r.modified for r in customers if r.modified), default=None)
     store.set_extract_state(
         con,

@@ -133,7 +133,9 @@ def test_conflict_follows_newest_policy_and_is_recorded(harness):
     assert len(conflicts) == 1
     row = conflicts.iloc[0]
     assert (row["crm_value"], row["erp_value"], row["winner"]) == (
-        "0161 000 1111", "0161 000 2222", "erp"
+        "0161 000 1111",
+        "0161 000 2222",
+        "erp",
     )
 
 
@@ -197,7 +199,9 @@ def test_account_manager_without_salesperson_is_rejected_then_clears(harness):
     h.cycle()
     pair = h.linked_company()
     user = _user_without_salesperson(h)
-    h.crm.patch("Divisions", pair["crm_id"], {"AccountManagerId": user["id"], "Phone": "0113 496 0000"})
+    h.crm.patch(
+        "Divisions", pair["crm_id"], {"AccountManagerId": user["id"], "Phone": "0113 496 0000"}
+    )
     h.push()
     after = _customer(h, pair["erp_id"])
     assert after["PhoneNumber"] == "0113 496 0000"  # the rest of the record still syncs
@@ -337,7 +341,8 @@ def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
     h.cycle()
     pair = h.linked_company()
     contact = h.unleashed.create_contact(
-        pair["erp_id"], {"FirstName": "Crash", "LastName": "Test", "EmailAddress": "crash@example.com"}
+        pair["erp_id"],
+        {"FirstName": "Crash", "LastName": "Test", "EmailAddress": "crash@example.com"},
     )
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0999"})
     # Plan, then die right after the API writes, before the baseline and audit are written.
@@ -478,7 +483,9 @@ def test_two_overlapping_runs_do_not_fail_on_the_duckdb_lock(harness, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", OVERLAP_SCRIPT, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for _ in range(2)
     ]
