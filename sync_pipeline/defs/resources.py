@@ -100,6 +100,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             base_url=dg.EnvVar("UNLEASHED_BASE_URL"),
             api_id=dg.EnvVar("UNLEASHED_API_ID"),
             api_key=dg.EnvVar("UNLEASHED_API_KEY"),
+            client_type=_env_or("UNLEASHED_CLIENT_TYPE", "acme/crmsync"),
         ),
         "duckdb": SyncDuckDB(database=_env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)),
         "sync_config": SyncConfigResource(
