@@ -109,10 +109,14 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
                 _print_failure(quiet)
                 return 1
             costs = _requests(emu)
+            by_endpoint = {**emu.stats("unleashed")["requests"], **emu.stats("crm")["requests"]}
+            writes = sum(n for k, n in by_endpoint.items() if not k.startswith("GET"))
+            most = max(by_endpoint.values(), default=0)
             print(
                 "  API requests: "
                 + ", ".join(f"{k} {v}" for k, v in costs.items())
-                + " (one per list endpoint; nothing written)"
+                + f" over {len(by_endpoint)} endpoints (at most {most} per endpoint); "
+                + ("nothing written" if writes == 0 else f"{writes} writes")
             )
     print(f"\nDuckDB file with snapshots, plan, outbox and audit log: {db}")
     return 0

@@ -196,11 +196,22 @@ def test_a_taken_port_is_reported_without_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_shows_what_both_servers_hold(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--companies", "12"]) == 0
+def test_demo_runs_a_cycle_and_prints_the_report(
+    capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    assert main(["demo", "--companies", "12", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"customers\s+12\b", out)
-    assert re.search(r"crm\s+divisions\s+\d+", out)
+    # First cycle: the initial sync pulls Unleashed's values and creates what Unleashed has new.
+    first = out.split("[2/3]")[0]
+    assert re.search(r"Unleashed → CRM: [1-9]\d* field update", first)
+    assert re.search(r"Companies created in the CRM \(standard import\): [1-9]", first)
+    # The live edits: the CRM phone reached Unleashed, the new Unleashed contact reached the CRM.
+    second = out.split("[2/3]")[1].split("[3/3]")[0]
+    assert "CRM → Unleashed: 1 field update(s)" in second
+    assert "'+44 113 496 0500'" in second
+    assert re.search(r"Contacts created in the CRM: [1-9]", second)
+    assert re.search(r"API requests: Unleashed \d+, CRM \d+", out)
+    assert "nothing written" in out.split("[3/3]")[1]
     assert LOCAL_UNLEASHED_API_KEY not in out  # the demo has no reason to print credentials
 
 
