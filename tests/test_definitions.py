@@ -1,0 +1,40 @@
+"""The code location loads, from Python and through workspace.yaml as `dagster dev` loads it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from sync_pipeline.definitions import defs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_definitions_are_loadable_and_complete():
+    dg.Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {
+        "crm/companies", "crm/contacts", "crm/users", "crm/sales_ledgers",
+        "unleashed/customers", "unleashed/contacts", "unleashed/salespersons",
+        "sync/links", "sync/plan", "sync/push_to_unleashed", "sync/pull_to_crm",
+        "sync/account_manager_fix", "crm/account_manager_candidates",
+    } <= keys  # fmt: skip
+    for job in ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job"):
+        defs.resolve_job_def(job)
+    sensor = defs.resolve_sensor_def("crm_change_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    for name in ("daytime_import_schedule", "overnight_account_manager_fix_schedule"):
+        assert defs.resolve_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_code_location_loads_from_workspace_yaml(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(tmp_path), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Validation successful for code location sync_pipeline" in result.stderr + result.stdout
