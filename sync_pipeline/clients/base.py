@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -174,6 +175,19 @@ class Pacer:
         if self._limiter is not None:
             self._limiter.try_acquire("api", blocking=True)
 
+    _shared: dict[tuple[str, tuple[tuple[int, float], ...]], Pacer] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, key: str, rates: list[tuple[int, float]]) -> Pacer:
+        """One pacer per API account and rate in this process: every client of the same account
+        (one per Dagster step) draws from the same window, as the server counts them."""
+        with cls._shared_lock:
+            ident = (key, tuple(rates))
+            if ident not in cls._shared:
+                cls._shared[ident] = cls(rates)
+            return cls._shared[ident]
+
 
 @dataclass
 class RequestStats:
@@ -200,6 +214,7 @@ class BaseClient:
         retry: RetrySettings | None = None,
         rates: list[tuple[int, float]] | None = None,
         transport: httpx.BaseTransport | None = None,
+        pacing_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
@@ -208,7 +223,9 @@ class BaseClient:
             headers={"Accept": "application/json"},
         )
         self._retrying = make_retrying(retry or RetrySettings(), self.system)
-        self._pacer = Pacer(rates or [])
+        # Clients of one account share a pacer (the server's window is per account, not per
+        # client); `pacing_key` names the account without holding a secret.
+        self._pacer = Pacer.shared(pacing_key or self.base_url, rates or [])
         self.stats = RequestStats()
 
     # -- to be provided by subclasses -------------------------------------------------------
