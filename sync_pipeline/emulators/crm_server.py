@@ -3,6 +3,14 @@ rate limit (sliding window), server paging, durable state and fault injection.
 
 Entity sets, keys and fields follow docs/architecture.md; every behaviour we had to guess is listed
 in the "Prospect CRM" section of docs/api-assumptions.md. Tests, the demo and development only.
+
+Admin endpoints (no auth, never faulted): `/_admin/faults`, `/_admin/stats`, `/_admin/reset`,
+`/_admin/seed`, `/_admin/tenant`, `/_admin/ratelimit`, and `PUT /_admin/raw/{EntitySet}/{key}`,
+which stores the JSON body as that record exactly as given, without any validation (so tests can
+plant what the API would never accept: wrong types, nulls, unknown fields, a malformed
+`LastModified`, a record without its key). The body replaces the whole record; `LastModified` is
+set to the next write time only when the body leaves it out. A stored timestamp that does not
+parse compares as the latest instant in `$filter` (see odata.py).
 """
 
 from __future__ import annotations
@@ -662,7 +670,33 @@ def create_app(
         rate.reset_counts()
         return JSONResponse(rate.snapshot())
 
+    async def put_raw(request: Request) -> JSONResponse:
+        entity = ENTITY_SETS.get(request.path_params["entity_set"])
+        if entity is None:
+            return odata_error(
+                404, "NotFound", f"no entity set {request.path_params['entity_set']}"
+            )
+        try:
+            body = await request.json()
+        except ValueError:
+            return odata_error(400, "BadRequest", "the request body is not valid JSON")
+        if not isinstance(body, dict):
+            return odata_error(400, "BadRequest", "the request body must be a JSON object")
+        raw_key = request.path_params["key"]
+        with state.store.lock:
+            if entity.timestamp and entity.timestamp not in body:
+                body[entity.timestamp] = state.next_timestamp()
+            state.store.put(entity.name, raw_key, body)
+            keys = [r[entity.key] for r in state.rows(entity.name) if _is_int(r.get(entity.key))]
+            keys += [int(raw_key)] if raw_key.isdigit() else []
+            # Records are never deleted, so the highest key is the counter: creations after a
+            # planted record never reuse its key.
+            state.store.set_counter(entity.name, max(keys, default=0))
+            state.version += 1
+        return JSONResponse(body)
+
     extra = [
+        Route("/_admin/raw/{entity_set}/{key}", put_raw, methods=["PUT"]),
         Route("/_admin/tenant", get_tenant, methods=["GET"]),
         Route("/_admin/tenant", put_tenant, methods=["PUT"]),
         Route("/_admin/ratelimit", get_rate, methods=["GET"]),
@@ -683,6 +717,10 @@ def create_app(
     app.state.faults = fault_state
     app.state.rate_limit = rate
     return app
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _base(request: Request) -> str:

@@ -150,6 +150,19 @@ def parse_timestamp(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# A stored timestamp that does not parse (planted through `/_admin/raw`) compares as the latest
+# instant: the server is taken to hold a recent value it serialises badly, so delta filters
+# (`LastModified gt ...`) keep returning the record instead of failing the whole listing.
+_UNPARSEABLE_TIMESTAMP = datetime.max.replace(tzinfo=UTC)
+
+
+def _stored_timestamp(value: Any) -> datetime | None:
+    try:
+        return parse_timestamp(value)
+    except (TypeError, ValueError):
+        return _UNPARSEABLE_TIMESTAMP
+
+
 def _literal_type(node: ast._Literal) -> str | None:
     return {
         ast.Integer: INT,
@@ -195,7 +208,7 @@ class _FilterCompiler:
         kind = self.model.path_type(self.entity, path, "$filter")
         model, entity = self.model, self.entity
         if kind == DATETIME:
-            return (lambda r: parse_timestamp(model.resolve(entity, r, path))), kind
+            return (lambda r: _stored_timestamp(model.resolve(entity, r, path))), kind
         if len(path) == 1:
             name = path[0]
             return (lambda r: r.get(name)), kind
