@@ -164,6 +164,15 @@ def _ms_or_zero(value: Any) -> int:
         return 0
 
 
+def _ms_or_latest(value: Any) -> int:
+    """For the modifiedSince filter: a malformed stored date (planted through /_admin) counts as
+    just modified, so delta listings keep returning the record rather than hiding it."""
+    try:
+        return parse_wire_ms(value)
+    except ValueError:
+        return 2**62
+
+
 def _bool_param(request: Request, name: str, default: bool) -> bool:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -526,7 +535,7 @@ class _Handlers:
             docs = [
                 d
                 for d in docs
-                if max(_ms_or_zero(d.get("LastModifiedOn")), _ms_or_zero(d.get("CreatedOn")))
+                if max(_ms_or_latest(d.get("LastModifiedOn")), _ms_or_zero(d.get("CreatedOn")))
                 >= since_ms
             ]
         if code_prefix:  # starts-with, case-insensitive (assumed)
