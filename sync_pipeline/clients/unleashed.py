@@ -36,6 +36,7 @@ from sync_pipeline.clients.records import BadRecord, ListResult
 log = logging.getLogger("sync_pipeline.clients.unleashed")
 
 MAX_PAGE_SIZE = 1000
+REQUIRED_CUSTOMER_FIELDS = ("CustomerCode", "CustomerName")
 CLIENT_TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
 _GUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -310,6 +311,13 @@ class UnleashedClient(BaseClient):
         customer, bad = self._parse(Customer, data, endpoint, "customer")
         if customer is None:
             return None, [bad] if bad else []
+        # Unleashed requires both (design §4.1): a customer without them is malformed, and
+        # syncing it would blank the CRM company's name or leave it without an account code.
+        missing = [f for f in REQUIRED_CUSTOMER_FIELDS if not (getattr(customer, f) or "").strip()]
+        if missing:
+            problems = "; ".join(f"{f}: is required (got {data.get(f)!r})" for f in missing)
+            reason = f"{_record_name('customer', raw)}: {problems}"
+            return None, [BadRecord(self.system, endpoint, customer.Guid, reason)]
         if contacts_raw is None:
             return customer, []
         if not isinstance(contacts_raw, list):
