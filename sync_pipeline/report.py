@@ -25,12 +25,20 @@ def _cell(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def md_table(rows: list[dict[str, Any]], columns: list[str], limit: int = 25) -> str:
+def md_table(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    limit: int = 25,
+    widths: dict[str, int] | None = None,
+) -> str:
+    """`widths` lets a column show more than the default 40 characters (e.g. a reason)."""
     if not rows:
         return "_none_"
+    widths = widths or {}
     head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
     body = "\n".join(
-        "| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows[:limit]
+        "| " + " | ".join(_cell(r.get(c), widths.get(c, 40)) for c in columns) + " |"
+        for r in rows[:limit]
     )
     more = f"\n\n_…and {len(rows) - limit} more_" if len(rows) > limit else ""
     return head + body + more
@@ -41,7 +49,8 @@ def bad_records_md(bad: Iterable[Any]) -> str:
         {"system": b.system, "endpoint": b.endpoint, "record": b.record_id, "reason": b.reason}
         for b in bad
     ]
-    return md_table(rows, ["system", "endpoint", "record", "reason"])
+    # The reason names the record, the field and why: cut it short and the operator cannot act.
+    return md_table(rows, ["system", "endpoint", "record", "reason"], widths={"reason": 500})
 
 
 def plan_md(plan: pd.DataFrame, limit: int = 25) -> str:
