@@ -12,16 +12,36 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import httpx
 from dagster_duckdb import DuckDBResource
 
 from sync_pipeline import store
 from sync_pipeline.clients.crm import CrmClient
-from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
 from sync_pipeline.settings import Settings, load_settings
 
 DEFAULT_DB = ".data/sync.duckdb"
 DEFAULT_MAPPINGS = str(Path(__file__).resolve().parents[2] / "mappings")
+
+
+class ResourceConfigError(ValueError):
+    """A connection setting that cannot work; the message names the environment variable."""
+
+
+def _check_url(value: str, variable: str) -> str:
+    url = httpx.URL(value) if value and " " not in value else None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ResourceConfigError(
+            f"{variable} must be an absolute http:// or https:// URL, got {value!r}"
+        )
+    return value
+
+
+def _check_secret(value: str, variable: str) -> str:
+    if not value or not value.strip():
+        raise ResourceConfigError(f"{variable} is empty: set it to the account's credential")
+    return value
 
 
 class CrmResource(dg.ConfigurableResource):
@@ -35,8 +55,8 @@ class CrmResource(dg.ConfigurableResource):
 
     def get_client(self) -> CrmClient:
         return CrmClient(
-            self.base_url,
-            self.token,
+            _check_url(self.base_url, "CRM_BASE_URL"),
+            _check_secret(self.token, "CRM_TOKEN"),
             timeout=self.timeout_s,
             rate_limit=self.rate_limit,
             rate_window_s=self.rate_window_s,
@@ -54,10 +74,14 @@ class UnleashedResource(dg.ConfigurableResource):
     timeout_s: float = 30
 
     def get_client(self) -> UnleashedClient:
+        api_id = _check_secret(self.api_id, "UNLEASHED_API_ID")
+        if not _GUID_RE.match(api_id.strip()):
+            # The id is treated as a secret too: say what is wrong, never echo it.
+            raise ResourceConfigError("UNLEASHED_API_ID must be the account's API id, a GUID")
         return UnleashedClient(
-            self.base_url,
-            self.api_id,
-            self.api_key,
+            _check_url(self.base_url, "UNLEASHED_BASE_URL"),
+            api_id.strip(),
+            _check_secret(self.api_key, "UNLEASHED_API_KEY"),
             self.client_type,
             timeout=self.timeout_s,
             requests_per_minute=self.requests_per_minute,
