@@ -20,7 +20,7 @@ EXPAND_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\(\$select=[A-Za-z_]\w*(,[A-Za-
 
 Direction = Literal["both", "crm_to_erp", "erp_to_crm"]
 Normaliser = Literal["text", "name", "phone", "email", "website", "exact"]
-Validator = Literal["unleashed_website", "email", "salesperson_exists"]
+Validator = Literal["unleashed_website", "email", "salesperson_exists", "unleashed_required"]
 Policy = Literal["newest", "crm", "erp"]
 MatchCompare = Literal["exact", "email", "text"]
 Option = Literal["account_manager_sync"]

@@ -75,6 +75,13 @@ def check_salesperson_exists(value: str, context: ValidationContext) -> str | No
     return None
 
 
+def check_unleashed_required(value: str) -> str | None:
+    """Unleashed requires the field (e.g. CustomerName) and refuses a blank one with HTTP 400."""
+    if value.strip() == "":
+        return "is required by Unleashed and cannot be empty"
+    return None
+
+
 def validate(name: str, value: str, context: ValidationContext | None = None) -> str | None:
     """Run the named validator on one value; returns a reason or None."""
     context = context or ValidationContext()
@@ -84,4 +91,6 @@ def validate(name: str, value: str, context: ValidationContext | None = None) ->
         return check_email(value)
     if name == "salesperson_exists":
         return check_salesperson_exists(value, context)
+    if name == "unleashed_required":
+        return check_unleashed_required(value)
     raise ValueError(f"unknown validator {name!r}")
