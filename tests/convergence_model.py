@@ -1,0 +1,326 @@
+"""Helpers for tests/test_convergence.py: the hypothesis profiles, one synced world per session
+(both local servers plus a DuckDB file after the first sync), the model of what each side should
+end up as, and the invariants checked at quiescence.
+
+Why a snapshot and not `POST /_admin/reset` + two cycles per example: those two initial cycles
+cost ~5 s, more than a whole example. The session resets both servers once, runs the two initial
+cycles, and keeps (a) every document both servers hold and (b) the DuckDB file. Each example then
+loads those documents back into the servers (in process, through the servers' own `load` /
+`replace_world`, which bump the CRM listing cache and never move a server clock back) and starts
+from a copy of the DuckDB file, a fresh settings file and a fresh ephemeral Dagster instance.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+
+# ------------------------------------------------------------------------------------------------
+# Profiles. They must exist before the hypothesis pytest plugin reads `--hypothesis-profile` (at
+# configure time, before any test module is imported), so the root conftest.py imports this module.
+# The CI profile is not called "default": that name is hypothesis' own default for every other
+# test in the suite, which must not inherit 200 stateful examples.
+# ------------------------------------------------------------------------------------------------
+CI_PROFILE = "convergence"
+SOAK_PROFILE = "soak"
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+settings.register_profile(
+    CI_PROFILE,
+    max_examples=200,
+    stateful_step_count=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_QUIET,
+)
+settings.register_profile(
+    SOAK_PROFILE,
+    max_examples=int(os.environ.get("CONVERGENCE_MAX_EXAMPLES", "3000")),
+    stateful_step_count=25,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_QUIET,
+)
+
+CI_WORLD = {"companies": 8, "seed": 11}
+SOAK_WORLD = {"companies": 20, "seed": 23}
+
+# ------------------------------------------------------------------------------------------------
+# Field table: canonical name -> (CRM field, Unleashed field, normaliser)
+# ------------------------------------------------------------------------------------------------
+COMPANY_FIELDS = {
+    "name": ("Name", "CustomerName", "name"),
+    "phone": ("Phone", "PhoneNumber", "phone"),
+    "website": ("Website", "Website", "website"),
+    "account_manager": ("AccountManagerId", "SalesPerson", "email"),
+}
+CONTACT_FIELDS = {
+    "first_name": ("Forename", "FirstName", "name"),
+    "last_name": ("Surname", "LastName", "name"),
+    "email": ("Email", "EmailAddress", "email"),
+    "phone": ("Phone", "PhoneNumber", "phone"),
+    "mobile": ("Mobile", "MobilePhone", "phone"),
+    "fax": ("Fax", "FaxNumber", "phone"),
+}
+FIELDS = {"company": COMPANY_FIELDS, "contact": CONTACT_FIELDS}
+
+
+def norm(entity: str, field_name: str, value: Any) -> str:
+    from sync_pipeline.mapping.normalise import normalise
+
+    return normalise(FIELDS[entity][field_name][2], None if value is None else str(value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Counters printed at session end (make soak)
+# ------------------------------------------------------------------------------------------------
+TOTALS: Counter[str] = Counter()
+
+
+def report() -> str:
+    keys = [
+        ("scenarios run", "scenarios"),
+        ("rule steps run", "steps"),
+        ("operations applied (edits, creations, deletions, obsoletes by the rules)", "operations"),
+        ("  of which refused by the API (not part of the model)", "refused"),
+        ("sync jobs run", "jobs"),
+        ("sync writes audited (audit rows)", "audit_rows"),
+        ("faults armed", "faults_armed"),
+        ("faults injected (server-side count)", "faults_injected"),
+        ("jobs failed under faults", "jobs_failed"),
+        ("crashes injected", "crashes"),
+        ("crashes recovered", "crashes_recovered"),
+        ("edits checked at quiescence", "edits_checked"),
+        ("conflicts recorded", "conflicts"),
+        ("open rejections at quiescence", "open_rejections"),
+        ("lost edits", "lost"),
+        ("duplicated contacts", "duplicated"),
+        ("divergent fields", "divergent"),
+        ("contacts POSTed to Unleashed by the sync", "sync_contact_posts"),
+        ("writes not in the audit log", "unaudited"),
+    ]
+    width = max(len(k) for k, _ in keys)
+    lines = ["", "convergence: " + ", ".join(f"{k}={TOTALS[k]}" for k in ("scenarios",))]
+    lines += [f"  {label:<{width}}  {TOTALS[key]}" for label, key in keys]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The synced world, once per session
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """A record the model follows. Either id may be unknown (contact created on one side)."""
+
+    entity: str
+    crm_id: int | None
+    erp_id: str | None
+    crm_parent: int | None = None
+    erp_parent: str | None = None
+    origin: str = "seed"  # seed | crm | erp
+    gone: str | None = None  # why it is no longer expected to be linked
+
+
+@dataclass
+class Baseline:
+    """What the session captured after the initial sync."""
+
+    crm_docs: dict[str, list[dict[str, Any]]]
+    erp_customers: list[dict[str, Any]]
+    erp_salespersons: list[dict[str, Any]]
+    db_file: Path
+    companies: list[Pair]
+    contacts: list[Pair]
+    users: list[dict[str, Any]]  # UserId, Email, Active, salesperson (bool)
+    salespersons: list[dict[str, Any]]  # Guid, Email, Obsolete, user (bool)
+    dup_email_groups: set[tuple[str, Any, str]] = field(default_factory=set)
+    counts: dict[str, int] = field(default_factory=dict)  # audit/conflict rows after capture
+
+
+def _servers(emu: Any) -> tuple[Any, Any]:
+    return emu._crm.app.state.crm, emu._unleashed.app.state.unleashed  # noqa: SLF001
+
+
+def capture(emu: Any, workdir: Path) -> Baseline:
+    """Reset both servers, run two sync cycles through Dagster, keep the result."""
+    import httpx
+
+    from tests.harness import Harness
+
+    for url in (emu.crm_url, emu.unleashed_url):
+        httpx.post(f"{url}/_admin/reset", timeout=30).raise_for_status()
+    h = Harness(emu, workdir)
+    try:
+        h.cycle()
+        h.cycle()
+        companies = [
+            Pair("company", int(r.crm_id), r.erp_id)
+            for r in h.query(
+                """SELECT l.crm_id, l.erp_id FROM company_links l
+                   JOIN crm_companies c ON c.id = l.crm_id AND c.active
+                   JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
+                   ORDER BY CAST(l.crm_id AS INT)"""
+            ).itertuples()
+        ]
+        linked = {p.erp_id for p in companies}
+        contacts = [
+            Pair("contact", int(r.crm_id), r.erp_id, int(r.crm_parent_id), r.erp_parent_id)
+            for r in h.query(
+                """SELECT l.* FROM contact_links l
+                   JOIN crm_contacts c ON c.id = l.crm_id AND c.active
+                   JOIN unleashed_contacts u ON u.id = l.erp_id AND u.active
+                   ORDER BY CAST(l.crm_id AS INT)"""
+            ).itertuples()
+            if r.erp_parent_id in linked
+        ]
+    finally:
+        h.close()
+    crm, erp = _servers(emu)
+    from sync_pipeline.emulators.crm_server import ENTITY_SETS
+
+    crm_docs = {name: copy.deepcopy(crm.rows(name)) for name in ENTITY_SETS}
+    customers = copy.deepcopy(erp.store.all("customers"))
+    salespersons = copy.deepcopy(erp.store.all("salespersons"))
+    sp_emails = {str(s["Email"]).lower() for s in salespersons if not s.get("Obsolete")}
+    user_emails = {str(u["Email"]).lower() for u in crm_docs["Users"] if u.get("Active")}
+    users = [
+        {**u, "salesperson": str(u["Email"]).lower() in sp_emails}
+        for u in crm_docs["Users"]
+        if u.get("Active")
+    ]
+    sps = [{**s, "user": str(s["Email"]).lower() in user_emails} for s in salespersons]
+    base = Baseline(
+        crm_docs, customers, salespersons, workdir / "sync.duckdb", companies, contacts, users, sps
+    )
+    base.dup_email_groups = duplicate_email_groups(crm_docs["Contacts"], customers)
+    base.counts = {
+        t: int(h.query(f"SELECT count(*) AS n FROM {t}").iloc[0]["n"])  # noqa: S608
+        for t in ("audit_log", "conflicts")
+    }
+    return base
+
+
+def restore(emu: Any, base: Baseline) -> None:
+    """Put both servers back to the captured state; clear faults, counts and the CRM rate window."""
+    import httpx
+
+    crm, erp = _servers(emu)
+    crm.load(copy.deepcopy(base.crm_docs))
+    erp.replace_world(
+        {
+            "customers": copy.deepcopy(base.erp_customers),
+            "salespersons": copy.deepcopy(base.erp_salespersons),
+        }
+    )
+    for system in ("crm", "unleashed"):
+        emu.set_faults(system)
+        emu.reset_stats(system)
+    httpx.post(f"{emu.crm_url}/_admin/ratelimit/reset", timeout=10).raise_for_status()
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A scratch folder in memory when the machine has one: DuckDB checkpoints on every close
+    (19 connections per cycle), and on disk those fsyncs are half of a cycle's wall time."""
+    shm = Path("/dev/shm")  # noqa: S108 - private mkdtemp folder
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=shm if shm.is_dir() else None))
+
+
+def reset_workdir(base: Baseline, work: Path) -> None:
+    """The DuckDB file as the initial sync left it; nothing else from an earlier example."""
+    for old in work.glob("sync.duckdb*"):
+        old.unlink()
+    shutil.copy(base.db_file, work / "sync.duckdb")
+    wal = base.db_file.with_name(base.db_file.name + ".wal")
+    if wal.exists():
+        shutil.copy(wal, work / wal.name)
+
+
+def one_certificate_bundle(folder: Path) -> Path:
+    """A CA bundle holding one certificate. httpx builds an SSL context for every client, even
+    for http:// URLs, and loading certifi's whole bundle costs ~45 ms a client (9 per cycle).
+    The local servers speak plain http, so the bundle's content never matters here."""
+    import certifi
+
+    pem = Path(certifi.where()).read_text()
+    end = "-----END CERTIFICATE-----"
+    path = folder / "one-ca.pem"
+    path.write_text(pem[: pem.index(end) + len(end)] + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Live state (read from the servers' stores directly: no HTTP, no faults, no rate limit)
+# ------------------------------------------------------------------------------------------------
+def live(emu: Any) -> dict[str, Any]:
+    crm, erp = _servers(emu)
+    users = {u["UserId"]: u for u in crm.rows("Users")}
+    customers = {c["Guid"]: c for c in erp.store.all("customers")}
+    contacts = {}
+    for c in customers.values():
+        for k in c.get("Contacts") or []:
+            contacts[k["Guid"]] = {**k, "_customer": c["Guid"]}
+    return {
+        "divisions": {d["DivisionId"]: d for d in crm.rows("Divisions")},
+        "crm_contacts": {c["ContactId"]: c for c in crm.rows("Contacts")},
+        "users": users,
+        "customers": customers,
+        "erp_contacts": contacts,
+    }
+
+
+def crm_value(state: dict[str, Any], entity: str, crm_id: int, field_name: str) -> Any:
+    if entity == "company":
+        record = state["divisions"].get(crm_id) or {}
+        if field_name == "account_manager":
+            user = state["users"].get(record.get("AccountManagerId"))
+            return user.get("Email") if user else None
+        return record.get(COMPANY_FIELDS[field_name][0])
+    return (state["crm_contacts"].get(crm_id) or {}).get(CONTACT_FIELDS[field_name][0])
+
+
+def erp_value(state: dict[str, Any], entity: str, erp_id: str, field_name: str) -> Any:
+    if entity == "company":
+        record = state["customers"].get(erp_id) or {}
+        if field_name == "account_manager":
+            sp = record.get("SalesPerson") or record.get("Salesperson")
+            return sp.get("Email") if isinstance(sp, dict) else None
+        return record.get(COMPANY_FIELDS[field_name][1])
+    return (state["erp_contacts"].get(erp_id) or {}).get(CONTACT_FIELDS[field_name][1])
+
+
+def duplicate_email_groups(
+    crm_contacts: list[dict[str, Any]], customers: list[dict[str, Any]]
+) -> set[tuple[str, Any, str]]:
+    """(side, company, email) groups holding two or more active contacts with that email."""
+    groups: Counter[tuple[str, Any, str]] = Counter()
+    for c in crm_contacts:
+        email = norm("contact", "email", c.get("Email"))
+        if email and c.get("StatusFlag", "A") == "A":
+            groups[("crm", c.get("DivisionId"), email)] += 1
+    for cust in customers:
+        for k in cust.get("Contacts") or []:
+            email = norm("contact", "email", k.get("EmailAddress"))
+            if email:
+                groups[("erp", cust["Guid"], email)] += 1
+    return {g for g, n in groups.items() if n > 1}
+
+
+@dataclass
+class Edit:
+    seq: int
+    entity: str
+    pair: Pair
+    field: str
+    side: str  # crm | erp
+    value: Any
