@@ -24,11 +24,14 @@ from sync_pipeline.guards import two_way_refusal
 GUARD_RECHECK = timedelta(minutes=10)
 WATCHED_SETS = ("Divisions", "Contacts")
 
+# In process: the steps share the one-slot `duckdb` pool, so they run one after another anyway,
+# and a subprocess per step (the default executor) costs seconds each, which is most of a push.
 crm_push_job = dg.define_asset_job(
     "crm_push_job",
     selection=dg.AssetSelection.assets(*CRM_EXTRACTS, sync_links, sync_plan, push_to_unleashed),
     description="CRM changes to Unleashed, launched by the CRM change sensor within seconds.",
     tags={"sync/direction": "push"},
+    executor_def=dg.in_process_executor,
 )
 
 _cycle = dg.AssetSelection.assets(
