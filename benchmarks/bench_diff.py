@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ TARGET_SECONDS = 5.0
 TARGET_RSS_MB = 2560
 TARGET_RATIO = 2.0
 MEMORY_LIMIT = "1536MB"  # DuckDB buffer pool cap for the planner process
+THREADS = 2
 RUNS = 3
 
 
@@ -54,77 +56,77 @@ def _intl(expr: str) -> str:
 
 
 def generate(db: str, n: int) -> dict:
-    """Build the tables for n companies / 3n contacts; returns counts of what was edited."""
+    """Build the tables for n companies / 3n contacts as the product holds them after a cycle
+    that agreed on everything, then apply the edits the way an extract would (rows replaced,
+    derived columns marked stale). Returns counts of what was edited and timings."""
     import duckdb
 
-    from sync_pipeline import baseline, links
+    from sync_pipeline import baseline, derived, links, store
     from sync_pipeline.mapping import load_mappings
-    from sync_pipeline.mapping.projection import digest_expr
+    from sync_pipeline.mapping.projection import values_list_expr
 
     mappings = load_mappings(ROOT / "mappings")
     con = duckdb.connect(db)
     con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
     con.execute("SET preserve_insertion_order=false")
     t0 = time.perf_counter()
-    for t in ("crm_companies", "crm_users", "unleashed_customers", "unleashed_salespersons"):
-        con.execute(f"CREATE TABLE {t} (id VARCHAR, modified TIMESTAMP, active BOOLEAN, data JSON)")
-    for t in ("crm_contacts", "crm_sales_ledgers", "unleashed_contacts"):
-        con.execute(
-            f"CREATE TABLE {t} (id VARCHAR, parent_id VARCHAR, modified TIMESTAMP, "
-            "active BOOLEAN, data JSON)"
-        )
+    store.ensure_schema(con)  # the product's raw tables: id PRIMARY KEY, derived mark
+    cols = "id, modified, active, data, extracted_at"
+    pcols = "id, parent_id, modified, active, data, extracted_at"
+    ext = "TIMESTAMP '2026-01-01 00:10'"
     ts = "TIMESTAMP '2026-01-01' + to_seconds(i % 86400)"
     con.execute(
-        """INSERT INTO crm_users SELECT i::VARCHAR, TIMESTAMP '2026-01-01', true,
+        f"""INSERT INTO crm_users ({cols}) SELECT i::VARCHAR, TIMESTAMP '2026-01-01', true,
              json_object('UserId', i, 'Name', 'User ' || i, 'Email', 'rep' || i || '@example.com',
-                         'Active', true) FROM range(20) t(i)"""
+                         'Active', true), {ext} FROM range(20) t(i)"""
     )
     con.execute(
-        f"""INSERT INTO unleashed_salespersons SELECT {_guid("-i - 1")}, TIMESTAMP '2026-01-01',
-             true, json_object('Guid', {_guid("-i - 1")}, 'FullName', 'Rep ' || i,
-                               'Email', 'Rep' || i || '@Example.com', 'Obsolete', false)
-             FROM range(20) t(i)"""
+        f"""INSERT INTO unleashed_salespersons ({cols}) SELECT {_guid("-i - 1")},
+             TIMESTAMP '2026-01-01', true, json_object('Guid', {_guid("-i - 1")},
+             'FullName', 'Rep ' || i, 'Email', 'Rep' || i || '@Example.com', 'Obsolete', false),
+             {ext} FROM range(20) t(i)"""
     )
     con.execute(
-        f"""INSERT INTO crm_companies SELECT i::VARCHAR, {ts}, true, json_object(
+        f"""INSERT INTO crm_companies ({cols}) SELECT i::VARCHAR, {ts}, true, json_object(
               'DivisionId', i, 'CompanyId', i, 'Name', 'Company ' || i,
               'Phone', CASE WHEN i % 2 = 0 THEN {_intl("i")} ELSE {_phone("i")} END,
               'Website', 'c' || i || '.example.com/', 'AccountManagerId', i % 20,
               'AccountManager',
                   json_object('UserId', i % 20, 'Email', 'rep' || (i % 20) || '@example.com'),
-              'UnleashedGuid', NULL, 'StatusFlag', 'A', 'LastModified', '2026-01-01T00:00:00.000Z')
+              'UnleashedGuid', NULL, 'StatusFlag', 'A', 'LastModified', '2026-01-01T00:00:00.000Z'),
+              {ext} FROM range({n}) t(i)"""
+    )
+    con.execute(
+        f"""INSERT INTO crm_sales_ledgers ({pcols}) SELECT 'L' || i, i::VARCHAR, {ts}, true,
+              json_object('SalesLedgerId', i, 'DivisionId', i, 'AccountCode', 'C' || i), {ext}
             FROM range({n}) t(i)"""
     )
     con.execute(
-        f"""INSERT INTO crm_sales_ledgers SELECT 'L' || i, i::VARCHAR, {ts}, true,
-              json_object('SalesLedgerId', i, 'DivisionId', i, 'AccountCode', 'C' || i)
-            FROM range({n}) t(i)"""
-    )
-    con.execute(
-        f"""INSERT INTO unleashed_customers SELECT {_guid("i")}, {ts}, true, json_object(
+        f"""INSERT INTO unleashed_customers ({cols}) SELECT {_guid("i")}, {ts}, true, json_object(
               'Guid', {_guid("i")}, 'CustomerCode', 'C' || i, 'CustomerName', 'Company ' || i,
               'PhoneNumber', {_phone("i")}, 'Website', 'https://www.c' || i || '.example.com',
               'Obsolete', false, 'Currency', json_object('CurrencyCode', 'GBP'),
               'SalesPerson', json_object('Guid', {_guid("-(i % 20) - 1")},
-                  'FullName', 'Rep ' || (i % 20), 'Email', 'Rep' || (i % 20) || '@Example.com'))
-            FROM range({n}) t(i)"""
+                  'FullName', 'Rep ' || (i % 20), 'Email', 'Rep' || (i % 20) || '@Example.com')),
+              {ext} FROM range({n}) t(i)"""
     )
     con.execute(
-        f"""INSERT INTO crm_contacts SELECT j::VARCHAR, (j // 3)::VARCHAR, {ts.replace("i", "j")},
-              true, json_object('ContactId', j, 'DivisionId', j // 3, 'Title', '',
-              'Forename', 'First' || j, 'Surname', 'Last' || j,
+        f"""INSERT INTO crm_contacts ({pcols}) SELECT j::VARCHAR, (j // 3)::VARCHAR,
+              {ts.replace("i", "j")}, true, json_object('ContactId', j, 'DivisionId', j // 3,
+              'Title', '', 'Forename', 'First' || j, 'Surname', 'Last' || j,
               'Email', 'Person' || j || '@Example.com', 'Phone', {_phone("j + 7")},
               'Mobile', '07700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'), 'Fax', '',
-              'UnleashedGuid', NULL, 'StatusFlag', 'A')
+              'UnleashedGuid', NULL, 'StatusFlag', 'A'), {ext}
             FROM range({3 * n}) t(j)"""
     )
     con.execute(
-        f"""INSERT INTO unleashed_contacts SELECT {_guid("j + 100000000")}, {_guid("j // 3")},
-              {ts.replace("i", "j")}, true, json_object('Guid', {_guid("j + 100000000")},
+        f"""INSERT INTO unleashed_contacts ({pcols}) SELECT {_guid("j + 100000000")},
+              {_guid("j // 3")}, {ts.replace("i", "j")}, true,
+              json_object('Guid', {_guid("j + 100000000")},
               'FirstName', 'First' || j, 'LastName', 'Last' || j,
               'EmailAddress', 'person' || j || '@example.com', 'PhoneNumber', {_intl("j + 7")},
               'MobilePhone', '+44 7700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'),
-              'FaxNumber', '', 'OfficePhone', '')
+              'FaxNumber', '', 'OfficePhone', ''), {ext}
             FROM range({3 * n}) t(j)"""
     )
     links.ensure_schema(con)
@@ -139,38 +141,53 @@ def generate(db: str, n: int) -> dict:
             FROM range({3 * n}) t(j)"""
     )
     gen_raw = time.perf_counter() - t0
-    # Baseline and digests: the values both sides held when they last agreed (before edits).
+    # The first extract's refresh: digest and key columns of every row (product code path).
+    first = derived.refresh(con, mappings)
+    # Baseline and digests: the values both sides held when they last agreed (before edits),
+    # one JSON parse per record; the baseline digest equals each side's stored digest then.
+    t1 = time.perf_counter()
     for entity, m in mappings.items():
         lt = links.LINK_TABLES[entity]
-        for name, spec in m.fields.items():
-            con.execute(
-                f"""INSERT INTO sync_baseline
-                    SELECT '{entity}', l.erp_id, '{name}',
-                      coalesce(json_extract_string(c.data, '$.{spec.crm}'), ''),
-                      coalesce(json_extract_string(e.data, '$.{spec.erp}'), ''),
-                      TIMESTAMP '2026-01-01'
-                    FROM {lt} l JOIN {m.crm.table} c ON c.id = l.crm_id
-                    JOIN {m.erp.table} e ON e.id = l.erp_id"""
-            )
+        crm = values_list_expr([s.crm for s in m.fields.values()], "c")
+        erp = values_list_expr([s.erp for s in m.fields.values()], "e")
+        order = ", ".join(f"({i + 1}, '{f}')" for i, f in enumerate(m.fields))
+        con.execute(
+            f"""INSERT INTO sync_baseline
+                WITH v AS (SELECT l.erp_id, {crm} AS cv, {erp} AS ev
+                           FROM {lt} l JOIN {m.crm.table} c ON c.id = l.crm_id
+                           JOIN {m.erp.table} e ON e.id = l.erp_id)
+                SELECT '{entity}', v.erp_id, f.field, v.cv[f.pos], v.ev[f.pos],
+                       TIMESTAMP '2026-01-01'
+                FROM v CROSS JOIN (VALUES {order}) f(pos, field)"""
+        )
         con.execute(
             f"""INSERT INTO sync_baseline_digest
-                SELECT '{entity}', l.erp_id, {digest_expr(m, "crm", "c")},
-                       {digest_expr(m, "erp", "e")}
+                SELECT '{entity}', l.erp_id, c._digest, e._digest
                 FROM {lt} l JOIN {m.crm.table} c ON c.id = l.crm_id
                 JOIN {m.erp.table} e ON e.id = l.erp_id"""
         )
-    gen_base = time.perf_counter() - t0 - gen_raw
+    gen_base = time.perf_counter() - t1
+    con.execute("CHECKPOINT")
     edits = _edit(con, mappings, n)
     con.execute("CHECKPOINT")
     con.close()
     edits["generate_seconds"] = round(time.perf_counter() - t0, 1)
     edits["generate_raw_seconds"] = round(gen_raw, 1)
+    edits["first_refresh_seconds"] = round(first.seconds, 1)
+    edits["first_refresh_rows"] = first.total
     edits["generate_baseline_seconds"] = round(gen_base, 1)
     return edits
 
 
+# What store.upsert_snapshot does to a row it replaces: its derived columns are stale.
+STALE = "_derived_mod = NULL"
+
+
 def _edit(con, mappings, n: int) -> dict:
-    """About 1% of records edited on each side (one field each), plus conflicts and specials."""
+    """About 1% of records edited on each side (one field each), plus conflicts and specials.
+
+    Rows are changed the way an extract's upsert changes them (new data, derived columns marked
+    stale); `derived.refresh` then runs as part of each measured cycle."""
     from sync_pipeline.links import LINK_TABLES
 
     counts = {}
@@ -211,7 +228,7 @@ def _edit(con, mappings, n: int) -> dict:
             chosen = f"(hash(l.erp_id, {salt}) % 100 = 0 OR hash(l.erp_id) % 1000 = 7)"
             con.execute(
                 f"""UPDATE {table} t SET data = json_merge_patch(t.data, CASE {pick} {case} END),
-                        modified = t.modified + INTERVAL ({salt}) HOUR
+                        modified = t.modified + INTERVAL ({salt}) HOUR, {STALE}
                     FROM {lt} l WHERE t.id = l.{key} AND {chosen}"""
             )
             (k,) = con.execute(f"SELECT count(*) FROM {lt} l WHERE {chosen}").fetchall()[0]
@@ -219,25 +236,29 @@ def _edit(con, mappings, n: int) -> dict:
         # 0.05% invalid websites typed in the CRM (rejected), 0.05% formatting-only phone edits.
         if entity == "company":
             con.execute(
-                """UPDATE crm_companies SET data = json_merge_patch(data,
-                     json_object('Website', 'bad site ' || id)) WHERE hash(id, 'w') % 2000 = 0"""
+                f"""UPDATE crm_companies SET data = json_merge_patch(data,
+                     json_object('Website', 'bad site ' || id)), {STALE}
+                   WHERE hash(id, 'w') % 2000 = 0"""
             )
         phone_path = m.fields["phone"].crm
         con.execute(
             f"""UPDATE {m.crm.table} SET data = json_merge_patch(data, json_object('{phone_path}',
-                  replace(data->>'$.{phone_path}', ' ', '-'))) WHERE hash(id, 'f') % 2000 = 0"""
+                  replace(data->>'$.{phone_path}', ' ', '-'))), {STALE}
+                WHERE hash(id, 'f') % 2000 = 0"""
         )
     # New Unleashed records (0.1%): contacts under linked customers, and new customers.
     k = max(1, n // 1000)
     con.execute(
-        f"""INSERT INTO unleashed_contacts SELECT {_guid("j + 900000000")}, {_guid("j * 7")},
+        f"""INSERT INTO unleashed_contacts (id, parent_id, modified, active, data)
+              SELECT {_guid("j + 900000000")}, {_guid("j * 7")},
               TIMESTAMP '2026-01-02', true, json_object('Guid', {_guid("j + 900000000")},
               'FirstName', 'Newbie' || j, 'LastName', 'Fresh', 'EmailAddress',
               'newbie' || j || '@example.com', 'PhoneNumber', '', 'MobilePhone', '',
               'FaxNumber', '') FROM range({3 * k}) t(j)"""
     )
     con.execute(
-        f"""INSERT INTO unleashed_customers SELECT {_guid("i + 800000000")},
+        f"""INSERT INTO unleashed_customers (id, modified, active, data)
+              SELECT {_guid("i + 800000000")},
               TIMESTAMP '2026-01-02', true, json_object('Guid', {_guid("i + 800000000")},
               'CustomerCode', 'NEW' || i, 'CustomerName', 'New customer ' || i,
               'PhoneNumber', '', 'Website', '', 'Obsolete', false) FROM range({k}) t(i)"""
@@ -272,50 +293,72 @@ class PeakRss:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+JOIN_DESCRIPTION = (
+    "per entity: links JOIN crm ON id JOIN unleashed ON id LEFT JOIN sync_baseline_digest "
+    "ON (entity, erp_id), both sides active, reading the columns the plan's full-table pass "
+    "reads (ids, parent_id, modified, active, stored _digest, baseline digests)"
+)
+
+
 def bare_join_sql(mappings) -> list[str]:
+    """The bare DuckDB join of the same stored inputs the planner's full-table pass reads."""
     from sync_pipeline.links import LINK_TABLES
-    from sync_pipeline.mapping.projection import values_list_expr
 
     out = []
     for entity, m in mappings.items():
-        crm = values_list_expr([s.crm for s in m.fields.values()])
-        erp = values_list_expr([s.erp for s in m.fields.values()])
+        cp = "c.parent_id" if m.crm.parent_key else "NULL"
+        ep = "e.parent_id" if m.erp.parent_resource else "NULL"
         out.append(
-            f"""SELECT count(*), sum(hash(c.v, e.v, d.crm_digest, d.erp_digest))
+            f"""SELECT count(*), sum(hash(l.crm_id, {cp}, c.modified, c._digest, {ep},
+                                          e.modified, e._digest, d.crm_digest, d.erp_digest))
                 FROM {LINK_TABLES[entity]} l
-                JOIN (SELECT id, {crm} AS v FROM {m.crm.table}) c ON c.id = l.crm_id
-                JOIN (SELECT id, {erp} AS v FROM {m.erp.table}) e ON e.id = l.erp_id
-                LEFT JOIN sync_baseline_digest d ON d.entity = '{entity}' AND d.erp_id = l.erp_id"""
+                JOIN {m.crm.table} c ON c.id = l.crm_id
+                JOIN {m.erp.table} e ON e.id = l.erp_id
+                LEFT JOIN sync_baseline_digest d ON d.entity = '{entity}' AND d.erp_id = l.erp_id
+                WHERE c.active AND e.active"""
         )
     return out
 
 
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(db: str, what: str) -> dict:
-    """Run once in this (fresh) process: 'plan' or 'join'."""
+    """Run once in this (fresh) process: 'refresh' (the derived columns of the rows the
+    extract changed), 'plan' or 'join'."""
     import duckdb
 
+    from sync_pipeline import derived
     from sync_pipeline.diff import plan_changes
     from sync_pipeline.mapping import load_mappings
 
     mappings = load_mappings(ROOT / "mappings")
     con = duckdb.connect(db)
     con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
+    con.execute(f"SET threads={THREADS}")
+    ops, conflicts = {}, 0
     with PeakRss() as rss:
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu(), time.perf_counter()
         if what == "plan":
             plan = plan_changes(con, mappings)
             rows = len(plan)
             ops = {k: int(v) for k, v in plan["op"].value_counts().items()}
             conflicts = int(plan["conflict"].sum())
+        elif what == "refresh":
+            rows = derived.refresh(con, mappings).total
         else:
             rows = 0
             for sql in bare_join_sql(mappings):
                 rows += con.execute(sql).fetchall()[0][0]
-            ops, conflicts = {}, 0
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu() - cpu0
     con.close()
     return {
         "seconds": seconds,
+        "cpu": cpu,
         "rss_mb": rss.peak / 2**20,
         "rows": rows,
         "ops": ops,
@@ -330,27 +373,39 @@ def _child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def run_size(n: int, workdir: Path) -> dict:
     base = workdir / f"bench_{n}.duckdb"
-    print(f"\n== {n:,} companies / {3 * n:,} contacts: generating …", flush=True)
+    print(f"\n== {n:,} companies / {3 * n:,} contacts: generating … (load {_load()})", flush=True)
     info = _child("--generate", str(base), str(n))
     print(
-        f"   generated in {info['generate_seconds']} s "
-        f"(raw {info['generate_raw_seconds']} s, baseline {info['generate_baseline_seconds']} s); "
-        f"edits: {json.dumps({k: v for k, v in info.items() if not k.startswith('generate')})}",
+        f"   generated in {info['generate_seconds']} s (raw {info['generate_raw_seconds']} s, "
+        f"first derived refresh {info['first_refresh_seconds']} s for "
+        f"{info['first_refresh_rows']:,} rows, baseline {info['generate_baseline_seconds']} s); "
+        "edits: "
+        + json.dumps({k: v for k, v in info.items() if not k.startswith(("generate", "first"))}),
         flush=True,
     )
-    plans, joins = [], []
+    plans, joins, refreshes, loads = [], [], [], []
     for i in range(RUNS):
+        # One sync cycle on a fresh copy: the extract's refresh of the derived columns of the
+        # rows it changed, then the plan. The bare join reads the refreshed tables.
         copy = workdir / f"run_{n}.duckdb"
         shutil.copyfile(base, copy)
+        loads.append(_load())
+        refreshes.append(_child("--measure", str(copy), "refresh"))
+        joins.append(_child("--measure", str(copy), "join"))
         plans.append(_child("--measure", str(copy), "plan"))
         copy.unlink()
-        joins.append(_child("--measure", str(base), "join"))
         print(
-            f"   run {i + 1}: plan {plans[-1]['seconds']:.2f} s, "
-            f"{plans[-1]['rss_mb']:.0f} MB, {plans[-1]['rows']:,} rows; "
-            f"bare join {joins[-1]['seconds']:.2f} s",
+            f"   run {i + 1} (load {loads[-1]}): refresh {refreshes[-1]['seconds']:.2f} s "
+            f"({refreshes[-1]['rows']:,} rows); plan {plans[-1]['seconds']:.2f} s "
+            f"(cpu {plans[-1]['cpu']:.2f} s), {plans[-1]['rss_mb']:.0f} MB, "
+            f"{plans[-1]['rows']:,} rows; bare join {joins[-1]['seconds']:.2f} s "
+            f"(cpu {joins[-1]['cpu']:.2f} s)",
             flush=True,
         )
     base.unlink()
@@ -359,12 +414,18 @@ def run_size(n: int, workdir: Path) -> dict:
     return {
         "n": n,
         "plan_s": plan_s,
+        "plan_cpu": statistics.median(p["cpu"] for p in plans),
         "join_s": join_s,
+        "join_cpu": statistics.median(j["cpu"] for j in joins),
         "ratio": plan_s / join_s,
         "rss_mb": max(p["rss_mb"] for p in plans),
         "rows": plans[-1]["rows"],
         "ops": plans[-1]["ops"],
         "conflicts": plans[-1]["conflicts"],
+        "refresh_s": statistics.median(r["seconds"] for r in refreshes),
+        "refresh_rows": refreshes[-1]["rows"],
+        "refresh_rss_mb": max(r["rss_mb"] for r in refreshes),
+        "loads": loads,
     }
 
 
@@ -385,21 +446,27 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     results = [run_size(n, workdir) for n in args.sizes]
     print(
-        "\nthree-way diff (plan_changes), median of",
-        RUNS,
-        "runs; DuckDB memory_limit",
-        MEMORY_LIMIT,
+        f"\nthree-way diff (plan_changes), median of {RUNS} runs; DuckDB memory_limit "
+        f"{MEMORY_LIMIT}, threads {THREADS}; load average now {_load()}"
+    )
+    print(f"bare join = {JOIN_DESCRIPTION}")
+    print(
+        "refresh = derived.refresh after the extract's upserts (digest and match-key columns of "
+        "the changed rows); part of each cycle, paid in the extract assets, not in the plan"
     )
     header = (
-        f"{'companies':>10} {'contacts':>10} {'plan s':>7} {'join s':>7} {'ratio':>6} "
-        f"{'peak RSS MB':>11} {'rows planned':>12} {'conflicts':>9}"
+        f"{'companies':>10} {'contacts':>10} {'plan s':>7} {'cpu s':>6} {'join s':>7} "
+        f"{'cpu s':>6} {'ratio':>6} {'peak RSS MB':>11} {'rows planned':>12} {'conflicts':>9} "
+        f"{'refresh s':>9} {'refreshed':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
-            f"{r['n']:>10,} {3 * r['n']:>10,} {r['plan_s']:>7.2f} {r['join_s']:>7.2f} "
-            f"{r['ratio']:>6.2f} {r['rss_mb']:>11.0f} {r['rows']:>12,} {r['conflicts']:>9,}"
+            f"{r['n']:>10,} {3 * r['n']:>10,} {r['plan_s']:>7.2f} {r['plan_cpu']:>6.2f} "
+            f"{r['join_s']:>7.2f} {r['join_cpu']:>6.2f} {r['ratio']:>6.2f} {r['rss_mb']:>11.0f} "
+            f"{r['rows']:>12,} {r['conflicts']:>9,} {r['refresh_s']:>9.2f} "
+            f"{r['refresh_rows']:>9,}"
         )
     for r in results:
         print(f"ops at {r['n']:,}: {r['ops']}")

@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import baseline
+from sync_pipeline import baseline, derived
 from sync_pipeline.mapping.projection import ident, value_expr
 from sync_pipeline.mapping.schema import EntityMapping, MatchKey
 
@@ -92,36 +92,45 @@ def _empty_key(paths: list[str]) -> str:
     return "" if len(paths) == 1 else chr(31) * (len(paths) - 1)
 
 
+def key_expr(key: MatchKey, side: str) -> str:
+    """The key value of one raw row (its `data`) as it is compared, NULL when empty. Stored in
+    the derived column `_key_<name>` of the table the key reads (see derived.py)."""
+    paths = key.crm if side == "crm" else key.erp
+    empty = _empty_key(paths).replace("'", "''")
+    return f"nullif({_key_sql(paths, key.compare, '')}, '{empty}')"
+
+
 def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
-    """crm_id, crm_parent_id, key_value for every CRM record carrying a non-empty key."""
+    """crm_id, crm_parent_id, key_value for every CRM record carrying a non-empty key.
+
+    Reads the derived key columns: call `derived.refresh` first."""
     crm_table = ident(mapping.crm.table)
     parent = "r.parent_id" if mapping.crm.parent_key else "CAST(NULL AS VARCHAR)"
     active = "AND r.active" if active_only else ""
-    empty = _empty_key(key.crm).replace("'", "''")
+    col = ident(derived.key_column(key.name))
     if key.crm_table:
         # e.g. the sales ledger: its parent_id is the company (Division) id.
-        expr = _key_sql(key.crm, key.compare, "t")
         return (
-            f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, {expr} AS key_value "
+            f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, t.{col} AS key_value "
             f"FROM {ident(key.crm_table)} t JOIN {crm_table} r ON r.id = t.parent_id {active} "
-            f"WHERE t.active AND {expr} <> '{empty}'"
+            f"WHERE t.active AND t.{col} IS NOT NULL"
         )
-    expr = _key_sql(key.crm, key.compare, "r")
     return (
-        f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, {expr} AS key_value "
-        f"FROM {crm_table} r WHERE {expr} <> '{empty}' {active}"
+        f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, r.{col} AS key_value "
+        f"FROM {crm_table} r WHERE r.{col} IS NOT NULL {active}"
     )
 
 
 def erp_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
-    """erp_id, erp_parent_id, key_value for every Unleashed record carrying a non-empty key."""
+    """erp_id, erp_parent_id, key_value for every Unleashed record carrying a non-empty key.
+
+    Reads the derived key columns: call `derived.refresh` first."""
     parent = "r.parent_id" if mapping.erp.parent_resource else "CAST(NULL AS VARCHAR)"
-    expr = _key_sql(key.erp, key.compare, "r")
+    col = ident(derived.key_column(key.name))
     active = "AND r.active" if active_only else ""
-    empty = _empty_key(key.erp).replace("'", "''")
     return (
-        f"SELECT r.id AS erp_id, {parent} AS erp_parent_id, {expr} AS key_value "
-        f"FROM {ident(mapping.erp.table)} r WHERE {expr} <> '{empty}' {active}"
+        f"SELECT r.id AS erp_id, {parent} AS erp_parent_id, r.{col} AS key_value "
+        f"FROM {ident(mapping.erp.table)} r WHERE r.{col} IS NOT NULL {active}"
     )
 
 
@@ -260,6 +269,7 @@ def update_links(
     Companies are linked before contacts (contacts pair only within linked companies)."""
     ensure_schema(con)
     baseline.ensure_schema(con)
+    derived.refresh(con, mappings)  # the match keys are read from derived columns
     result = LinkResult()
     unlinked, ambiguous = [], []
     for entity in ("company", "contact"):

@@ -105,9 +105,16 @@ def to_naive_utc(value: datetime | None) -> datetime | None:
     return value
 
 
+# Raw snapshot rows carry derived columns (digest, match keys) computed from `data` by
+# sync_pipeline.derived; this mark says they are up to date, and every upsert clears it.
+DERIVED_MARK = "_derived_mod"
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     for ddl in SCHEMA:
         con.execute(ddl)
+    for table in RAW_TABLES:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
 
 
 @contextmanager
@@ -198,6 +205,7 @@ def upsert_snapshot(
                        OR i.active <> t.active))"""
         ).fetchone()[0]
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        updates += f", {DERIVED_MARK} = NULL"  # derived.refresh recomputes the row
         con.execute(
             f"""INSERT INTO {table} ({", ".join(cols)})
                 SELECT {", ".join(cols)} FROM _incoming

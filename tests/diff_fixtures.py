@@ -62,12 +62,13 @@ class World:
         self.con.execute(f"DELETE FROM {table} WHERE id = ?", [id_])
         if RAW_TABLES[table]:
             self.con.execute(
-                f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)",
+                f"INSERT INTO {table} (id, parent_id, modified, active, data) "
+                "VALUES (?, ?, ?, ?, ?)",
                 [id_, parent, modified, active, json.dumps(data)],
             )
         else:
             self.con.execute(
-                f"INSERT INTO {table} VALUES (?, ?, ?, ?)",
+                f"INSERT INTO {table} (id, modified, active, data) VALUES (?, ?, ?, ?)",
                 [id_, modified, active, json.dumps(data)],
             )
 

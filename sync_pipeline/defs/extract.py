@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from sync_pipeline import extract
+from sync_pipeline import derived, extract
 from sync_pipeline.defs.resources import (
     CrmResource,
     SyncConfigResource,
@@ -20,6 +20,14 @@ IMPORT_PARTITIONS = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00",
 
 class ExtractConfig(dg.Config):
     full_refresh: bool = False
+
+
+def _derived_metadata(refreshed: derived.RefreshStats) -> dict[str, float | int]:
+    """Digest and match-key columns recomputed for the rows just written (see derived.py)."""
+    return {
+        "derived_rows_refreshed": refreshed.total,
+        "derived_refresh_seconds": round(refreshed.seconds, 3),
+    }
 
 
 def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
@@ -45,9 +53,11 @@ def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
                 con, client, source, full_refresh=config.full_refresh,
                 overlap=timedelta(seconds=settings.extract_overlap_seconds),
             )  # fmt: skip
+            refreshed = derived.refresh(con, mappings, tables=[source.table])
         return dg.MaterializeResult(
             metadata={
                 **stats.metadata(),
+                **_derived_metadata(refreshed),
                 "bad_records_preview": dg.MetadataValue.md(bad_records_md(stats.bad)),
             }
         )
@@ -97,7 +107,10 @@ def unleashed_customers(
             full_refresh=config.full_refresh,
             overlap=timedelta(seconds=settings.extract_overlap_seconds),
         )  # fmt: skip
-    meta = stats.metadata()
+        refreshed = derived.refresh(
+            con, sync_config.mappings(), tables=["unleashed_customers", "unleashed_contacts"]
+        )
+    meta = {**stats.metadata(), **_derived_metadata(refreshed)}
     yield dg.MaterializeResult(
         asset_key=["unleashed", "customers"],
         metadata={

@@ -1,0 +1,144 @@
+"""Derived columns on the raw snapshot tables, computed once when a row changes.
+
+The planner compares every linked record on every pass. Parsing the JSON `data` of millions of
+rows each time is what made that slow, so what it needs from `data` is kept next to it:
+
+- `_digest UBIGINT` (the CRM and Unleashed table of each mapped entity): 64-bit hash of the
+  record's mapped raw values in mapping order (`projection.digest_expr`), the same hash the
+  baseline digest is built with, so "did this side move since the last agreement?" is one integer
+  comparison (see baseline.py).
+- `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_sales_ledgers._key_account_code`):
+  the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
+  matching join on these instead of extracting keys from every row.
+- `_derived_mod TIMESTAMP`: the row's `modified` when the columns above were computed; NULL means
+  "to do". `store.upsert_snapshot` sets it NULL whenever it writes a row, and a row whose `modified`
+  no longer equals it (a writer that bypassed the upsert) is recomputed too.
+
+`refresh` brings them up to date with one `UPDATE ... WHERE` stale per table. The extract assets
+call it right after each upsert (so the cost is paid once per changed row, at extract time), and
+the planner and link matching call it again first (a scan of two timestamp columns when nothing
+is stale). The column set and SQL are fingerprinted per table in `derived_state`: when a mapping
+changes (a field added, a path or key changed), every row of that table is recomputed.
+
+The columns are added with `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`, so no schema migration is
+needed; writers must name their columns on insert (store.upsert_snapshot does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import duckdb
+
+from sync_pipeline.mapping.projection import digest_expr, ident
+from sync_pipeline.mapping.schema import EntityMapping
+
+MARK = "_derived_mod"
+DIGEST = "_digest"
+STATE_DDL = """CREATE TABLE IF NOT EXISTS derived_state (
+    table_name VARCHAR PRIMARY KEY, fingerprint VARCHAR, refreshed_at TIMESTAMP
+)"""
+# NULL `modified` is stored as -infinity in the mark so that "computed" and "stale" stay distinct.
+_MOD = "coalesce(modified, '-infinity'::TIMESTAMP)"
+
+
+def key_column(key_name: str) -> str:
+    return f"_key_{key_name}"
+
+
+def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[str, str]]]:
+    """table -> {column: (type, SQL expression over the row's `data`)} for every raw table the
+    mappings read through a digest or a match key."""
+    from sync_pipeline.links import key_expr  # links imports this module
+
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def add(table: str, col: str, typ: str, expr: str) -> None:
+        cols = out.setdefault(table, {})
+        if col in cols and cols[col] != (typ, expr):
+            raise ValueError(f"derived column {table}.{col} is defined two different ways")
+        cols[col] = (typ, expr)
+
+    for mapping in mappings.values():
+        add(mapping.crm.table, DIGEST, "UBIGINT", digest_expr(mapping, "crm"))
+        add(mapping.erp.table, DIGEST, "UBIGINT", digest_expr(mapping, "erp"))
+        for key in mapping.match.keys:
+            crm_table = key.crm_table or mapping.crm.table
+            add(crm_table, key_column(key.name), "VARCHAR", key_expr(key, "crm"))
+            add(mapping.erp.table, key_column(key.name), "VARCHAR", key_expr(key, "erp"))
+    return out
+
+
+def _fingerprint(cols: Mapping[str, tuple[str, str]]) -> str:
+    text = json.dumps(sorted((c, t, e) for c, (t, e) in cols.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class RefreshStats:
+    """Rows recomputed per table, and the wall time the refresh took."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    rebuilt: list[str] = field(default_factory=list)  # tables recomputed in full (new mapping)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+def _exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary", [table]
+        ).fetchone()[0]
+    )
+
+
+def refresh(
+    con: duckdb.DuckDBPyConnection,
+    mappings: Mapping[str, EntityMapping],
+    tables: Iterable[str] | None = None,
+) -> RefreshStats:
+    """Recompute the derived columns of rows that changed since they were last computed.
+
+    `tables` limits the work to those raw tables (e.g. the ones an extract just wrote); tables
+    that do not exist yet are skipped."""
+    t0 = time.perf_counter()
+    stats = RefreshStats()
+    wanted = columns(mappings)
+    only = None if tables is None else set(tables)
+    con.execute(STATE_DDL)
+    for table, cols in wanted.items():
+        if only is not None and table not in only:
+            continue
+        if not _exists(con, table):
+            continue
+        t = ident(table)
+        for col, (typ, _) in {**cols, MARK: ("TIMESTAMP", "")}.items():
+            con.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {ident(col)} {typ}")
+        fp = _fingerprint(cols)
+        row = con.execute(
+            "SELECT fingerprint FROM derived_state WHERE table_name = ?", [table]
+        ).fetchone()
+        if row is None or row[0] != fp:
+            con.execute(f"UPDATE {t} SET {MARK} = NULL")
+            stats.rebuilt.append(table)
+        sets = ", ".join(f"{ident(c)} = {expr}" for c, (_, expr) in cols.items())
+        (n,) = con.execute(
+            f"""UPDATE {t} SET {sets}, {MARK} = {_MOD}
+                WHERE {MARK} IS NULL OR {MARK} <> {_MOD}"""
+        ).fetchone()
+        stats.rows[table] = int(n)
+        con.execute(
+            """INSERT INTO derived_state VALUES (?, ?, now()::TIMESTAMP)
+               ON CONFLICT (table_name) DO UPDATE
+               SET fingerprint = excluded.fingerprint, refreshed_at = excluded.refreshed_at""",
+            [table, fp],
+        )
+    stats.seconds = time.perf_counter() - t0
+    return stats
