@@ -1,0 +1,469 @@
+"""Bad input: malformed records planted at either source, broken mapping and settings files, and
+missing or malformed environment variables. Each is checked through a Dagster run, as an operator
+would meet it: the report names the record (or file, or variable), the field and the reason, the
+other records keep syncing, and a fixed record syncs on the next cycle."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import httpx
+import pytest
+
+from sync_pipeline.defs import build_defs
+from sync_pipeline.defs.resources import DEFAULT_MAPPINGS, default_resources
+from sync_pipeline.settings import SettingsError, load_settings
+from tests.harness import Harness, current_partition
+
+LONG = "L" * 100_000
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _plant_customer(h: Harness, guid: str, **fields: Any) -> dict[str, Any]:
+    """Force-write top-level fields of an Unleashed customer (no validation)."""
+    response = httpx.put(f"{h.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _raw_customer(h: Harness, guid: str) -> dict[str, Any]:
+    response = httpx.get(f"{h.emu.unleashed_url}/_admin/customers/{guid}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _plant_crm(h: Harness, entity_set: str, key: int, record: dict[str, Any]) -> None:
+    """Store a CRM record exactly as given (no validation)."""
+    response = httpx.put(f"{h.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30)
+    response.raise_for_status()
+
+
+def _two_pairs(h: Harness) -> tuple[dict[str, Any], dict[str, Any]]:
+    frame = h.query(
+        """SELECT l.crm_id, l.erp_id FROM company_links l
+           JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
+           JOIN crm_companies c ON c.id = l.crm_id AND c.active
+           ORDER BY l.crm_id LIMIT 2"""
+    )
+    return tuple({"crm_id": int(r["crm_id"]), "erp_id": r["erp_id"]} for _, r in frame.iterrows())
+
+
+def _open_bad(h: Harness, system: str, record_id: str) -> list[str]:
+    rows = h.query(
+        "SELECT reason FROM bad_records WHERE system = ? AND record_id = ? AND resolved_at IS NULL",
+        [system, record_id],
+    )
+    return list(rows["reason"])
+
+
+def _all_bad(h: Harness, system: str, record_id: str):
+    return h.query(
+        "SELECT reason, resolved_at FROM bad_records WHERE system = ? AND record_id = ?",
+        [system, record_id],
+    )
+
+
+def _failure_messages(result) -> str:
+    """Every failure message of a run with its causes, as the Dagster UI shows them."""
+    parts = []
+    for event in result.all_events:
+        if event.is_failure:
+            parts.append(event.message or "")
+            error = getattr(event.event_specific_data, "error", None)
+            while error is not None:
+                parts.append(error.message)
+                error = error.cause or error.context
+    return "\n".join(parts)
+
+
+def _run_failing(h: Harness, job: str = "sync_cycle_job"):
+    result = h.defs.resolve_job_def(job).execute_in_process(
+        instance=h.instance,
+        partition_key=current_partition() if job != "crm_push_job" else None,
+        raise_on_error=False,
+    )
+    assert not result.success
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Malformed Unleashed customers
+# ------------------------------------------------------------------------------------------------
+UNLEASHED_CASES = [
+    # (field, bad value, words the reason must carry)
+    ("LastModifiedOn", "/Date(yesterday)/", ["LastModifiedOn", "/Date(yesterday)/"]),
+    ("CreatedOn", "2026-11-26T05:26:07Z", ["CreatedOn", "2026-11-26T05:26:07Z"]),
+    ("CustomerName", 12345, ["CustomerName", "12345"]),
+    ("Obsolete", "maybe", ["Obsolete", "maybe"]),
+    ("SalesPerson", "Bob Smith", ["SalesPerson", "Bob Smith"]),
+    ("CustomerName", None, ["CustomerName"]),
+    ("CustomerCode", None, ["CustomerCode"]),
+]
+
+
+@pytest.mark.parametrize(
+    "field, bad, words", UNLEASHED_CASES, ids=[f"{c[0]}={c[1]!r}" for c in UNLEASHED_CASES]
+)
+def test_malformed_unleashed_customer_is_set_aside_others_sync_and_fix_syncs(
+    harness, field, bad, words
+):
+    h = harness
+    h.cycle()
+    bad_pair, good_pair = _two_pairs(h)
+    original = _raw_customer(h, bad_pair["erp_id"])
+    crm_name_before = h.crm.get("Divisions", bad_pair["crm_id"])["Name"]
+    _plant_customer(h, bad_pair["erp_id"], **{field: bad, "CustomerName": "Must Not Travel"})
+    if field == "CustomerName":
+        _plant_customer(h, bad_pair["erp_id"], CustomerName=bad)
+    h.unleashed.update_customer(good_pair["erp_id"], {"CustomerName": "Good Neighbour Ltd"})
+
+    result = h.cycle()
+
+    # The other record synced in the same cycle.
+    assert h.crm.get("Divisions", good_pair["crm_id"])["Name"] == "Good Neighbour Ltd"
+    # The bad one did not travel, and is reported by record, field and reason.
+    assert h.crm.get("Divisions", bad_pair["crm_id"])["Name"] == crm_name_before
+    reasons = _open_bad(h, "Unleashed", bad_pair["erp_id"])
+    assert len(reasons) == 1, reasons
+    for word in words:
+        assert word in reasons[0], reasons[0]
+    meta = h.materialization_metadata(result, ["unleashed", "customers"])
+    assert meta["bad_records"] >= 1
+    preview = meta["bad_records_preview"]
+    assert bad_pair["erp_id"] in preview and field in preview
+
+    # Fixed at the source: it syncs and the report closes. (A fixed LastModifiedOn is the
+    # server's fresh write time, as after any real edit.)
+    fix = {} if field == "LastModifiedOn" else {field: original.get(field)}
+    _plant_customer(h, bad_pair["erp_id"], **{**fix, "CustomerName": "Fixed At Source Ltd"})
+    h.cycle()
+    assert h.crm.get("Divisions", bad_pair["crm_id"])["Name"] == "Fixed At Source Ltd"
+    assert _open_bad(h, "Unleashed", bad_pair["erp_id"]) == []
+    assert _all_bad(h, "Unleashed", bad_pair["erp_id"])["resolved_at"].notna().all()
+
+
+def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(harness):
+    h = harness
+    h.cycle()
+    pair, _ = _two_pairs(h)
+    original = _raw_customer(h, pair["erp_id"])
+    bad_guid = str(uuid.uuid4())
+    good_guid = str(uuid.uuid4())
+    contacts = [
+        *original.get("Contacts", []),
+        {"Guid": bad_guid, "FirstName": 42, "LastName": "Broken", "EmailAddress": "b@example.com"},
+        {"Guid": good_guid, "FirstName": "Grace", "LastName": "Good", "EmailAddress": "g@ex.com"},
+    ]
+    _plant_customer(h, pair["erp_id"], Contacts=contacts, CustomerName="Customer Still Syncs")
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "Customer Still Syncs"
+    assert len(h.crm.find("Contacts", "UnleashedGuid", good_guid)) == 1
+    assert h.crm.find("Contacts", "UnleashedGuid", bad_guid) == []
+    # The customer's contact list is incomplete: none of its contacts is read as deleted.
+    assert (
+        h.query(
+            "SELECT count(*) AS n FROM unleashed_contacts WHERE parent_id = ? AND NOT active",
+            [pair["erp_id"]],
+        ).iloc[0]["n"]
+        == 0
+    )
+    reasons = h.query(
+        "SELECT reason FROM bad_records WHERE system = 'Unleashed' AND resolved_at IS NULL"
+    )["reason"]
+    mine = [r for r in reasons if bad_guid in r]
+    assert len(mine) == 1 and "FirstName" in mine[0] and "42" in mine[0], list(reasons)
+    assert pair["erp_id"] in mine[0]  # names the customer it belongs to
+
+    fixed = [
+        {**c, "FirstName": "Fixed"} if c.get("Guid") == bad_guid else c
+        for c in _raw_customer(h, pair["erp_id"])["Contacts"]
+    ]
+    _plant_customer(h, pair["erp_id"], Contacts=fixed)
+    h.cycle()
+    created = h.crm.find("Contacts", "UnleashedGuid", bad_guid)
+    assert len(created) == 1 and created[0]["Forename"] == "Fixed"
+
+
+def test_unleashed_customer_missing_required_fields_is_reported_not_created(harness):
+    h = harness
+    h.cycle()
+    guid = str(uuid.uuid4())
+    other = str(uuid.uuid4())
+    _plant_customer(h, guid, PhoneNumber="0161 000 0000")  # no CustomerCode, no CustomerName
+    h.unleashed.save_customer({"Guid": other, "CustomerCode": "OKCO1", "CustomerName": "Ok Co"})
+    h.cycle()
+    assert len(h.crm.find("Divisions", "UnleashedGuid", other)) == 1
+    assert h.crm.find("Divisions", "UnleashedGuid", guid) == []
+    reasons = _open_bad(h, "Unleashed", guid)
+    assert len(reasons) == 1 and "CustomerCode" in reasons[0] and "CustomerName" in reasons[0]
+
+    _plant_customer(h, guid, CustomerCode="FIXED1", CustomerName="Fixed Later Ltd")
+    h.cycle()
+    created = h.crm.find("Divisions", "UnleashedGuid", guid)
+    assert len(created) == 1 and created[0]["Name"] == "Fixed Later Ltd"
+    assert _open_bad(h, "Unleashed", guid) == []
+
+
+def test_unknown_unleashed_fields_survive_a_push_untouched(harness):
+    h = harness
+    h.cycle()
+    pair, _ = _two_pairs(h)
+    custom = {"Colour": "teal", "Tags": [1, "two", {"three": None}]}
+    _plant_customer(h, pair["erp_id"], XCustomBlock=custom, XCustomText="keep me")
+    h.cycle()
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0777"})
+    h.push()
+    after = _raw_customer(h, pair["erp_id"])
+    assert after["PhoneNumber"] == "0113 496 0777"
+    assert after["XCustomBlock"] == custom and after["XCustomText"] == "keep me"
+    assert _all_bad(h, "Unleashed", pair["erp_id"]).empty
+
+
+# ------------------------------------------------------------------------------------------------
+# Malformed CRM records
+# ------------------------------------------------------------------------------------------------
+CRM_CASES = [
+    ("LastModified", "last tuesday", ["LastModified", "last tuesday"]),
+    ("Name", 12345, ["Name", "12345"]),
+    ("Phone", {"number": "0161"}, ["Phone", "number"]),
+    ("Website", ["https://a.example.com"], ["Website", "a.example.com"]),
+]
+
+
+@pytest.mark.parametrize(
+    "field, bad, words", CRM_CASES, ids=[f"{c[0]}={c[1]!r}" for c in CRM_CASES]
+)
+def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, field, bad, words):
+    h = harness
+    h.cycle()
+    bad_pair, good_pair = _two_pairs(h)
+    division = h.crm.get("Divisions", bad_pair["crm_id"])
+    erp_before = h.unleashed.get_customer(bad_pair["erp_id"]).to_wire()
+    fresh = {k: v for k, v in division.items() if k != "LastModified"}  # the server stamps it
+    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**fresh, "Name": "Must Not Travel", field: bad})
+    h.crm.patch("Divisions", good_pair["crm_id"], {"Phone": "0161 496 0555"})
+
+    result = h.cycle()
+
+    assert h.unleashed.get_customer(good_pair["erp_id"]).PhoneNumber == "0161 496 0555"
+    erp_after = h.unleashed.get_customer(bad_pair["erp_id"]).to_wire()
+    assert erp_after["CustomerName"] == erp_before["CustomerName"]
+    assert erp_after.get("PhoneNumber") == erp_before.get("PhoneNumber")
+    reasons = _open_bad(h, "CRM", str(bad_pair["crm_id"]))
+    assert len(reasons) == 1, reasons
+    for word in words:
+        assert word in reasons[0], reasons[0]
+    assert f"Divisions({bad_pair['crm_id']})" in reasons[0]
+    meta = h.materialization_metadata(result, ["crm", "companies"])
+    assert meta["bad_records"] >= 1 and field in meta["bad_records_preview"]
+
+    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**fresh, "Name": "Fixed In Crm Ltd"})
+    h.cycle()
+    assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName == "Fixed In Crm Ltd"
+    assert _open_bad(h, "CRM", str(bad_pair["crm_id"])) == []
+
+
+def test_crm_record_without_its_key_is_reported_and_others_sync(harness):
+    h = harness
+    h.cycle()
+    bad_pair, good_pair = _two_pairs(h)
+    division = h.crm.get("Divisions", bad_pair["crm_id"])
+    keyless = {k: v for k, v in division.items() if k not in ("DivisionId", "LastModified")}
+    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless"})
+    h.crm.patch("Divisions", good_pair["crm_id"], {"Phone": "0161 496 0556"})
+    h.cycle()
+    assert h.unleashed.get_customer(good_pair["erp_id"]).PhoneNumber == "0161 496 0556"
+    assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName != "Keyless"
+    open_rows = h.query(
+        "SELECT reason FROM bad_records WHERE system = 'CRM' AND resolved_at IS NULL"
+    )["reason"]
+    mine = [r for r in open_rows if "Keyless" in r]
+    assert len(mine) == 1 and "DivisionId" in mine[0], list(open_rows)
+
+
+def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):
+    h = harness
+    h.cycle()
+    pair, _ = _two_pairs(h)
+    division = h.crm.get("Divisions", pair["crm_id"])
+    extra = {"ZzLegacyFlag": "keep-me", "ZzScores": [1, 2, 3]}
+    # LastModified left to the server (a fresh write time).
+    _plant_crm(
+        h, "Divisions", pair["crm_id"],
+        {k: v for k, v in {**division, **extra}.items() if k != "LastModified"},
+    )  # fmt: skip
+    h.unleashed.update_customer(pair["erp_id"], {"CustomerName": "Renamed In Unleashed"})
+    h.cycle()
+    after = h.crm.get("Divisions", pair["crm_id"])
+    assert after["Name"] == "Renamed In Unleashed"
+    assert after["ZzLegacyFlag"] == "keep-me" and after["ZzScores"] == [1, 2, 3]
+    assert _all_bad(h, "CRM", str(pair["crm_id"])).empty
+    stored = h.query("SELECT data->>'$.ZzLegacyFlag' AS f FROM crm_companies WHERE id = ?",
+                     [str(pair["crm_id"])])  # fmt: skip
+    assert stored.iloc[0]["f"] == "keep-me"
+
+
+# ------------------------------------------------------------------------------------------------
+# Very long strings: neither side sets a length limit, so a 100k-character value syncs whole
+# ------------------------------------------------------------------------------------------------
+def test_very_long_strings_sync_whole_both_ways(harness):
+    h = harness
+    h.cycle()
+    a, b = _two_pairs(h)
+    h.crm.patch("Divisions", a["crm_id"], {"Name": LONG})
+    h.unleashed.update_customer(b["erp_id"], {"CustomerName": "U" * 100_000})
+    h.cycle()
+    assert h.unleashed.get_customer(a["erp_id"]).CustomerName == LONG
+    assert h.crm.get("Divisions", b["crm_id"])["Name"] == "U" * 100_000
+    assert h.query("SELECT * FROM bad_records WHERE resolved_at IS NULL").empty
+    # The audit keeps the whole value too (an operator can see what was written).
+    audit = h.query(
+        "SELECT new_value FROM audit_log WHERE crm_id = ? AND field = 'name'", [str(a["crm_id"])]
+    )
+    assert list(audit["new_value"]) == [LONG]
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken mapping and settings files
+# ------------------------------------------------------------------------------------------------
+def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_path, monkeypatch):
+    mappings = tmp_path / "mappings"
+    shutil.copytree(DEFAULT_MAPPINGS, mappings)
+    company = mappings / "company.yaml"
+    company.write_text(
+        company.read_text().replace("    crm: Phone\n", "    crm: Phone\n    colour: blue\n")
+    )
+    monkeypatch.setenv("SYNC_MAPPINGS_DIR", str(mappings))
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
+    for name, value in emulators.env().items():
+        monkeypatch.setenv(name, value)
+    defs = build_defs(default_resources())
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("sync_cycle_job").execute_in_process(
+            instance=instance, partition_key=current_partition(), raise_on_error=False
+        )
+    assert not result.success
+    text = _failure_messages(result)
+    assert str(company) in text
+    assert "fields.phone" in text and "unknown key 'colour'" in text
+
+
+SETTINGS_CASES = [
+    ("bad_yaml", "two_way_sync: [true\n", ["not valid YAML"]),
+    ("unknown_key", "two_way_sync: true\nturbo_mode: true\n", ["turbo_mode", "xtra"]),
+    ("bad_timezone", "timezone: Mars/Olympus_Mons\n", ["timezone", "Mars/Olympus_Mons"]),
+    ("wrong_type", "imports:\n  every_minutes: often\n", ["imports.every_minutes", "integer"]),
+]
+
+
+@pytest.mark.parametrize("case, text, words", SETTINGS_CASES, ids=[c[0] for c in SETTINGS_CASES])
+def test_broken_settings_file_fails_the_run_naming_file_setting_and_reason(
+    harness, case, text, words
+):
+    h = harness
+    h.settings_file.write_text(text)
+    with pytest.raises(SettingsError) as raised:
+        load_settings(h.settings_file)
+    message = str(raised.value)
+    assert str(h.settings_file) in message
+    for word in words:
+        assert word.lower() in message.lower(), message
+    result = _run_failing(h)
+    failures = _failure_messages(result)
+    assert message in failures
+
+
+def test_settings_file_with_python_tag_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    file = tmp_path / "settings.yaml"
+    file.write_text(f'two_way_sync: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(SettingsError) as raised:
+        load_settings(file)
+    assert str(file) in str(raised.value)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment variables
+# ------------------------------------------------------------------------------------------------
+def _env_defs(emulators, tmp_path: Path, monkeypatch, **overrides: str | None):
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
+    monkeypatch.delenv("SYNC_MAPPINGS_DIR", raising=False)
+    for name, value in {**emulators.env(), **overrides}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return build_defs(default_resources())
+
+
+def _run_env_job(defs, job: str = "crm_push_job") -> str:
+    """The error text a run gives (config errors raise before the run starts)."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        try:
+            result = defs.resolve_job_def(job).execute_in_process(
+                instance=instance, raise_on_error=False
+            )
+        except dg.DagsterInvalidConfigError as exc:
+            return str(exc)
+    assert not result.success
+    return _failure_messages(result)
+
+
+@pytest.mark.parametrize("variable", ["CRM_TOKEN", "UNLEASHED_API_KEY", "UNLEASHED_BASE_URL"])
+def test_unset_environment_variable_is_named(emulators, tmp_path, monkeypatch, variable):
+    defs = _env_defs(emulators, tmp_path, monkeypatch, **{variable: None})
+    job = "sync_cycle_job" if variable.startswith("UNLEASHED") else "crm_push_job"
+    if job == "sync_cycle_job":
+        with (
+            dg.DagsterInstance.ephemeral() as instance,
+            pytest.raises(dg.DagsterInvalidConfigError) as raised,
+        ):
+            defs.resolve_job_def(job).execute_in_process(
+                instance=instance, partition_key=current_partition()
+            )
+        text = str(raised.value)
+    else:
+        text = _run_env_job(defs, job)
+    assert f'"{variable}"' in text and "not set" in text
+
+
+@pytest.mark.parametrize(
+    "variable, value, words",
+    [
+        ("UNLEASHED_BASE_URL", "api.unleashedsoftware.com", ["http"]),
+        ("UNLEASHED_BASE_URL", "not a url", ["http"]),
+        ("CRM_BASE_URL", "ftp://crm.example.com", ["http"]),
+        ("UNLEASHED_API_ID", "not-a-guid", ["GUID"]),
+        ("CRM_TOKEN", "", ["empty"]),
+        ("UNLEASHED_API_KEY", "", ["empty"]),
+    ],
+)
+def test_malformed_environment_variable_is_named_with_the_reason(
+    emulators, tmp_path, monkeypatch, variable, value, words
+):
+    defs = _env_defs(emulators, tmp_path, monkeypatch, **{variable: value})
+    job = "crm_push_job" if variable.startswith("CRM") else "sync_cycle_job"
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance,
+            partition_key=current_partition() if job == "sync_cycle_job" else None,
+            raise_on_error=False,
+        )
+    assert not result.success
+    text = _failure_messages(result)
+    assert variable in text, text[:2000]
+    for word in words:
+        assert word in text, text[:2000]
+    if variable.endswith("_URL"):
+        assert repr(value) in text  # the operator sees what was wrong
+    else:
+        assert not value or value not in text  # a credential is never echoed
