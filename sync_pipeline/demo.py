@@ -19,6 +19,22 @@ from sync_pipeline.report import cycle_report
 # Dagster's console logger prints every step event; the demo's report says what matters.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
+# `sync-pipeline dev`'s instance: one DuckDB writer at a time (the `duckdb` pool), and the run
+# queue checked every second instead of every 5 s, since a CRM change should reach Unleashed
+# within seconds and every push run waits in that queue.
+DEV_DAGSTER_YAML = """\
+concurrency:
+  pools:
+    default_limit: 1
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+telemetry:
+  enabled: false
+"""
+
 
 def _requests(emu) -> dict[str, int]:
     return {
@@ -163,9 +179,7 @@ def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
     data = Path(".data")
     home = data / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(
-        "concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n"
-    )
+    (home / "dagster.yaml").write_text(DEV_DAGSTER_YAML)
     with Emulators(
         companies=companies, seed=seed, data_dir=data / "emulators",
         unleashed_port=8301, crm_port=8302,
