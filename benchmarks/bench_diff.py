@@ -1,11 +1,18 @@
 """Benchmark the three-way diff at 100k/300k and 1M/3M companies/contacts.
 
-For each size: build the raw snapshot tables, links, baseline and digests in DuckDB SQL, edit
-about 1% of records on each side (one mapped field each, some on both sides = conflicts, some
-invalid websites, some formatting-only edits, some new Unleashed contacts and customers), then
-time `plan_changes` (median of 3 runs, each on a fresh copy of the database) in a separate
-process so its peak RSS is the planner's own, and compare with a bare DuckDB join of the same
-tables (crm ⋈ links ⋈ unleashed ⋈ baseline digest, reading every mapped field once).
+For each size: build the raw snapshot tables as the product holds them (store.ensure_schema:
+id PRIMARY KEY; derived digest and match-key columns filled by `derived.refresh`, the product's
+code path), links, baseline and baseline digests, then edit about 1% of records on each side
+(one mapped field each, some on both sides = conflicts, some invalid websites, some
+formatting-only edits, some new Unleashed contacts and customers) the way an extract's upsert
+changes rows (new data, derived columns marked stale).
+
+Each of 3 runs is one cycle on a fresh copy of that database, each step in its own process so
+its peak RSS is its own: `derived.refresh` (what the extract assets run after their upserts: the
+derived columns of the ~1% changed rows), the bare DuckDB join of the same stored columns the
+plan's full-table pass reads (crm ⋈ links ⋈ unleashed ⋈ baseline digest), then `plan_changes`.
+Medians are reported, with process CPU time (user+sys) next to wall time because the machine may
+be shared; the load average is printed per run.
 
     python benchmarks/bench_diff.py                 # both sizes
     python benchmarks/bench_diff.py --sizes 100000  # one size (companies; contacts = 3x)

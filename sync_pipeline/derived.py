@@ -128,11 +128,27 @@ def refresh(
         if row is None or row[0] != fp:
             con.execute(f"UPDATE {t} SET {MARK} = NULL")
             stats.rebuilt.append(table)
-        sets = ", ".join(f"{ident(c)} = {expr}" for c, (_, expr) in cols.items())
-        (n,) = con.execute(
-            f"""UPDATE {t} SET {sets}, {MARK} = {_MOD}
-                WHERE {MARK} IS NULL OR {MARK} <> {_MOD}"""
-        ).fetchone()
+        # Find the stale rows reading only two timestamp columns; an UPDATE with this WHERE
+        # would read `data` of every row.
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _derived_stale AS
+                SELECT rowid AS row_id FROM {t} WHERE {MARK} IS NULL OR {MARK} <> {_MOD}"""
+        )
+        (n,) = con.execute("SELECT count(*) FROM _derived_stale").fetchone()
+        if n:
+            exprs = ", ".join(f"{expr} AS {ident(c)}" for c, (_, expr) in cols.items())
+            sets = ", ".join(f"{ident(c)} = v.{ident(c)}" for c in cols)
+            con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
+                    SELECT rowid AS row_id, {exprs}, {_MOD} AS mark FROM {t}
+                    WHERE rowid IN (SELECT row_id FROM _derived_stale)"""
+            )
+            con.execute(
+                f"""UPDATE {t} SET {sets}, {MARK} = v.mark
+                    FROM _derived_values v WHERE {t}.rowid = v.row_id"""
+            )
+            con.execute("DROP TABLE _derived_values")
+        con.execute("DROP TABLE _derived_stale")
         stats.rows[table] = int(n)
         con.execute(
             """INSERT INTO derived_state VALUES (?, ?, now()::TIMESTAMP)

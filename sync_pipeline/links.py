@@ -101,7 +101,8 @@ def key_expr(key: MatchKey, side: str) -> str:
 
 
 def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
-    """crm_id, crm_parent_id, key_value for every CRM record carrying a non-empty key.
+    """crm_id, crm_parent_id, key_value, crm_active for every CRM record carrying a non-empty
+    key.
 
     Reads the derived key columns: call `derived.refresh` first."""
     crm_table = ident(mapping.crm.table)
@@ -111,13 +112,14 @@ def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = T
     if key.crm_table:
         # e.g. the sales ledger: its parent_id is the company (Division) id.
         return (
-            f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, t.{col} AS key_value "
+            f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, t.{col} AS key_value, "
+            "r.active AS crm_active "
             f"FROM {ident(key.crm_table)} t JOIN {crm_table} r ON r.id = t.parent_id {active} "
             f"WHERE t.active AND t.{col} IS NOT NULL"
         )
     return (
-        f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, r.{col} AS key_value "
-        f"FROM {crm_table} r WHERE r.{col} IS NOT NULL {active}"
+        f"SELECT r.id AS crm_id, {parent} AS crm_parent_id, r.{col} AS key_value, "
+        f"r.active AS crm_active FROM {crm_table} r WHERE r.{col} IS NOT NULL {active}"
     )
 
 
