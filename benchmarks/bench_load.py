@@ -552,6 +552,8 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, default=str))
         return 0 if result["success"] else 1
 
+    # SIGTERM ends the orchestrator through `finally`, so its child runs are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     limit, window = args.crm_rate_limit, args.crm_rate_window_s
     cpc = args.contacts_per_company
     budget_s = args.real_budget_minutes * 60
