@@ -139,3 +139,42 @@ def test_a_field_added_only_in_yaml_is_synced_end_to_end(tmp_path):
     assert (row["op"], row["new_value"], row["erp_value"]) == (
         "update_erp", "020 7946 9999", "+44 20 7946 0001",
     )  # fmt: skip
+
+
+def test_phone_fast_path_agrees_with_phonenumbers():
+    """The GB fast path in normalise_phone gives exactly what phonenumbers gives, for many
+    random spellings (separators anywhere, +44 / 0 / (0) / 00 prefixes, odd lengths)."""
+    import random
+
+    import phonenumbers
+
+    from sync_pipeline.mapping.normalise import _fast_phone, normalise_text
+
+    def slow(text: str) -> str:
+        try:
+            parsed = phonenumbers.parse(text, "GB")
+        except phonenumbers.NumberParseException:
+            return text
+        out = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        return out + (f";ext={parsed.extension}" if parsed.extension else "")
+
+    rng = random.Random(7)
+    prefixes = ["+44", "0", "+44 (0)", "(+44)", "0044", "44", "+440", "00", "+4", "", "(0)"]
+    fast_hits = 0
+    for _ in range(20000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.choice([8, 9, 10, 10, 11])))
+        if rng.random() < 0.7:
+            digits = rng.choice("1235789") + digits[1:]
+        chars = list(rng.choice(prefixes) + digits)
+        for _ in range(rng.randint(0, 4)):
+            chars.insert(rng.randint(0, len(chars)), rng.choice(" -.()/  "))
+        text = normalise_text("".join(chars))
+        if not text:
+            continue
+        fast = _fast_phone(text, "GB")
+        if fast is not None:
+            fast_hits += 1
+            assert fast == slow(text), text
+    assert fast_hits > 2000
+    assert _fast_phone("020 7946 0000", "US") is None
+    assert normalise_phone("+44 20 7946 0000", "US") == "+442079460000"

@@ -55,11 +55,31 @@ def normalise_website(value: str | None) -> str:
     return host + rest.rstrip("/")
 
 
+# Fast path for the common UK shapes, e.g. `020 7946 0000`, `+44 (20) 7946-0000`: ASCII digits
+# and plain separators only, `+44` or the national prefix `0`, then a 10-digit national number
+# starting 1-3, 5, 7-9. phonenumbers (~13 µs a value) returns `+44` + those 10 digits for all of
+# them (GB's general pattern is `[1-357-9]\d{9}|...`, national prefix `0`); tests/test_mapping.py
+# checks the two agree. Anything else (`+44 (0)20 ...`, extensions, letters, other regions) still
+# goes through phonenumbers.
+_FAST_SEPARATORS = re.compile(r"[ \-.()/]")
+_FAST_GB = re.compile(r"(?:\+44|0)([1-357-9][0-9]{9})")
+
+
+def _fast_phone(text: str, region: str) -> str | None:
+    if region != "GB" or len(text) > 40:
+        return None
+    match = _FAST_GB.fullmatch(_FAST_SEPARATORS.sub("", text))
+    return None if match is None else "+44" + match.group(1)
+
+
 def normalise_phone(value: str | None, region: str = "GB") -> str:
     """E.164 when `phonenumbers` can parse it (national numbers read in `region`), else text."""
     text = normalise_text(value)
     if not text:
         return ""
+    fast = _fast_phone(text, region)
+    if fast is not None:
+        return fast
     try:
         parsed = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
