@@ -414,10 +414,12 @@ def _create_company(
         if division is not None:
             stats.recovered += 1
     store.mark(con, op["op_id"], "in_flight")
+    recovered = division is not None
     if division is None:
         division = client.create(mapping.crm.entity_set, payload)
     division_id = division[mapping.crm.key]
-    if account_code and not client.find("SalesLedgers", "DivisionId", division_id):
+    # A division just created has no ledger yet; only one found after a crash needs the check.
+    if account_code and not (recovered and client.find("SalesLedgers", "DivisionId", division_id)):
         client.create("SalesLedgers", {"DivisionId": division_id, "AccountCode": account_code})
     hooks.wrote([op["op_id"]])
     new_id = str(division_id)

@@ -172,8 +172,12 @@ class Pacer:
         )
 
     def acquire(self) -> None:
-        if self._limiter is not None:
-            self._limiter.try_acquire("api", blocking=True)
+        if self._limiter is None:
+            return
+        # Poll the library's non-blocking check: its blocking wait advances the waiting item's
+        # timestamp while it sleeps, and under a short window we saw it oversleep for minutes.
+        while not self._limiter.try_acquire("api", blocking=False):
+            time.sleep(0.05)
 
     _shared: dict[tuple[str, tuple[tuple[int, float], ...]], Pacer] = {}
     _shared_lock = threading.Lock()

@@ -9,7 +9,13 @@ import dagster as dg
 from sync_pipeline.changes import latest_modified
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
-from sync_pipeline.defs.extract import CRM_EXTRACTS, IMPORT_PARTITIONS, UNLEASHED_EXTRACTS
+from sync_pipeline.defs.extract import (
+    CRM_EXTRACTS,
+    IMPORT_PARTITIONS,
+    UNLEASHED_EXTRACTS,
+    crm_companies,
+    crm_contacts,
+)
 from sync_pipeline.defs.resources import CrmResource, SyncConfigResource
 from sync_pipeline.defs.sync import (
     account_manager_candidates,
@@ -28,7 +34,11 @@ WATCHED_SETS = ("Divisions", "Contacts")
 # and a subprocess per step (the default executor) costs seconds each, which is most of a push.
 crm_push_job = dg.define_asset_job(
     "crm_push_job",
-    selection=dg.AssetSelection.assets(*CRM_EXTRACTS, sync_links, sync_plan, push_to_unleashed),
+    # Only what a push needs: the CRM records that change, links, plan, push. Users and sales
+    # ledgers (new links, account-manager lookups) and the asset checks come with the cycle.
+    selection=dg.AssetSelection.assets(
+        crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed
+    ).without_checks(),
     description="CRM changes to Unleashed, launched by the CRM change sensor within seconds.",
     tags={"sync/direction": "push"},
     executor_def=dg.in_process_executor,
