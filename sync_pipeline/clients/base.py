@@ -6,9 +6,11 @@ module only wires them to httpx and to the two APIs' error conventions.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import Counter
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import certifi
 import httpx
 from pyrate_limiter import Duration, Limiter, Rate
 from tenacity import (
@@ -205,6 +208,13 @@ class RequestStats:
         return sum(self.sent.values())
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (certifi's bundle, as httpx uses by default):
+    building it loads every CA certificate, which cost more than a whole quiet API call."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class BaseClient:
     """An httpx.Client with pacing, retries and error mapping. Subclasses add auth and paging."""
 
@@ -225,6 +235,7 @@ class BaseClient:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
             headers={"Accept": "application/json"},
+            verify=_ssl_context(),
         )
         self._retrying = make_retrying(retry or RetrySettings(), self.system)
         # Clients of one account share a pacer (the server's window is per account, not per

@@ -302,8 +302,30 @@ def load_mapping(path: str | Path) -> EntityMapping:
 
 
 def load_mappings(directory: str | Path) -> dict[str, EntityMapping]:
-    """Load `company.yaml` and `contact.yaml` (and any other *.yaml) from a directory."""
+    """Load `company.yaml` and `contact.yaml` (and any other *.yaml) from a directory.
+
+    Re-read whenever a file changes (name, size or modification time), otherwise served from a
+    cache: every asset of every run asks for the mappings, and parsing them is not free."""
     directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    stamp = (str(directory.resolve()), tuple((str(f), *_stat(f)) for f in files))
+    cached = _MAPPINGS_CACHE.get(stamp[0])
+    if cached is not None and cached[0] == stamp:
+        return dict(cached[1])
+    out = _load_mappings(directory)
+    _MAPPINGS_CACHE[stamp[0]] = (stamp, out)
+    return dict(out)
+
+
+_MAPPINGS_CACHE: dict[str, tuple[Any, dict[str, EntityMapping]]] = {}
+
+
+def _stat(file: Path) -> tuple[int, int]:
+    st = file.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _load_mappings(directory: Path) -> dict[str, EntityMapping]:
     out: dict[str, EntityMapping] = {}
     for file in sorted(directory.glob("*.yaml")):
         mapping = load_mapping(file)
