@@ -16,6 +16,7 @@ import httpx
 from dagster_duckdb import DuckDBResource
 
 from sync_pipeline import store
+from sync_pipeline.clients.base import RetrySettings
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
@@ -52,6 +53,8 @@ class CrmResource(dg.ConfigurableResource):
     rate_limit: int = 1200
     rate_window_s: float = 600
     timeout_s: float = 30
+    retry_initial_wait_s: float = 0.2
+    retry_max_wait_s: float = 20
 
     def get_client(self) -> CrmClient:
         return CrmClient(
@@ -60,6 +63,9 @@ class CrmResource(dg.ConfigurableResource):
             timeout=self.timeout_s,
             rate_limit=self.rate_limit,
             rate_window_s=self.rate_window_s,
+            retry=RetrySettings(
+                initial_wait=self.retry_initial_wait_s, max_wait=self.retry_max_wait_s
+            ),
         )
 
 
@@ -72,6 +78,8 @@ class UnleashedResource(dg.ConfigurableResource):
     client_type: str = "acme/crmsync"
     requests_per_minute: int | None = None
     timeout_s: float = 30
+    retry_initial_wait_s: float = 0.2
+    retry_max_wait_s: float = 20
 
     def get_client(self) -> UnleashedClient:
         api_id = _check_secret(self.api_id, "UNLEASHED_API_ID")
@@ -85,6 +93,9 @@ class UnleashedResource(dg.ConfigurableResource):
             self.client_type,
             timeout=self.timeout_s,
             requests_per_minute=self.requests_per_minute,
+            retry=RetrySettings(
+                initial_wait=self.retry_initial_wait_s, max_wait=self.retry_max_wait_s
+            ),
         )
 
 
