@@ -146,21 +146,30 @@ def apply_push(
     return stats
 
 
+def _reference(
+    ref: Any, field_name: str, value: str, resolver: Resolver, where: tuple[str, str, str]
+) -> tuple[str, Any]:
+    """The field to write and its value for a reference (e.g. an account manager's email →
+    the CRM user id, or the whole Unleashed salesperson); an empty value clears it."""
+    if not value:
+        return ref.field, None
+    found = resolver.lookup(ref, value)
+    if found is None:
+        system, method, endpoint = where
+        raise ValidationError(
+            system, method, endpoint, None,
+            f"{field_name}: nothing in {ref.table} has {ref.match} {value!r}",
+        )  # fmt: skip
+    return ref.field, found
+
+
 def _erp_value(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
     """The top-level Unleashed key to set and its value for one canonical field."""
     f = mapping.fields[field_name]
-    ref = f.erp_write
     erp_path = f.erp
-    if ref is not None:
-        if not value:
-            return ref.field, None
-        found = resolver.lookup(ref, value)
-        if found is None:
-            raise ValidationError(
-                "Unleashed", "POST", f"/{mapping.erp.resource}/{{guid}}", None,
-                f"{field_name}: nothing in {ref.table} has {ref.match} {value!r}",
-            )  # fmt: skip
-        return ref.field, found
+    if f.erp_write is not None:
+        where = ("Unleashed", "POST", f"/{mapping.erp.resource}/{{guid}}")
+        return _reference(f.erp_write, field_name, value, resolver, where)
     top = erp_path
     if "." in erp_path:
         raise ValueError(f"cannot write nested Unleashed path {erp_path!r} for {field_name}")
@@ -316,17 +325,9 @@ def apply_pull(
 
 def _crm_change(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
     f = mapping.fields[field_name]
-    ref = f.crm_write
-    if ref is not None:
-        if not value:
-            return ref.field, None
-        found = resolver.lookup(ref, value)
-        if found is None:
-            raise ValidationError(
-                "CRM", "PATCH", f"/{mapping.crm.entity_set}({{key}})", None,
-                f"{field_name}: no CRM record in {ref.table} has {ref.match} {value!r}",
-            )  # fmt: skip
-        return ref.field, found
+    if f.crm_write is not None:
+        where = ("CRM", "PATCH", f"/{mapping.crm.entity_set}({{key}})")
+        return _reference(f.crm_write, field_name, value, resolver, where)
     if "." in f.crm:
         raise ValueError(f"cannot write nested CRM path {f.crm!r} for {field_name}")
     return f.crm, value
