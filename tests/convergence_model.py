@@ -36,7 +36,7 @@ _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_t
 settings.register_profile(
     CI_PROFILE,
     max_examples=200,
-    stateful_step_count=6,
+    stateful_step_count=4,
     deadline=None,
     derandomize=True,
     database=None,
