@@ -375,24 +375,9 @@ def _create_contact(
     created = existing or client.create(mapping.crm.entity_set, payload)
     hooks.wrote([op["op_id"]])
     new_id = str(created[mapping.crm.key])
-    con.begin()
-    try:
-        baseline.record_creation(con, "contact", crm_id=new_id, erp_id=guid, op=op, payload=payload)
-        store.complete(
-            con, op, run_id=run_id, direction="erp_to_crm", result_id=new_id,
-            audit_rows=[{
-                "entity": "contact", "crm_id": new_id, "erp_id": guid, "field": None,
-                "old_value": None, "new_value": json.dumps(payload, ensure_ascii=False),
-                "reason": "contact created in Unleashed",
-            }],
-        )  # fmt: skip
-        con.commit()
-    except Exception:
-        con.rollback()
-        raise
-    stats.applied += 1
-    stats.records += 1
-    stats.applied_rows.append({**op, "crm_id": new_id})
+    _complete_creation(
+        con, "contact", op, new_id, guid, payload, run_id, stats, "contact created in Unleashed"
+    )
 
 
 def _create_company(
@@ -424,15 +409,44 @@ def _create_company(
         client.create("SalesLedgers", {"DivisionId": division_id, "AccountCode": account_code})
     hooks.wrote([op["op_id"]])
     new_id = str(division_id)
+    _complete_creation(
+        con,
+        "company",
+        op,
+        new_id,
+        guid,
+        payload,
+        run_id,
+        stats,
+        "customer created in Unleashed (standard import)",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared bookkeeping
+# ------------------------------------------------------------------------------------------------
+def _complete_creation(
+    con: duckdb.DuckDBPyConnection,
+    entity: str,
+    op: dict[str, Any],
+    new_id: str,
+    guid: str,
+    payload: dict[str, Any],
+    run_id: str,
+    stats: ApplyStats,
+    reason: str,
+) -> None:
+    """The created record's values become its baseline, and the outbox and audit log say so, in
+    one transaction."""
     con.begin()
     try:
-        baseline.record_creation(con, "company", crm_id=new_id, erp_id=guid, op=op, payload=payload)
+        baseline.record_creation(con, entity, crm_id=new_id, erp_id=guid, op=op, payload=payload)
         store.complete(
             con, op, run_id=run_id, direction="erp_to_crm", result_id=new_id,
             audit_rows=[{
-                "entity": "company", "crm_id": new_id, "erp_id": guid, "field": None,
+                "entity": entity, "crm_id": new_id, "erp_id": guid, "field": None,
                 "old_value": None, "new_value": json.dumps(payload, ensure_ascii=False),
-                "reason": "customer created in Unleashed (standard import)",
+                "reason": reason,
             }],
         )  # fmt: skip
         con.commit()
@@ -444,9 +458,6 @@ def _create_company(
     stats.applied_rows.append({**op, "crm_id": new_id})
 
 
-# ------------------------------------------------------------------------------------------------
-# Shared bookkeeping
-# ------------------------------------------------------------------------------------------------
 def _mark_in_flight(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame) -> None:
     for op_id in ops["op_id"]:
         store.mark(con, op_id, "in_flight")
