@@ -172,6 +172,38 @@ def _print_failure(result) -> None:
             print(f"FAILED {event.step_key}: {err.message if err else ''}", file=sys.stderr)
 
 
+def _first_cycle(emu, db: Path) -> None:
+    import dagster as dg
+
+    from sync_pipeline.defs import build_defs
+    from sync_pipeline.defs.resources import (
+        DEFAULT_MAPPINGS,
+        CrmResource,
+        SyncConfigResource,
+        SyncDuckDB,
+        UnleashedResource,
+    )
+
+    resources = {
+        "crm": CrmResource(base_url=emu.crm_url, token=emu.crm_token),
+        "unleashed": UnleashedResource(
+            base_url=emu.unleashed_url, api_id=emu.unleashed_api_id,
+            api_key=emu.unleashed_api_key,
+        ),
+        "duckdb": SyncDuckDB(database=str(db.resolve())),
+        "sync_config": SyncConfigResource(
+            settings_file=os.environ.get("SYNC_SETTINGS_FILE") or "settings.yaml",
+            mappings_dir=DEFAULT_MAPPINGS,
+        ),
+    }  # fmt: skip
+    with dg.DagsterInstance.ephemeral() as instance:
+        build_defs(resources).resolve_job_def("sync_cycle_job").execute_in_process(
+            instance=instance,
+            partition_key=datetime.now(UTC).strftime("%Y-%m-%d-%H:00"),
+            run_config=QUIET,
+        )
+
+
 def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
     """Both local servers (fixed ports, state kept in .data/) and `dagster dev` pointed at them."""
     from sync_pipeline.emulators.run import Emulators
@@ -191,6 +223,12 @@ def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
             "SYNC_DUCKDB_PATH": str((data / "sync.duckdb").resolve()),
         }
         print(f"Unleashed: {emu.unleashed_url}   CRM: {emu.crm_url}")
+        db = data / "sync.duckdb"
+        if not db.exists():
+            # Pushes need links, and links need one import; outside the daytime import window
+            # the schedule would not give one, so the first start runs a full cycle itself.
+            print("First start: one full sync cycle so both systems are linked…")
+            _first_cycle(emu, db)
         print(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops everything)")
         cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(port)]
         try:
