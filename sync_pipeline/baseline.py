@@ -1,20 +1,29 @@
-"""Baseline: the last value both sides agreed on, per linked record and field.
+"""Baseline: the last value both sides agreed on, per linked record and field, and the set of
+records the next planning pass has to look at.
 
 Tables (created by `ensure_schema`):
 
-- `sync_baseline(entity, erp_id, field, crm_value, erp_value, agreed_at)`: one row per linked
-  record and field once the two sides have agreed. `crm_value` / `erp_value` are the raw values
-  each side held at that moment (equal after normalisation), so "did this side change?" is a raw
-  string comparison and normalisation is only needed for the few values that differ. No row =
-  no baseline yet (first sync); '' = they agreed the field is empty.
-- `sync_baseline_digest(entity, erp_id, crm_digest, erp_digest)`: per record, a 64-bit hash of
-  the baseline values of every mapped field (in mapping order) on each side. It lets the diff
-  skip a record whose current raw values hash to the same digest without looking at single
-  fields, which is what makes a plan over millions of records cheap. It only exists when every
-  field has a baseline; anything that moves a baseline row drops it, and the planner rebuilds it
-  for the records it looked at. (A 64-bit collision would hide one change; odds ~1e-19.)
+- `sync_baseline(entity, erp_id, crm_values, erp_values, agreed_at)`: one row per linked record.
+  `crm_values` / `erp_values` are JSON objects, mapped field name -> the raw value each side held
+  when the two last agreed on that field (equal after normalisation), so "did this side change?"
+  is a raw string comparison and normalisation is only needed for the few values that differ. A
+  field missing from the object has no baseline yet (first sync); '' means they agreed it is
+  empty. Keyed by field name, so adding a field to a mapping needs no migration. One row per
+  record (not per field) keeps the table at one row per linked record: the planner reads the
+  baseline of its candidates with one join instead of a scan of (records x fields) rows.
+- `sync_pending(entity, side, id)`: records to look at in the next pass, by the id on `side`
+  ('crm' or 'erp'). Whatever can make a linked pair disagree with its baseline adds the record
+  here: `derived.refresh` for every snapshot row an extract wrote, the link step for new and
+  removed links, and the functions below whenever a baseline moves. The planner reads only these
+  records (plus nothing else), and leaves behind the ones still not in agreement (planned,
+  rejected, or held back by a setting) and the unlinked Unleashed records (creation candidates),
+  so they are looked at again next time. This is what makes a pass over millions of linked
+  records cost what the changes cost, not what the tables cost.
+- `sync_pending_state(entity)`: which entities' pending sets are complete. An entity without a
+  row (a database from before the pending set existed) has every active Unleashed record added
+  once (`diff._ensure`).
 - `sync_creation_baseline(entity, erp_id, field, value)`: the values a planned creation will
-  write; `record_creation` turns them into baseline rows once the record exists in the CRM.
+  write; `record_creation` turns them into the baseline once the record exists in the CRM.
 
 Baseline rows are keyed by the Unleashed id: a link owns its baseline, and `links.update_links`
 forgets it when the link is removed.
@@ -28,17 +37,15 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline.mapping.schema import EntityMapping
-
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sync_baseline (
-        entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL, field VARCHAR NOT NULL,
-        crm_value VARCHAR NOT NULL, erp_value VARCHAR NOT NULL, agreed_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS sync_baseline_digest (
         entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL,
-        crm_digest UBIGINT NOT NULL, erp_digest UBIGINT NOT NULL
+        crm_values JSON NOT NULL, erp_values JSON NOT NULL, agreed_at TIMESTAMP
     )""",
+    """CREATE TABLE IF NOT EXISTS sync_pending (
+        entity VARCHAR NOT NULL, side VARCHAR NOT NULL, id VARCHAR NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS sync_pending_state (entity VARCHAR PRIMARY KEY)""",
     """CREATE TABLE IF NOT EXISTS sync_creation_baseline (
         entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL, field VARCHAR NOT NULL,
         value VARCHAR NOT NULL
@@ -47,39 +54,125 @@ SCHEMA = [
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    _migrate_field_rows(con)
     for ddl in SCHEMA:
         con.execute(ddl)
 
 
+def _migrate_field_rows(con: duckdb.DuckDBPyConnection) -> None:
+    """Databases written before the baseline moved to one row per record held one row per
+    record and field (and a digest table); fold them into the new layout once."""
+    cols = {
+        r[0]
+        for r in con.execute(
+            """SELECT column_name FROM duckdb_columns()
+               WHERE table_name = 'sync_baseline' AND NOT internal"""
+        ).fetchall()
+    }
+    if "field" not in cols:
+        return
+    con.execute(
+        """CREATE TABLE sync_baseline_records AS
+           SELECT entity, erp_id, json_group_object(field, crm_value) AS crm_values,
+                  json_group_object(field, erp_value) AS erp_values, max(agreed_at) AS agreed_at
+           FROM sync_baseline GROUP BY entity, erp_id"""
+    )
+    con.execute("DROP TABLE sync_baseline")
+    con.execute("ALTER TABLE sync_baseline_records RENAME TO sync_baseline")
+    con.execute("DROP TABLE IF EXISTS sync_baseline_digest")
+
+
+def mark_pending(con: duckdb.DuckDBPyConnection, entity: str, side: str, ids_sql: str) -> None:
+    """Add the records whose `side` ids the query `ids_sql` returns (one column) to the next
+    pass. Runs inside the caller's transaction."""
+    con.execute(
+        f"INSERT INTO sync_pending SELECT ?, ?, CAST(x AS VARCHAR) FROM ({ids_sql}) t(x)",
+        [entity, side],
+    )
+
+
+def _mark_ids(con: duckdb.DuckDBPyConnection, entity: str, erp_ids: Sequence[str]) -> None:
+    con.execute(
+        "INSERT INTO sync_pending SELECT ?, 'erp', unnest(?::VARCHAR[])",
+        [entity, [str(x) for x in erp_ids]],
+    )
+
+
 def _upsert(con: duckdb.DuckDBPyConnection, entity: str, frame: pd.DataFrame) -> None:
-    """Replace baseline rows (erp_id, field, crm_value, erp_value) of one entity."""
+    """Merge baseline values (erp_id, field, crm_value, erp_value) of one entity into the
+    records' rows, and put the records on the next pass."""
     if frame.empty:
         return
     rows = frame[["erp_id", "field", "crm_value", "erp_value"]].astype(object)
     rows = rows.where(rows.notna(), "")
     con.register("_baseline_rows", rows)
     try:
-        # A join, not `(erp_id, field) IN (SELECT ...)`: DuckDB plans the row-value IN as a slow
-        # scan, about 4x the cost, and apply calls this once per record written.
-        con.execute(
-            """DELETE FROM sync_baseline b USING _baseline_rows r
-               WHERE b.entity = ? AND b.erp_id = r.erp_id AND b.field = r.field""",
-            [entity],
+        merge_into_baseline(
+            con,
+            entity,
+            """SELECT erp_id, field, crm_value, erp_value FROM _baseline_rows""",
         )
         con.execute(
-            """INSERT INTO sync_baseline
-               SELECT DISTINCT ON (erp_id, field) ?, erp_id, field, crm_value, erp_value,
-                      now()::TIMESTAMP
-               FROM _baseline_rows""",
-            [entity],
-        )
-        con.execute(
-            """DELETE FROM sync_baseline_digest WHERE entity = ?
-               AND erp_id IN (SELECT erp_id FROM _baseline_rows)""",
+            "INSERT INTO sync_pending SELECT DISTINCT ?, 'erp', erp_id FROM _baseline_rows",
             [entity],
         )
     finally:
         con.unregister("_baseline_rows")
+
+
+def merge_into_baseline(
+    con: duckdb.DuckDBPyConnection,
+    entity: str,
+    rows_sql: str,
+    *,
+    existing_sql: str | None = None,
+) -> int:
+    """Merge (erp_id, field, crm_value, erp_value) rows from `rows_sql` into `sync_baseline`
+    (later rows of the same field win). `existing_sql`, when given, returns (erp_id, base_row,
+    crm_values, erp_values) of the records' current baseline rows read earlier in the same
+    transaction, so the table is not searched again. Returns the number of records written."""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _merge_new AS
+            SELECT erp_id, json_group_object(field, crm_value) AS c,
+                   json_group_object(field, erp_value) AS e
+            FROM (SELECT DISTINCT ON (erp_id, field) * FROM ({rows_sql}))
+            GROUP BY erp_id"""
+    )
+    if existing_sql is None:
+        existing_sql = f"""SELECT b.erp_id, b.rowid AS base_row, b.crm_values, b.erp_values
+            FROM sync_baseline b WHERE b.entity = '{_entity(entity)}'
+              AND b.erp_id IN (SELECT erp_id FROM _merge_new)"""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _merge_rows AS
+            SELECT n.erp_id, x.base_row,
+                   CASE WHEN x.base_row IS NULL THEN n.c
+                        ELSE json_merge_patch(x.crm_values, n.c) END AS crm_values,
+                   CASE WHEN x.base_row IS NULL THEN n.e
+                        ELSE json_merge_patch(x.erp_values, n.e) END AS erp_values
+            FROM _merge_new n
+            LEFT JOIN (SELECT DISTINCT ON (erp_id) * FROM ({existing_sql})) x
+              ON x.erp_id = n.erp_id"""
+    )
+    (n,) = con.execute("SELECT count(*) FROM _merge_rows").fetchone()
+    if n:
+        con.execute(
+            """DELETE FROM sync_baseline WHERE rowid IN
+               (SELECT base_row FROM _merge_rows WHERE base_row IS NOT NULL)"""
+        )
+        con.execute(
+            """INSERT INTO sync_baseline
+               SELECT ?, erp_id, crm_values, erp_values, now()::TIMESTAMP FROM _merge_rows""",
+            [entity],
+        )
+    con.execute("DROP TABLE _merge_rows")
+    con.execute("DROP TABLE _merge_new")
+    return int(n)
+
+
+def _entity(entity: str) -> str:
+    if entity not in ("company", "contact") and not entity.isidentifier():
+        raise ValueError(f"unsafe entity name {entity!r}")
+    return entity
 
 
 def record_agreement(
@@ -120,67 +213,61 @@ def record_creation(
     baseline (so an edit made in the CRM before the next pass is seen as a CRM change, not
     overwritten by the initial policy). Runs inside the caller's transaction."""
     ensure_schema(con)
-    con.execute(
-        """DELETE FROM sync_baseline WHERE entity = ? AND erp_id = ? AND field IN
-             (SELECT field FROM sync_creation_baseline WHERE entity = ? AND erp_id = ?)""",
-        [entity, erp_id, entity, erp_id],
-    )
-    con.execute(
-        """INSERT INTO sync_baseline
-           SELECT entity, erp_id, field, value, value, now()::TIMESTAMP
-           FROM sync_creation_baseline WHERE entity = ? AND erp_id = ?""",
-        [entity, erp_id],
+    merge_into_baseline(
+        con,
+        entity,
+        f"""SELECT erp_id, field, value AS crm_value, value AS erp_value
+            FROM sync_creation_baseline
+            WHERE entity = '{_entity(entity)}' AND erp_id = {_literal(erp_id)}""",
     )
     con.execute(
         "DELETE FROM sync_creation_baseline WHERE entity = ? AND erp_id = ?", [entity, erp_id]
     )
-    con.execute(
-        "DELETE FROM sync_baseline_digest WHERE entity = ? AND erp_id = ?", [entity, erp_id]
-    )
+    _mark_ids(con, entity, [erp_id])
+
+
+def _literal(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def forget(con: duckdb.DuckDBPyConnection, entity: str, erp_ids: Sequence[str]) -> None:
-    """Drop the baseline of records that are no longer linked."""
+    """Drop the baseline of records that are no longer linked (and look at them again: an
+    unlinked Unleashed record is a creation candidate)."""
     ensure_schema(con)
     if not erp_ids:
         return
     ids = [str(x) for x in erp_ids]
-    for table in ("sync_baseline", "sync_baseline_digest"):
-        con.execute(
-            f"DELETE FROM {table} WHERE entity = ? AND erp_id IN (SELECT unnest(?::VARCHAR[]))",
-            [entity, ids],
-        )
+    con.execute(
+        "DELETE FROM sync_baseline WHERE entity = ? AND erp_id IN (SELECT unnest(?::VARCHAR[]))",
+        [entity, ids],
+    )
+    _mark_ids(con, entity, ids)
 
 
-def refresh_digests(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ids_table: str) -> None:
-    """Rebuild the digest of the records listed in `ids_table` (a table with an erp_id column)."""
-    fields = list(mapping.fields)
-    order = ", ".join(f"({i}, '{f}')" for i, f in enumerate(fields))
-    entity = mapping.entity
-    con.execute(
-        f"""DELETE FROM sync_baseline_digest WHERE entity = ?
-            AND erp_id IN (SELECT erp_id FROM {ids_table})""",
-        [entity],
-    )
-    con.execute(
-        f"""INSERT INTO sync_baseline_digest
-            SELECT ?, b.erp_id, hash(list(b.crm_value ORDER BY f.pos)),
-                   hash(list(b.erp_value ORDER BY f.pos))
-            FROM sync_baseline b JOIN (VALUES {order}) f(pos, field) ON f.field = b.field
-            WHERE b.entity = ? AND b.erp_id IN (SELECT erp_id FROM {ids_table})
-            GROUP BY b.erp_id HAVING count(*) = {len(fields)}""",
-        [entity, entity],
-    )
+def baseline_values(
+    con: duckdb.DuckDBPyConnection, entity: str, erp_id: str
+) -> dict[str, tuple[str, str]]:
+    """field -> (crm value, Unleashed value) of one record's baseline ({} when none)."""
+    import json
+
+    row = con.execute(
+        "SELECT crm_values, erp_values FROM sync_baseline WHERE entity = ? AND erp_id = ?",
+        [entity, erp_id],
+    ).fetchone()
+    if row is None:
+        return {}
+    crm, erp = json.loads(row[0]), json.loads(row[1])
+    return {f: (crm[f], erp.get(f, "")) for f in crm}
 
 
 def settle(
     con: duckdb.DuckDBPyConnection,
-    mappings: Mapping[str, EntityMapping],
+    mappings: Mapping[str, Any],
     *,
     default_region: str = "GB",
 ) -> int:
     """Set the baseline of every linked record and field whose two sides already agree
-    (after normalisation). Returns how many baseline rows were written.
+    (after normalisation). Returns how many records' baselines were written.
 
     The planner does the same as part of `plan_changes`; this entry point is for callers that
     want the baseline caught up without planning."""

@@ -1,12 +1,8 @@
 """Derived columns on the raw snapshot tables, computed once when a row changes.
 
-The planner compares every linked record on every pass. Parsing the JSON `data` of millions of
-rows each time is what made that slow, so what it needs from `data` is kept next to it:
+Link matching and the creation search compare match keys of millions of rows; extracting them
+from the JSON `data` of every row on each pass is what made that slow, so they are kept next to it:
 
-- `_digest UBIGINT` (the CRM and Unleashed table of each mapped entity): 64-bit hash of the
-  record's mapped raw values in mapping order (`projection.digest_expr`), the same hash the
-  baseline digest is built with, so "did this side move since the last agreement?" is one integer
-  comparison (see baseline.py).
 - `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_sales_ledgers._key_account_code`):
   the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
   matching join on these instead of extracting keys from every row.
@@ -17,8 +13,11 @@ rows each time is what made that slow, so what it needs from `data` is kept next
 `refresh` brings them up to date with one `UPDATE ... WHERE` stale per table. The extract assets
 call it right after each upsert (so the cost is paid once per changed row, at extract time), and
 the planner and link matching call it again first (a scan of two timestamp columns when nothing
-is stale). The column set and SQL are fingerprinted per table in `derived_state`: when a mapping
-changes (a field added, a path or key changed), every row of that table is recomputed.
+is stale). Every row it recomputes in a mapping's CRM or Unleashed table is also put on the
+planner's next pass (`baseline.sync_pending`): that is how the planner learns what changed
+without comparing whole tables. The column set and SQL are fingerprinted per table in
+`derived_state`: when a mapping changes (a field added, a path or key changed), every row of that
+table is recomputed.
 
 The columns are added with `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`, so no schema migration is
 needed; writers must name their columns on insert (store.upsert_snapshot does).
@@ -34,11 +33,11 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from sync_pipeline.mapping.projection import digest_expr, ident
+from sync_pipeline import baseline
+from sync_pipeline.mapping.projection import ident
 from sync_pipeline.mapping.schema import EntityMapping
 
 MARK = "_derived_mod"
-DIGEST = "_digest"
 STATE_DDL = """CREATE TABLE IF NOT EXISTS derived_state (
     table_name VARCHAR PRIMARY KEY, fingerprint VARCHAR, refreshed_at TIMESTAMP
 )"""
@@ -52,7 +51,8 @@ def key_column(key_name: str) -> str:
 
 def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[str, str]]]:
     """table -> {column: (type, SQL expression over the row's `data`)} for every raw table the
-    mappings read through a digest or a match key."""
+    mappings read a match key from, and every mapping's CRM and Unleashed table (possibly with no
+    columns: their rows are still tracked for the planner)."""
     from sync_pipeline.links import key_expr  # links imports this module
 
     out: dict[str, dict[str, tuple[str, str]]] = {}
@@ -64,8 +64,8 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
         cols[col] = (typ, expr)
 
     for mapping in mappings.values():
-        add(mapping.crm.table, DIGEST, "UBIGINT", digest_expr(mapping, "crm"))
-        add(mapping.erp.table, DIGEST, "UBIGINT", digest_expr(mapping, "erp"))
+        out.setdefault(mapping.crm.table, {})
+        out.setdefault(mapping.erp.table, {})
         for key in mapping.match.keys:
             crm_table = key.crm_table or mapping.crm.table
             add(crm_table, key_column(key.name), "VARCHAR", key_expr(key, "crm"))
@@ -111,6 +111,11 @@ def refresh(
     t0 = time.perf_counter()
     stats = RefreshStats()
     wanted = columns(mappings)
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for mapping in mappings.values():
+        owners.setdefault(mapping.crm.table, []).append((mapping.entity, "crm"))
+        owners.setdefault(mapping.erp.table, []).append((mapping.entity, "erp"))
+    baseline.ensure_schema(con)
     only = None if tables is None else set(tables)
     con.execute(STATE_DDL)
     for table, cols in wanted.items():
@@ -136,17 +141,19 @@ def refresh(
         )
         (n,) = con.execute("SELECT count(*) FROM _derived_stale").fetchone()
         if n:
-            exprs = ", ".join(f"{expr} AS {ident(c)}" for c, (_, expr) in cols.items())
-            sets = ", ".join(f"{ident(c)} = v.{ident(c)}" for c in cols)
+            exprs = "".join(f"{expr} AS {ident(c)}, " for c, (_, expr) in cols.items())
+            sets = "".join(f"{ident(c)} = v.{ident(c)}, " for c in cols)
             con.execute(
                 f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
-                    SELECT rowid AS row_id, {exprs}, {_MOD} AS mark FROM {t}
+                    SELECT rowid AS row_id, id, {exprs}{_MOD} AS mark FROM {t}
                     WHERE rowid IN (SELECT row_id FROM _derived_stale)"""
             )
             con.execute(
-                f"""UPDATE {t} SET {sets}, {MARK} = v.mark
+                f"""UPDATE {t} SET {sets}{MARK} = v.mark
                     FROM _derived_values v WHERE {t}.rowid = v.row_id"""
             )
+            for entity, side in owners.get(table, []):
+                baseline.mark_pending(con, entity, side, "SELECT id FROM _derived_values")
             con.execute("DROP TABLE _derived_values")
         con.execute("DROP TABLE _derived_stale")
         stats.rows[table] = int(n)

@@ -241,6 +241,9 @@ def _link_by_key(
                 FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1""",
             [key.name],
         ).fetchall()[0]
+    baseline.mark_pending(
+        con, entity, "erp", "SELECT erp_id FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1"
+    )
     ambiguous = con.execute(
         """SELECT key_value, list(DISTINCT crm_id ORDER BY crm_id) AS crm_ids,
                   list(DISTINCT erp_id ORDER BY erp_id) AS erp_ids

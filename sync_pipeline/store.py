@@ -246,7 +246,10 @@ def deactivate_missing_children(
         if gone:
             ids = [g[0] for g in gone]
             con.execute(
-                f"UPDATE {table} SET active = FALSE, extracted_at = ? WHERE id IN "
+                # The mark is cleared so that derived.refresh puts the record on the planner's
+                # next pass, as for any other write.
+                f"UPDATE {table} SET active = FALSE, extracted_at = ?, {DERIVED_MARK} = NULL "
+                "WHERE id IN "
                 f"(SELECT unnest(?::VARCHAR[]))",
                 [utcnow(), ids],
             )

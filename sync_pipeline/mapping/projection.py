@@ -73,13 +73,3 @@ def projection_sql(mapping: EntityMapping, side: str, fields: Sequence[str] | No
     if side not in ("crm", "erp"):
         raise ValueError(f"side must be 'crm' or 'erp', not {side!r}")
     return _side(mapping, side, fields)
-
-
-def digest_expr(mapping: EntityMapping, side: str, alias: str = "") -> str:
-    """64-bit hash of all mapped raw values of one side, in mapping order.
-
-    Compared with the baseline digest it tells, without looking at single fields, that
-    nothing on this side moved since the last agreement (see baseline.py).
-    """
-    paths = [getattr(spec, side) for spec in mapping.fields.values()]
-    return f"hash({values_list_expr(paths, alias)})"
