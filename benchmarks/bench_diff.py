@@ -3,8 +3,8 @@
 For each size: build the raw snapshot tables as the product holds them (store.ensure_schema:
 id PRIMARY KEY; derived match-key columns filled by `derived.refresh`, the product's code
 path), links and the one-row-per-record baseline, as a cycle that agreed on everything leaves
-them (nothing pending). Then edit about 1% of records on each side (one mapped field each, some
-on both sides = conflicts, some invalid websites, some formatting-only edits, some new Unleashed
+them (nothing pending). Then edit about 1% of the mapped field values on each side (some on
+both sides = conflicts, some invalid websites, some formatting-only edits, some new Unleashed
 contacts and customers) the way an extract's upsert changes rows (new data, derived columns
 marked stale).
 
@@ -190,7 +190,7 @@ STALE = "_derived_mod = NULL"
 
 
 def _edit(con, mappings, n: int) -> dict:
-    """About 1% of records edited on each side (one field each), plus conflicts and specials.
+    """About 1% of all field values edited on each side, plus conflicts and specials.
 
     Rows are changed the way an extract's upsert changes them (new data, derived columns marked
     stale); `derived.refresh` then runs as part of each measured cycle."""
@@ -200,12 +200,14 @@ def _edit(con, mappings, n: int) -> dict:
     for entity, m in mappings.items():
         lt = LINK_TABLES[entity]
         fields = list(m.fields.items())
-        nf = len(fields)
         for side, table, key in (("crm", m.crm.table, "crm_id"), ("erp", m.erp.table, "erp_id")):
-            # Side-specific 1% of records; the field is chosen by a second hash. Records with
-            # hash % 1000 == 7 are edited on both sides in the same field (conflicts).
+            # Each field of each record is edited with probability 1% on this side (a hash of
+            # record, field and side); a field with hash % 1000 == 7 is edited on both sides
+            # (a conflict). So about 1% of all field values change on each side, and a record
+            # may have several fields edited.
             salt = 1 if side == "crm" else 2
-            sets = []
+            patched = "t.data"
+            any_chosen, counted = [], []
             for pos, (name, spec) in enumerate(fields):
                 path = getattr(spec, side)
                 if name == "account_manager":
@@ -216,29 +218,34 @@ def _edit(con, mappings, n: int) -> dict:
                         "'Email', 'Rep4@Example.com')"
                     )
                     top = path.split(".")[0]
-                    sets.append((pos, f"json_object('{top}', {new})"))
+                    patch = f"json_object('{top}', {new})"
                 elif name == "website":
-                    sets.append(
-                        (pos, f"json_object('{path}', 'https://new-' || {key} || '.example.org')")
-                    )
+                    patch = f"json_object('{path}', 'https://new-' || {key} || '.example.org')"
                 elif spec.normaliser == "phone":
-                    sets.append(
-                        (pos, f"json_object('{path}', {_phone('hash(' + key + ') % 99991')})")
-                    )
+                    patch = f"json_object('{path}', {_phone(f'hash({key}, {pos}) % 99991')})"
                 elif spec.normaliser == "email":
-                    sets.append((pos, f"json_object('{path}', 'new.' || {key} || '@example.net')"))
+                    patch = f"json_object('{path}', 'new{pos}.' || {key} || '@example.net')"
                 else:
-                    sets.append((pos, f"json_object('{path}', 'Renamed {side} ' || {key})"))
-            case = " ".join(f"WHEN {pos} THEN {expr}" for pos, expr in sets)
-            pick = f"(hash(l.erp_id, 'field') % {nf})"
-            chosen = f"(hash(l.erp_id, {salt}) % 100 = 0 OR hash(l.erp_id) % 1000 = 7)"
+                    patch = f"json_object('{path}', 'Renamed {side} ' || {key})"
+                chosen = (
+                    f"(hash(l.erp_id, {pos}, {salt}) % 100 = 0 OR hash(l.erp_id, {pos}) % 1000 = 7)"
+                )
+                patched = (
+                    f"json_merge_patch({patched}, CASE WHEN {chosen} THEN {patch} ELSE '{{}}' END)"
+                )
+                any_chosen.append(chosen)
+                counted.append(f"count(*) FILTER (WHERE {chosen})")
             con.execute(
-                f"""UPDATE {table} t SET data = json_merge_patch(t.data, CASE {pick} {case} END),
+                f"""UPDATE {table} t SET data = {patched},
                         modified = t.modified + INTERVAL ({salt}) HOUR, {STALE}
-                    FROM {lt} l WHERE t.id = l.{key} AND {chosen}"""
+                    FROM {lt} l WHERE t.id = l.{key} AND ({" OR ".join(any_chosen)})"""
             )
-            (k,) = con.execute(f"SELECT count(*) FROM {lt} l WHERE {chosen}").fetchall()[0]
-            counts[f"{entity}_{side}_edited"] = k
+            row = con.execute(
+                f"SELECT {', '.join(counted)}, count(*) FILTER (WHERE {' OR '.join(any_chosen)}) "
+                f"FROM {lt} l"
+            ).fetchone()
+            counts[f"{entity}_{side}_fields_edited"] = int(sum(row[:-1]))
+            counts[f"{entity}_{side}_records_edited"] = int(row[-1])
         # 0.05% invalid websites typed in the CRM (rejected), 0.05% formatting-only phone edits.
         if entity == "company":
             con.execute(

@@ -258,19 +258,3 @@ def baseline_values(
         return {}
     crm, erp = json.loads(row[0]), json.loads(row[1])
     return {f: (crm[f], erp.get(f, "")) for f in crm}
-
-
-def settle(
-    con: duckdb.DuckDBPyConnection,
-    mappings: Mapping[str, Any],
-    *,
-    default_region: str = "GB",
-) -> int:
-    """Set the baseline of every linked record and field whose two sides already agree
-    (after normalisation). Returns how many records' baselines were written.
-
-    The planner does the same as part of `plan_changes`; this entry point is for callers that
-    want the baseline caught up without planning."""
-    from sync_pipeline.diff import settle_entities  # the candidate search lives with the diff
-
-    return settle_entities(con, mappings, default_region=default_region)

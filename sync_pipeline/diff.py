@@ -16,18 +16,17 @@ The plan is returned as a DataFrame with exactly `PLAN_COLUMNS` and written to `
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sync_pipeline import baseline, derived, links
-from sync_pipeline.mapping.normalise import normalise_series, phone_digits
+from sync_pipeline import baseline, decide, derived, links
+from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
 from sync_pipeline.mapping.validate import ValidationContext, validate
@@ -115,38 +114,6 @@ class _Context:
         )
 
 
-class _Equality:
-    """Normalised comparison with a per-pass cache, so each distinct value is normalised once."""
-
-    def __init__(self, kind: str, region: str) -> None:
-        self.kind, self.region = kind, region
-        self.cache: dict[str, str] = {}
-
-    def norm(self, values: pd.Series) -> pd.Series:
-        values = values.fillna("").astype(object)
-        if self.kind in ("text", "name", "email", "exact"):
-            return normalise_series(self.kind, values, self.region)
-        todo = pd.unique(values[~values.isin(self.cache.keys())])
-        if len(todo):
-            done = normalise_series(self.kind, pd.Series(todo, dtype=object), self.region)
-            self.cache.update(zip(todo, done, strict=True))
-        return values.map(self.cache)
-
-    def differs(self, a: pd.Series, b: pd.Series) -> pd.Series:
-        a = a.fillna("").astype(object)
-        b = b.fillna("").astype(object)
-        out = pd.Series(False, index=a.index)
-        mask = (a != b).to_numpy(dtype=bool).copy()
-        if self.kind == "phone" and mask.any():
-            idx = a.index[mask]
-            cheap = (phone_digits(a[idx]) != phone_digits(b[idx])).to_numpy()
-            mask[mask] = cheap  # same digits and prefix: same number, skip phonenumbers
-        if mask.any():
-            idx = a.index[mask]
-            out[idx] = self.norm(a[idx]).to_numpy() != self.norm(b[idx]).to_numpy()
-        return out
-
-
 # SQL passes --------------------------------------------------------------------------------
 
 
@@ -212,11 +179,10 @@ def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     con.execute("DROP TABLE _ids")
 
 
-def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFrame:
-    """(record, field) rows of the candidate records (`_cand`) whose raw values moved from the
-    baseline, or differ with no baseline yet. Fields with no baseline whose raw values are
-    identical are settled in SQL (`_SETTLED_IN_SQL`: the common first-sync case needs no
-    normaliser).
+def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+    """`_cand_fields`: (record, field) rows of the candidate records (`_cand`) whose raw values
+    moved from the baseline, or that have no baseline yet (decide.py settles those whose raw
+    values are identical without a normaliser: the common first-sync case).
 
     Each candidate's baseline row is read once, with its rowid, into `_w`; the settle step
     merges into it from there instead of searching `sync_baseline` again."""
@@ -246,23 +212,26 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
                          JOIN _erp_rows e ON e.id = k.erp_id
                          LEFT JOIN _base b ON b.erp_id = k.erp_id"""
     )
+    # Only the positions whose raw values moved (or that have no baseline) are unpivoted: most
+    # candidate records changed in one field of several.
+    moved = (
+        f"list_filter(range(1, {len(names) + 1}), "
+        "lambda i: bc[i] IS NULL OR cv[i] <> bc[i] OR ev[i] <> be[i])"
+    )
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _cand_fields AS
         WITH f AS (SELECT * FROM (VALUES {_field_order(mapping)}) f(pos, field)),
-        long AS (
-            SELECT w.crm_id, w.erp_id, w.crm_parent_id, w.erp_parent_id, w.crm_modified,
-                   w.erp_modified, {_label_expr(mapping, "crm", "w.cv")} AS crm_label,
-                   {_label_expr(mapping, "erp", "w.ev")} AS erp_label,
-                   f.field, w.cv[f.pos] AS crm_value, w.ev[f.pos] AS erp_value,
-                   w.bc[f.pos] AS base_crm, w.be[f.pos] AS base_erp
-            FROM _w w CROSS JOIN f)
-        SELECT * FROM long
-        WHERE base_crm IS NULL OR crm_value <> base_crm OR erp_value <> coalesce(base_erp, '')"""
+        x AS (SELECT crm_id, erp_id, crm_parent_id, erp_parent_id, crm_modified, erp_modified,
+                     cv, ev, bc, be, unnest({moved}) AS pos
+              FROM _w)
+        SELECT x.crm_id, x.erp_id, x.crm_parent_id, x.erp_parent_id, x.crm_modified,
+               x.erp_modified, {_label_expr(mapping, "crm", "x.cv")} AS crm_label,
+               {_label_expr(mapping, "erp", "x.ev")} AS erp_label,
+               f.field, x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
+               x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp
+        FROM x JOIN f ON f.pos = x.pos"""
     )
     con.execute("DROP TABLE _base")
-    return _frame(
-        con, "SELECT * FROM _cand_fields WHERE NOT (base_crm IS NULL AND crm_value = erp_value)"
-    )
 
 
 def _frame(con: duckdb.DuckDBPyConnection, sql: str) -> pd.DataFrame:
@@ -271,42 +240,20 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str) -> pd.DataFrame:
     return con.execute(sql).to_arrow_table().to_pandas()
 
 
-_SETTLED_IN_SQL = """SELECT erp_id, field, crm_value, erp_value
-    FROM _cand_fields WHERE base_crm IS NULL AND crm_value = erp_value"""
-
-
-def _write_settles(
-    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, frame: pd.DataFrame
-) -> int:
-    """Baseline values for the fields found to agree (settled in SQL, or by a normaliser in
-    `frame`), merged into the candidates' baseline rows read earlier in this pass (by rowid,
-    so `sync_baseline` is not searched again). Leaves the settled (erp_id, field) pairs in
-    `_settled`; returns how many there are."""
-    cols = ["erp_id", "field", "crm_value", "erp_value"]
-    rows = frame[cols].astype(object) if not frame.empty else pd.DataFrame(columns=cols)
-    for c in ("crm_value", "erp_value"):
-        rows[c] = rows[c].where(rows[c].notna(), "")
-    con.register("_settle_frame", rows)
-    try:
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _settled AS
-                {_SETTLED_IN_SQL}
-                UNION ALL
-                SELECT erp_id, field, crm_value, erp_value FROM _settle_frame"""
-        )
-    finally:
-        con.unregister("_settle_frame")
-    (n,) = con.execute("SELECT count(*) FROM _settled").fetchone()
+def _write_settles(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+    """Baseline values for the fields found to agree (`_agreed`, from decide.py), merged into
+    the candidates' baseline rows read earlier in this pass (by rowid, so `sync_baseline` is not
+    searched again)."""
+    (n,) = con.execute("SELECT count(*) FROM _agreed").fetchone()
     if n:
         baseline.merge_into_baseline(
             con,
             mapping.entity,
-            "SELECT * FROM _settled",
+            "SELECT * FROM _agreed",
             existing_sql="""SELECT erp_id, base_row, base_crm_values AS crm_values,
                                    base_erp_values AS erp_values
                             FROM _w WHERE base_row IS NOT NULL""",
         )
-    return int(n)
 
 
 def _keep_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, looked: bool) -> None:
@@ -318,159 +265,21 @@ def _keep_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, looked
     unsettled = ""
     if looked:
         unsettled = """UNION SELECT f.erp_id FROM _cand_fields f
-            WHERE NOT EXISTS (SELECT 1 FROM _settled s
+            WHERE NOT EXISTS (SELECT 1 FROM _agreed s
                               WHERE s.erp_id = f.erp_id AND s.field = f.field)"""
     baseline.mark_pending(
         con, entity, "erp", f"SELECT erp_id FROM _scan WHERE crm_id IS NULL {unsettled}"
     )
 
 
-# Decisions ----------------------------------------------------------------------------------
+# Refusals ----------------------------------------------------------------------------------
 
 
-def _q(value: Any) -> str:
-    """A value as a person reads it in a reason: quoted, '' for empty."""
-    text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-    return repr(text)
+def _problem(mapping: EntityMapping, ctx: _Context) -> Callable[[str, str, str], str | None]:
+    """problem(field, op, value): why the target system would refuse `value`, or None."""
 
-
-def _record(entity: str, label: str, crm_id: Any, erp_id: Any) -> str:
-    ids = []
-    if crm_id is not None and not (isinstance(crm_id, float) and np.isnan(crm_id)):
-        ids.append(f"CRM {crm_id}")
-    ids.append(f"Unleashed {erp_id}")
-    return f"{entity} {label!r} ({' / '.join(ids)})"
-
-
-def _decide_field(
-    g: pd.DataFrame, mapping: EntityMapping, name: str, ctx: _Context
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Plan rows and settle rows for the candidate rows of one field."""
-    spec = mapping.fields[name]
-    eq = _Equality(spec.normaliser, ctx.region)
-    same = ~eq.differs(g["crm_value"], g["erp_value"])
-    settle = g.loc[same, ["erp_id", "field", "crm_value", "erp_value"]]
-    g = g.loc[~same].copy()
-    if g.empty:
-        return g, settle
-    has_base = g["base_crm"].notna()
-    c_raw = has_base & (g["crm_value"] != g["base_crm"])
-    e_raw = has_base & (g["erp_value"] != g["base_erp"])
-    # The two baseline values agree after normalisation, and these rows' sides differ. So when
-    # only one side's raw value moved, that side changed: no normaliser call is needed. Only
-    # rows where both raw values moved are compared with their baselines.
-    c_moved = c_raw & ~e_raw
-    e_moved = e_raw & ~c_raw
-    both_raw = c_raw & e_raw
-    if both_raw.any():
-        sub = g[both_raw]
-        c_moved[both_raw] = eq.differs(sub["crm_value"], sub["base_crm"])
-        e_moved[both_raw] = eq.differs(sub["erp_value"], sub["base_erp"])
-    direction = mapping.direction(name)
-    # A one-way field only listens to its source side: edits on the other side are ignored.
-    c_counts = c_moved if direction != "erp_to_crm" else pd.Series(False, index=g.index)
-    e_counts = e_moved if direction != "crm_to_erp" else pd.Series(False, index=g.index)
-    only_c = c_counts & ~e_counts
-    only_e = e_counts & ~c_counts
-    both = c_counts & e_counts
-    # No baseline, or a baseline neither side moved away from (e.g. the normaliser changed):
-    # there is no change to follow, so the initial policy decides.
-    initial = ~has_base | (~c_moved & ~e_moved)
-    newer_crm = (g["crm_modified"] > g["erp_modified"]).fillna(False).astype(bool)
-
-    winner = pd.Series(None, index=g.index, dtype=object)
-    policy = pd.Series(None, index=g.index, dtype=object)
-    conflict = pd.Series(False, index=g.index)
-    kind = pd.Series("", index=g.index, dtype=object)
-
-    if direction == "crm_to_erp":
-        initial_side, initial_label = pd.Series("crm", index=g.index), "crm"
-    elif direction == "erp_to_crm":
-        initial_side, initial_label = pd.Series("erp", index=g.index), "erp"
-    elif ctx.initial_policy == "newest":
-        initial_side, initial_label = newer_crm.map({True: "crm", False: "erp"}), "newest"
-    else:
-        initial_side = pd.Series(ctx.initial_policy, index=g.index)
-        initial_label = ctx.initial_policy
-    winner[initial] = initial_side[initial]
-    policy[initial] = f"initial:{initial_label}"
-    kind[initial] = "initial"
-    winner[only_c] = "crm"
-    kind[only_c] = "changed"
-    winner[only_e] = "erp"
-    kind[only_e] = "changed"
-    if both.any():
-        p = ctx.policy(mapping, name)
-        if p == "newest":
-            winner[both] = newer_crm[both].map({True: "crm", False: "erp"})
-        else:
-            winner[both] = p
-        policy[both] = p
-        conflict[both] = True
-        kind[both] = "conflict"
-
-    g["winner"], g["policy"], g["conflict"], g["kind"] = winner, policy, conflict, kind
-    g = g[g["winner"].notna()].copy()
-    if g.empty:
-        return g, settle
-    to_erp = g["winner"] == "crm"
-    g["op"] = np.where(to_erp, "update_erp", "update_crm")
-    g["new_value"] = np.where(to_erp, g["crm_value"], g["erp_value"])
-    g["baseline_value"] = np.where(to_erp, g["base_erp"], g["base_crm"])
-    g["reason"] = _reasons(g, mapping, name, direction)
-    _validate(g, mapping, name, ctx)
-    return g, settle
-
-
-def _reasons(g: pd.DataFrame, mapping: EntityMapping, name: str, direction: str) -> list[str]:
-    """One human-readable reason per planned row (plain lists: itertuples is ~10x slower)."""
-    label = name.replace("_", " ")
-    cols = ["winner", "kind", "policy", "crm_value", "erp_value", "base_crm", "base_erp"]
-    winner, kind, policy, crm, erp, base_crm, base_erp = (g[c].tolist() for c in cols)
-    out = []
-    for i, w in enumerate(winner):
-        win = SIDE_NAME[w]
-        k = kind[i]
-        if k == "changed":
-            source, base = (crm[i], base_crm[i]) if w == "crm" else (erp[i], base_erp[i])
-            text = f"{win} changed {label} from {_q(base)} to {_q(source)}"
-            if direction != "both":
-                lose = SIDE_NAME["erp" if w == "crm" else "crm"]
-                text += f"; {label} flows {win} → {lose} only"
-        elif k == "conflict":
-            how = ""
-            if policy[i] == "newest":
-                how = (
-                    " (CRM record modified later)"
-                    if w == "crm"
-                    else " (Unleashed record modified later or at the same time)"
-                )
-            crm_mod, erp_mod = g["crm_modified"].iat[i], g["erp_modified"].iat[i]
-            text = (
-                f"conflict: both sides changed {label} from {_q(base_crm[i])}: "
-                f"CRM {_q(crm[i])} (modified {crm_mod}), "
-                f"Unleashed {_q(erp[i])} (modified {erp_mod}); "
-                f"{win} wins by policy {policy[i]}{how}"
-            )
-        else:
-            text = (
-                f"no agreed value yet: CRM {_q(crm[i])}, Unleashed {_q(erp[i])}; "
-                f"{win} wins ({policy[i].replace('initial:', 'initial policy ')})"
-            )
-        out.append(text)
-    return out
-
-
-def _validate(g: pd.DataFrame, mapping: EntityMapping, name: str, ctx: _Context) -> None:
-    """Turn rows whose value the target system would refuse into rejects (in place)."""
-    spec = mapping.fields[name]
-    label = name.replace("_", " ")
-    checks: dict[tuple[str, str], str | None] = {}
-
-    def problem(op: str, value: str) -> str | None:
-        key = (op, value)
-        if key in checks:
-            return checks[key]
+    def problem(name: str, op: str, value: str) -> str | None:
+        spec = mapping.fields[name]
         why = None
         if spec.validator and (op == "update_erp" or spec.validator == "email"):
             why = validate(spec.validator, value, ctx.validation(mapping))
@@ -481,39 +290,14 @@ def _validate(g: pd.DataFrame, mapping: EntityMapping, name: str, ctx: _Context)
             and value.strip()
             and value.strip().casefold() not in ctx.lookup(ref)
         ):
-            why = f"no active record in {ref.table} has {ref.match} {value.strip()!r}"
+            why = f"no active record in {ref.table} has {ref.match} {quote(value.strip())}"
             if ref.table == "crm_users":
                 why = "no active CRM user has this email"
             elif ref.table == "unleashed_salespersons":
                 why = "matches no active Unleashed salesperson (by email)"
-        checks[key] = why
         return why
 
-    whys = [
-        problem(op, "" if v is None else str(v))
-        for op, v in zip(g["op"], g["new_value"], strict=True)
-    ]
-    bad = np.array([w is not None for w in whys])
-    if not bad.any():
-        return
-    reasons = g["reason"].tolist()
-    ops = g["op"].tolist()
-    for i in np.flatnonzero(bad):
-        row = g.iloc[i]
-        label_text = row["crm_label"] or row["erp_label"] or ""
-        target = (
-            "is not accepted by Unleashed"
-            if ops[i] == "update_erp"
-            else ("cannot be written to the CRM")
-        )
-        reasons[i] = (
-            f"{_record(mapping.entity, label_text, row['crm_id'], row['erp_id'])}: "
-            f"{label} {_q(row['new_value'])} {target}: {whys[i]}; not sent ("
-            f"{reasons[i]})"
-        )
-        ops[i] = "reject"
-    g["reason"] = reasons
-    g["op"] = ops
+    return problem
 
 
 # Creations ----------------------------------------------------------------------------------
@@ -608,7 +392,7 @@ def _creations(
                         **base,
                         "op": "reject",
                         "reason": (
-                            f"{what} {label!r} (Unleashed {rec.erp_id}) is not created in the "
+                            f"{what} {quote(label)} (Unleashed {rec.erp_id}) is not created in the "
                             f"CRM: CRM {entity} {', '.join(block.crm_ids)} matches it by "
                             f"{', '.join(sorted(block.methods))} but could not be linked "
                             "(ambiguous or already linked to another record); link them by hand"
@@ -636,7 +420,7 @@ def _creations(
             if spec.validator == "email":
                 why = validate("email", value)
                 if why:
-                    problems.append(f"{n.replace('_', ' ')} {value!r} {why}")
+                    problems.append(f"{n.replace('_', ' ')} {quote(value)} {why}")
             payload[spec.crm] = value
             pending.append({"entity": entity, "erp_id": rec.erp_id, "field": n, "value": value})
         if mapping.crm.parent_key and rec.crm_parent_id is not None:
@@ -651,8 +435,8 @@ def _creations(
                 {
                     **base,
                     "op": "reject",
-                    "reason": f"{what} {label!r} (Unleashed {rec.erp_id}) is not created in the "
-                    f"CRM: {'; '.join(problems)}",
+                    "reason": f"{what} {quote(label)} (Unleashed {rec.erp_id}) is not created "
+                    f"in the CRM: {'; '.join(problems)}",
                 }
             )
             continue
@@ -661,7 +445,7 @@ def _creations(
                 **base,
                 "op": op,
                 "payload": json.dumps(payload, ensure_ascii=False, sort_keys=True),
-                "reason": f"{what} {label!r} is new in Unleashed",
+                "reason": f"{what} {quote(label)} is new in Unleashed",
             }
         )
     con.execute("DELETE FROM sync_creation_baseline WHERE entity = ?", [entity])
@@ -680,11 +464,9 @@ def _creations(
 # Entry points ------------------------------------------------------------------------------
 
 
-def _plan_entity(
-    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context
-) -> pd.DataFrame:
-    """Plan rows for the linked records of one entity on this pass (and leave the creation
-    candidates in `_scan` for `_creations`)."""
+def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context) -> None:
+    """Plan rows for the linked records of one entity on this pass, inserted into `sync_plan`
+    (and the creation candidates left in `_scan` for `_creations`)."""
     _scan(con, mapping)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _cand AS SELECT * FROM _scan WHERE crm_id IS NOT NULL"
@@ -692,26 +474,23 @@ def _plan_entity(
     (n_cand,) = con.execute("SELECT count(*) FROM _cand").fetchone()
     if n_cand == 0:
         _keep_pending(con, mapping, looked=False)
-        return empty_plan()
-    rows = _candidate_fields(con, mapping)
-    planned, settles = [], []
-    active = set(mapping.active_fields(account_manager_sync=ctx.account_manager_sync))
-    for name, g in rows.groupby("field", sort=False):
-        p, s = _decide_field(g, mapping, name, ctx)
-        settles.append(s)
-        if name in active and not p.empty:
-            planned.append(p)
-    settle_rows = pd.concat(settles, ignore_index=True) if settles else pd.DataFrame()
-    _write_settles(con, mapping, settle_rows)
+        return
+    _candidate_fields(con, mapping)
+    decide.decide(
+        con,
+        mapping,
+        region=ctx.region,
+        initial_policy=ctx.initial_policy,
+        policy_of=lambda name: ctx.policy(mapping, name),
+        active=mapping.active_fields(account_manager_sync=ctx.account_manager_sync),
+        problem=_problem(mapping, ctx),
+    )
+    cols = ", ".join(PLAN_COLUMNS)
+    con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _planned")
+    _write_settles(con, mapping)
     _keep_pending(con, mapping, looked=True)
-    for table in ("_cand_fields", "_w", "_settled", "_cand"):
+    for table in ("_cand_fields", "_w", "_agreed", "_planned", "_cand"):
         con.execute(f"DROP TABLE IF EXISTS {table}")
-    if not planned:
-        return empty_plan()
-    out = pd.concat(planned, ignore_index=True)
-    out["entity"] = mapping.entity
-    out["payload"] = None
-    return out[PLAN_COLUMNS]
 
 
 @contextmanager
@@ -786,28 +565,36 @@ def plan_changes(
     ctx = _Context(
         con, default_region, initial_policy, dict(policy_overrides or {}), account_manager_sync
     )
-    parts = []
     with _transaction(con):
+        con.execute(PLAN_DDL)
         for mapping in _ordered(mappings):
-            parts.append(_plan_entity(con, mapping, ctx))
-            parts.append(_creations(con, mapping, ctx))
+            _plan_entity(con, mapping, ctx)
+            write_plan(con, _creations(con, mapping, ctx), replace=False)
             for table in ("_new", "_scan", "_erp_rows"):
                 con.execute(f"DROP TABLE IF EXISTS {table}")
-    parts = [p for p in parts if not p.empty]
-    plan = pd.concat(parts, ignore_index=True) if parts else empty_plan()
-    plan = plan[PLAN_COLUMNS]
+    return read_plan(con)
+
+
+def read_plan(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """`sync_plan` as a DataFrame with exactly `PLAN_COLUMNS`, in a stable order."""
+    plan = _frame(
+        con,
+        f"""SELECT {", ".join(PLAN_COLUMNS)} FROM sync_plan
+            ORDER BY entity, op, erp_parent_id NULLS FIRST, erp_id NULLS FIRST,
+                     field NULLS FIRST""",
+    )
+    if plan.empty:
+        return empty_plan()
     plan["conflict"] = plan["conflict"].fillna(False).astype(bool)
     for col in ("crm_modified", "erp_modified"):
         plan[col] = pd.to_datetime(plan[col])
-    plan = plan.sort_values(
-        ["entity", "op", "erp_parent_id", "erp_id", "field"], na_position="first", kind="stable"
-    ).reset_index(drop=True)
-    write_plan(con, plan)
     return plan
 
 
-def write_plan(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> None:
-    con.execute(PLAN_DDL)
+def write_plan(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, *, replace: bool = True) -> None:
+    """Write plan rows to `sync_plan` (replacing it unless `replace=False`)."""
+    if replace:
+        con.execute(PLAN_DDL)
     if plan.empty:
         return
     try:

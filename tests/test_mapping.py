@@ -178,3 +178,92 @@ def test_phone_fast_path_agrees_with_phonenumbers():
     assert fast_hits > 2000
     assert _fast_phone("020 7946 0000", "US") is None
     assert normalise_phone("+44 20 7946 0000", "US") == "+442079460000"
+
+
+def _sql_vs_python(values: list[tuple[str, str]], region: str = "GB") -> tuple[set, list]:
+    """Normalise (kind, value) pairs with decide.py's SQL rules and with the Python normalisers;
+    returns the pairs the SQL rules decided and those where the two disagree."""
+    import duckdb
+    import pandas as pd
+
+    from sync_pipeline import decide
+    from sync_pipeline.mapping.normalise import normalise
+
+    con = duckdb.connect()
+    frame = pd.DataFrame(values, columns=["kind", "v"]).drop_duplicates()
+    con.register("vals", frame)
+    sql_only = con.execute(decide.canon_select("SELECT kind, v FROM vals", region)).fetchall()
+    decided = [(k, v, n) for k, v, n in sql_only if n is not None]
+    wrong = [
+        (k, v, n, normalise(k, v, region)) for k, v, n in decided if n != normalise(k, v, region)
+    ]
+    both = decide.canonical(con, frame, region)  # SQL, then Python for what SQL left
+    wrong += [
+        (k, v, n, normalise(k, v, region))
+        for k, v, n in zip(both["kind"], both["v"], both["n"], strict=True)
+        if n != normalise(k, v, region)
+    ]
+    return {(k, v) for k, v, _ in decided}, wrong
+
+
+def test_sql_normalisers_agree_with_python_on_generated_values():
+    """The planner decides equality in SQL for printable-ASCII values (decide.py) and in Python
+    for the rest; both must give exactly what mapping/normalise.py gives. 30,000 generated
+    values: random printable ASCII, and website and phone spellings built from the parts that
+    matter (schemes, www., case, trailing dots and slashes, paths, queries, separators,
+    prefixes), plus non-ASCII text that must fall back to Python."""
+    import random
+    import string
+
+    rng = random.Random(11)
+    printable = string.printable[:95]  # space .. ~
+    values: list[tuple[str, str]] = []
+    kinds = ["text", "name", "email", "website", "phone", "exact"]
+    for _ in range(6000):
+        s = "".join(rng.choice(printable) for _ in range(rng.randint(0, 30)))
+        values.append((rng.choice(kinds), s))
+    for _ in range(8000):
+        scheme = rng.choice(["", "http://", "HTTPS://", "ftp://", "a+b.c-d://", "1x://", "://"])
+        www = rng.choice(["", "www.", "WWW.", "www", "ww."])
+        host = rng.choice(["Example.com", "example.co.uk.", "a.b", "localhost", "ex ample.com"])
+        rest = rng.choice(["", "/", "//", "/Path/", "/a?b=/#c/", "?q", "#frag/", "/x.", "/ "])
+        pad = rng.choice(["", " ", "  "])
+        values.append(("website", pad + scheme + www + host + rest + pad))
+    for _ in range(8000):
+        prefix = rng.choice(["+44", "0", "+44 (0)", "(+44)", "0044", "44", "", "(0)", "+1", "+"])
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.choice([8, 9, 10, 11, 12])))
+        chars = list(prefix + digits)
+        for _ in range(rng.randint(0, 5)):
+            chars.insert(rng.randint(0, len(chars)), rng.choice(" -.()/  x#"))
+        values.append(("phone", "".join(chars)))
+    for _ in range(8000):
+        words = [
+            rng.choice(
+                [
+                    "Zoë",
+                    "ÉMILE",
+                    "straße",
+                    "STRASSE",
+                    "李记",
+                    "a\tb",
+                    "x\u00a0y",
+                    "Acme",
+                    "  ",
+                    "O'Brien",
+                    "ﬁne",
+                    "İstanbul",
+                    "ΣΑΣ",
+                ]
+            )
+            for _ in range(rng.randint(1, 4))
+        ]
+        values.append((rng.choice(kinds), rng.choice([" ", "  ", "\t"]).join(words)))
+    decided, wrong = _sql_vs_python(values)
+    assert wrong == [], wrong[:10]
+    # Every printable-ASCII value is decided in SQL, except phones outside the UK fast path.
+    plain = {(k, v) for k, v in values if k != "phone" and all(" " <= c <= "~" for c in v)}
+    assert plain <= decided
+    assert ("phone", "+44 (20) 7946-0000") in _sql_vs_python([("phone", "+44 (20) 7946-0000")])[0]
+    # Other regions: phones always go through phonenumbers.
+    decided, wrong = _sql_vs_python([("phone", "020 7946 0000"), ("phone", "(212) 555-0100")], "US")
+    assert wrong == []
