@@ -23,7 +23,6 @@ import shutil
 import sys
 from typing import Any
 
-import dagster as dg
 import pytest
 from hypothesis import note, settings
 from hypothesis import strategies as st
@@ -178,12 +177,14 @@ class ConvergenceMachine(RuleBasedStateMachine):
         self.emu: Emulators = _SESSION["emu"]
         self.base: cm.Baseline = _SESSION["base"]
         cm.restore(self.emu, self.base)
-        # One harness (definitions, clients) per session; per example a copy of the DuckDB file
-        # as the initial sync left it, default settings and a fresh ephemeral Dagster instance.
+        # One harness (definitions, clients, ephemeral Dagster instance) per session; per example
+        # a copy of the DuckDB file as the initial sync left it, default settings and the
+        # instance wiped (no runs, no events, as a new one would be).
         self.h: ConvergenceHarness = _SESSION["harness"]
         cm.reset_workdir(self.base, _SESSION["workdir"])
+        self.keeper = cm.keep_database_open(self.h.db)
         save_settings(Settings(), self.h.settings_file)
-        self.h.instance = dg.DagsterInstance.ephemeral()
+        self.h.instance.wipe()  # the session's instance, emptied: as fresh as a new one, 25 ms less
         self.companies = [cm.Pair(**vars(p)) for p in self.base.companies]
         self.contacts = [cm.Pair(**vars(p)) for p in self.base.contacts]
         self.edits: list[cm.Edit] = []
@@ -454,7 +455,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             self._quiesce_and_check()
         finally:
             apply.TEST_HOOKS.after_write = None
-            self.h.instance.dispose()
+            self.keeper.close()
 
     def _quiesce_and_check(self) -> None:
         for system in ("crm", "unleashed"):
