@@ -118,10 +118,31 @@ class SyncConfigResource(dg.ConfigurableResource):
     mappings_dir: str = DEFAULT_MAPPINGS
 
     def settings(self) -> Settings:
-        return load_settings(self.settings_file)
+        """The settings as the file says now. Parsed again only when its bytes change: every
+        asset of a run asks (about ten times a cycle) and YAML parsing costs milliseconds, while
+        reading the bytes costs microseconds. Keyed on content, not on modification time, so two
+        writes within one clock tick can never serve a stale copy."""
+        path = Path(self.settings_file)
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return load_settings(path)  # missing: defaults; unreadable: the loader says why
+        cached = _SETTINGS_CACHE.get(str(path))
+        if cached is not None and cached[0] == raw:
+            return cached[1].model_copy(deep=True)
+        settings = load_settings(path)
+        try:
+            if path.read_bytes() == raw:  # not rewritten while it was being parsed
+                _SETTINGS_CACHE[str(path)] = (raw, settings.model_copy(deep=True))
+        except OSError:
+            pass
+        return settings
 
     def mappings(self) -> dict:
         return load_mappings(self.mappings_dir)
+
+
+_SETTINGS_CACHE: dict[str, tuple[bytes, Settings]] = {}
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
