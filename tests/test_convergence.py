@@ -166,6 +166,8 @@ class ConvergenceHarness(Harness):
             api_key=emu.unleashed_api_key, timeout_s=timeout_s, **fast,
         )  # fmt: skip
         self.defs = build_defs(self.resources)
+        self.instance.dispose()
+        self.instance = cm.ephemeral_instance()
 
 
 # ------------------------------------------------------------------------------------------------
