@@ -105,7 +105,12 @@ def canonical(con: duckdb.DuckDBPyConnection, values: pd.DataFrame, region: str)
 
 def _canon_table(con: duckdb.DuckDBPyConnection, values_sql: str, region: str) -> None:
     """`_canon(kind, v, n)` for the distinct (kind, v) of `values_sql`."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _canon AS {canon_select(values_sql, region)}")
+    # `k` is the one join key (kind + NUL + value): joining on kind and value separately lets
+    # the optimizer chain several lookups on `kind` alone, a near cross product.
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _canon AS
+            SELECT kind || chr(0) || v AS k, * FROM ({canon_select(values_sql, region)})"""
+    )
     todo = con.execute("SELECT kind, v FROM _canon WHERE n IS NULL").to_arrow_table().to_pandas()
     if todo.empty:
         return
@@ -119,7 +124,7 @@ def _canon_table(con: duckdb.DuckDBPyConnection, values_sql: str, region: str) -
     try:
         con.execute(
             """UPDATE _canon SET n = p.n FROM _canon_py p
-               WHERE _canon.kind = p.kind AND _canon.v = p.v AND _canon.n IS NULL"""
+               WHERE _canon.k = p.kind || chr(0) || p.v AND _canon.n IS NULL"""
         )
     finally:
         con.unregister("_canon_py")
@@ -206,16 +211,22 @@ def decide(
     )
     con.execute(
         """CREATE OR REPLACE TEMP TABLE _d AS
-        WITH n AS (
+        WITH both_moved AS (  -- the few rows where both raw values left the baseline
+            SELECT c.erp_id, c.field, cn.n <> bc.n AS c_moved, en.n <> be.n AS e_moved
+            FROM (SELECT * FROM _cf WHERE c_raw AND e_raw) c
+            JOIN _canon cn ON cn.k = c.kind || chr(0) || c.crm_value
+            JOIN _canon en ON en.k = c.kind || chr(0) || c.erp_value
+            JOIN _canon bc ON bc.k = c.kind || chr(0) || c.base_crm
+            JOIN _canon be ON be.k = c.kind || chr(0) || c.base_erp),
+        n AS (
             SELECT c.*,
                    c.crm_value = c.erp_value OR cn.n = en.n AS same,
-                   CASE WHEN c.c_raw AND c.e_raw THEN cn.n <> bc.n ELSE c.c_raw END AS c_moved,
-                   CASE WHEN c.c_raw AND c.e_raw THEN en.n <> be.n ELSE c.e_raw END AS e_moved
+                   CASE WHEN c.c_raw AND c.e_raw THEN b.c_moved ELSE c.c_raw END AS c_moved,
+                   CASE WHEN c.c_raw AND c.e_raw THEN b.e_moved ELSE c.e_raw END AS e_moved
             FROM _cf c
-            LEFT JOIN _canon cn ON cn.kind = c.kind AND cn.v = c.crm_value
-            LEFT JOIN _canon en ON en.kind = c.kind AND en.v = c.erp_value
-            LEFT JOIN _canon bc ON bc.kind = c.kind AND bc.v = c.base_crm
-            LEFT JOIN _canon be ON be.kind = c.kind AND be.v = c.base_erp),
+            LEFT JOIN _canon cn ON cn.k = c.kind || chr(0) || c.crm_value
+            LEFT JOIN _canon en ON en.k = c.kind || chr(0) || c.erp_value
+            LEFT JOIN both_moved b ON b.erp_id = c.erp_id AND b.field = c.field),
         m AS (
             SELECT n.*, f.direction, f.conflict_policy, f.initial, f.initial_label, f.active,
                    f.label, f.checked,
