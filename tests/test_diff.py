@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pandas as pd
@@ -290,3 +291,35 @@ def test_unleashed_contact_matching_an_unlinkable_crm_contact_is_reported_not_du
     row = one(plan(w))
     assert row["op"] == "reject" and row["erp_id"] == "c-sam"
     assert "CRM contact 101, 102 matches it by email" in row["reason"]
+
+
+def test_database_from_before_the_pending_set_is_migrated_and_looked_at_in_full(w):
+    """A database written by the earlier layout (baseline one row per field, a digest table, no
+    pending set) is folded into the one-row baseline, and its first pass looks at every record,
+    so an edit extracted before the upgrade is still planned."""
+    old = w.con.execute(
+        """SELECT entity, erp_id, unnest(json_keys(crm_values)) AS field, crm_values, erp_values,
+                  agreed_at FROM sync_baseline"""
+    ).fetchall()
+    w.con.execute("DROP TABLE sync_baseline")
+    w.con.execute("DROP TABLE sync_pending")
+    w.con.execute("DROP TABLE sync_pending_state")
+    w.con.execute(
+        """CREATE TABLE sync_baseline (entity VARCHAR, erp_id VARCHAR, field VARCHAR,
+           crm_value VARCHAR, erp_value VARCHAR, agreed_at TIMESTAMP)"""
+    )
+    w.con.execute("CREATE TABLE sync_baseline_digest (entity VARCHAR, erp_id VARCHAR)")
+    for entity, erp_id, field, crm, erp, at in old:
+        w.con.execute(
+            "INSERT INTO sync_baseline VALUES (?, ?, ?, ?, ?, ?)",
+            [entity, erp_id, field, json.loads(crm)[field], json.loads(erp)[field], at],
+        )
+    w.edit("crm_companies", "12", Name="Acme Renamed")  # extracted before the upgrade
+    w.con.execute("UPDATE crm_companies SET _derived_mod = modified")  # nothing marked stale
+    p = plan(w)
+    r = one(p)
+    assert (r["op"], r["field"], r["new_value"]) == ("update_erp", "name", "Acme Renamed")
+    assert baseline.baseline_values(w.con, "company", "g-acme")["name"] == ("Acme Ltd", "Acme Ltd")
+    tables = {r[0] for r in w.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "sync_baseline_digest" not in tables
+    assert plan(w).equals(p)  # still planned (not yet applied), nothing else appears
