@@ -214,8 +214,6 @@ def capture(emu: Any, workdir: Path) -> Baseline:
 
 def restore(emu: Any, base: Baseline) -> None:
     """Put both servers back to the captured state; clear faults, counts and the CRM rate window."""
-    import httpx
-
     crm, erp = _servers(emu)
     crm.load(copy.deepcopy(base.crm_docs))
     erp.replace_world(
@@ -227,7 +225,7 @@ def restore(emu: Any, base: Baseline) -> None:
     for system in ("crm", "unleashed"):
         emu.set_faults(system)
         emu.reset_stats(system)
-    httpx.post(f"{emu.crm_url}/_admin/ratelimit/reset", timeout=10).raise_for_status()
+    emu._admin("POST", "crm", "/ratelimit/reset")  # noqa: SLF001
 
 
 def scratch_dir(prefix: str) -> Path:

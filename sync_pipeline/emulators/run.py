@@ -76,6 +76,7 @@ class Emulators:
         self.unleashed_api_key = LOCAL_UNLEASHED_API_KEY
         self.crm_token = LOCAL_CRM_TOKEN
         self.world: World | None = None
+        self._admin_http: httpx.Client | None = None
         self._unleashed: ServerThread | None = None
         self._crm: ServerThread | None = None
 
@@ -117,6 +118,9 @@ class Emulators:
             if server is not None:
                 server.stop()
         self._crm = self._unleashed = None
+        if self._admin_http is not None:
+            self._admin_http.close()
+            self._admin_http = None
 
     def __enter__(self) -> Emulators:
         return self.start()
@@ -203,7 +207,12 @@ class Emulators:
 
     def _admin(self, method: str, system: System, path: str, **kwargs: Any) -> dict[str, Any]:
         url = f"{self._server(system).url}{ADMIN_PREFIX}{path}"
-        response = httpx.request(method, url, timeout=10, **kwargs)
+        if self._admin_http is None:
+            # One client for every admin call: a client per call builds an SSL context (loading
+            # the CA bundle) and a connection each time, and tests make dozens of these calls
+            # per scenario (faults on and off, request counts around every job).
+            self._admin_http = httpx.Client(timeout=10)
+        response = self._admin_http.request(method, url, **kwargs)
         response.raise_for_status()
         return response.json()
 
