@@ -37,6 +37,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from sync_pipeline import dbschema
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sync_baseline (
         entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL,
@@ -54,6 +56,8 @@ SCHEMA = [
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    if dbschema.complete(con, dbschema.tables_of(SCHEMA), absent={"sync_baseline": ["field"]}):
+        return
     _migrate_field_rows(con)
     for ddl in SCHEMA:
         con.execute(ddl)

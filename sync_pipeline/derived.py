@@ -91,14 +91,6 @@ class RefreshStats:
         return sum(self.rows.values())
 
 
-def _exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary", [table]
-        ).fetchone()[0]
-    )
-
-
 def refresh(
     con: duckdb.DuckDBPyConnection,
     mappings: Mapping[str, EntityMapping],
@@ -118,50 +110,50 @@ def refresh(
     baseline.ensure_schema(con)
     only = None if tables is None else set(tables)
     con.execute(STATE_DDL)
+    existing = {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE NOT temporary"
+        ).fetchall()
+    }
+    known = dict(con.execute("SELECT table_name, fingerprint FROM derived_state").fetchall())
     for table, cols in wanted.items():
-        if only is not None and table not in only:
-            continue
-        if not _exists(con, table):
+        if (only is not None and table not in only) or table not in existing:
             continue
         t = ident(table)
-        for col, (typ, _) in {**cols, MARK: ("TIMESTAMP", "")}.items():
-            con.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {ident(col)} {typ}")
         fp = _fingerprint(cols)
-        row = con.execute(
-            "SELECT fingerprint FROM derived_state WHERE table_name = ?", [table]
-        ).fetchone()
-        if row is None or row[0] != fp:
+        if known.get(table) != fp:  # new table or changed mapping: (re)compute every row
+            for col, (typ, _) in {**cols, MARK: ("TIMESTAMP", "")}.items():
+                con.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {ident(col)} {typ}")
             con.execute(f"UPDATE {t} SET {MARK} = NULL")
             stats.rebuilt.append(table)
+            con.execute(
+                """INSERT INTO derived_state VALUES (?, ?, now()::TIMESTAMP)
+                   ON CONFLICT (table_name) DO UPDATE
+                   SET fingerprint = excluded.fingerprint, refreshed_at = excluded.refreshed_at""",
+                [table, fp],
+            )
         # Find the stale rows reading only two timestamp columns; an UPDATE with this WHERE
         # would read `data` of every row.
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _derived_stale AS
-                SELECT rowid AS row_id FROM {t} WHERE {MARK} IS NULL OR {MARK} <> {_MOD}"""
-        )
-        (n,) = con.execute("SELECT count(*) FROM _derived_stale").fetchone()
-        if n:
-            exprs = "".join(f"{expr} AS {ident(c)}, " for c, (_, expr) in cols.items())
-            sets = "".join(f"{ident(c)} = v.{ident(c)}, " for c in cols)
-            con.execute(
-                f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
-                    SELECT rowid AS row_id, id, {exprs}{_MOD} AS mark FROM {t}
-                    WHERE rowid IN (SELECT row_id FROM _derived_stale)"""
-            )
-            con.execute(
-                f"""UPDATE {t} SET {sets}{MARK} = v.mark
-                    FROM _derived_values v WHERE {t}.rowid = v.row_id"""
-            )
-            for entity, side in owners.get(table, []):
-                baseline.mark_pending(con, entity, side, "SELECT id FROM _derived_values")
-            con.execute("DROP TABLE _derived_values")
-        con.execute("DROP TABLE _derived_stale")
+        stale = f"{MARK} IS NULL OR {MARK} <> {_MOD}"
+        (n,) = con.execute(f"SELECT count(*) FROM {t} WHERE {stale}").fetchone()
         stats.rows[table] = int(n)
+        if not n:
+            continue
+        exprs = "".join(f"{expr} AS {ident(c)}, " for c, (_, expr) in cols.items())
+        sets = "".join(f"{ident(c)} = v.{ident(c)}, " for c in cols)
         con.execute(
-            """INSERT INTO derived_state VALUES (?, ?, now()::TIMESTAMP)
-               ON CONFLICT (table_name) DO UPDATE
-               SET fingerprint = excluded.fingerprint, refreshed_at = excluded.refreshed_at""",
-            [table, fp],
+            f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
+                WITH s AS (SELECT rowid AS row_id FROM {t} WHERE {stale})
+                SELECT rowid AS row_id, id, {exprs}{_MOD} AS mark FROM {t}
+                WHERE rowid IN (SELECT row_id FROM s)"""
         )
+        con.execute(
+            f"""UPDATE {t} SET {sets}{MARK} = v.mark
+                FROM _derived_values v WHERE {t}.rowid = v.row_id"""
+        )
+        for entity, side in owners.get(table, []):
+            baseline.mark_pending(con, entity, side, "SELECT id FROM _derived_values")
+        con.execute("DROP TABLE _derived_values")
     stats.seconds = time.perf_counter() - t0
     return stats

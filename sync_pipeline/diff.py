@@ -519,28 +519,24 @@ def _ensure(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping
     links.ensure_schema(con)
     baseline.ensure_schema(con)
     derived.refresh(con, mappings)  # usually a no-op: the extracts refresh what they write
+    started = {r[0] for r in con.execute("SELECT entity FROM sync_pending_state").fetchall()}
     for mapping in mappings.values():
-        _start_pending(con, mapping)
+        if mapping.entity not in started:
+            _start_pending(con, mapping)
 
 
 def _start_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     """An entity's first pass on this database looks at every active Unleashed record (and so
     at every link); after that, only at what was put on the pending set."""
-    entity = mapping.entity
-    (done,) = con.execute(
-        "SELECT count(*) FROM sync_pending_state WHERE entity = ?", [entity]
-    ).fetchone()
-    if done:
-        return
     (exists,) = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND NOT temporary",
         [mapping.erp.table],
     ).fetchone()
     if exists:
         baseline.mark_pending(
-            con, entity, "erp", f"SELECT id FROM {ident(mapping.erp.table)} WHERE active"
+            con, mapping.entity, "erp", f"SELECT id FROM {ident(mapping.erp.table)} WHERE active"
         )
-    con.execute("INSERT INTO sync_pending_state VALUES (?)", [entity])
+    con.execute("INSERT INTO sync_pending_state VALUES (?)", [mapping.entity])
 
 
 def plan_changes(

@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import baseline, derived
+from sync_pipeline import baseline, dbschema, derived
 from sync_pipeline.mapping.projection import ident, value_expr
 from sync_pipeline.mapping.schema import EntityMapping, MatchKey
 
@@ -65,6 +65,8 @@ class LinkResult:
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    if dbschema.complete(con, dbschema.tables_of(SCHEMA)):
+        return
     for ddl in SCHEMA:
         con.execute(ddl)
 

@@ -20,6 +20,8 @@ import duckdb
 import pandas as pd
 from filelock import FileLock
 
+from sync_pipeline import dbschema
+
 RAW_TABLES = {
     # table: has parent_id
     "crm_companies": False,
@@ -105,12 +107,14 @@ def to_naive_utc(value: datetime | None) -> datetime | None:
     return value
 
 
-# Raw snapshot rows carry derived columns (digest, match keys) computed from `data` by
+# Raw snapshot rows carry derived columns (match keys) computed from `data` by
 # sync_pipeline.derived; this mark says they are up to date, and every upsert clears it.
 DERIVED_MARK = "_derived_mod"
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    if dbschema.complete(con, dbschema.tables_of(SCHEMA), {t: [DERIVED_MARK] for t in RAW_TABLES}):
+        return
     for ddl in SCHEMA:
         con.execute(ddl)
     for table in RAW_TABLES:
