@@ -141,7 +141,7 @@ def apply_push(
         except CrashForTest:
             raise
         except ApiError as exc:
-            _fail(con, ops, exc, stats)
+            _fail(con, ops, exc, stats, mapping)
     stats.requests = client.stats.total - before
     return stats
 
@@ -318,7 +318,7 @@ def apply_pull(
         except CrashForTest:
             raise
         except ApiError as exc:
-            _fail(con, ops, exc, stats)
+            _fail(con, ops, exc, stats, mapping)
     stats.requests = client.stats.total - before
     return stats
 
@@ -458,6 +458,27 @@ def _complete_creation(
     stats.applied_rows.append({**op, "crm_id": new_id})
 
 
+def _refused(ops: pd.DataFrame, exc: ApiError, mapping: Any) -> set[str]:
+    """The operations a server refusal is about: those whose Unleashed field the server named,
+    else the only operation of the request. Empty when the refusal did not come from a server
+    (e.g. a reference that did not resolve at apply time: retried)."""
+    if not isinstance(exc, ValidationError) or exc.status is None:
+        return set()
+    named = {f.lower() for f in getattr(exc, "fields", [])}
+    if named and mapping is not None:
+        hit = set()
+        for op_id, name in zip(ops["op_id"], ops["field"], strict=True):
+            spec = mapping.fields.get(name) if isinstance(name, str) else None
+            tops = {spec.erp.split(".")[0].lower()} if spec is not None else set()
+            if spec is not None and spec.erp_write is not None:
+                tops.add(spec.erp_write.field.lower())
+            if tops & named:
+                hit.add(op_id)
+        if hit:
+            return hit
+    return set(ops["op_id"]) if len(ops) == 1 else set()
+
+
 def _mark_in_flight(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame) -> None:
     for op_id in ops["op_id"]:
         store.mark(con, op_id, "in_flight")
@@ -494,14 +515,24 @@ def _complete_updates(
 
 
 def _fail(
-    con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, exc: ApiError, stats: ApplyStats
+    con: duckdb.DuckDBPyConnection,
+    ops: pd.DataFrame,
+    exc: ApiError,
+    stats: ApplyStats,
+    mapping: Any = None,
 ) -> None:
     retry_later = isinstance(exc, TransientApiError)
     message = str(exc)
+    refused = _refused(ops, exc, mapping)
     for op_id in ops["op_id"]:
-        # A transient failure after an ambiguous write stays in flight so the next run checks
-        # before redoing; anything else is failed and retried on the next run.
-        status = "in_flight" if retry_later and exc.maybe_applied else "failed"
+        # A value the server refused (400/409/422) is not resent while it is the same change:
+        # the plan reports it as a rejection. A transient failure after an ambiguous write stays
+        # in flight so the next run checks before redoing; anything else is failed and retried
+        # on the next run (other fields of a refused record then go without the refused one).
+        if op_id in refused:
+            status = "refused"
+        else:
+            status = "in_flight" if retry_later and exc.maybe_applied else "failed"
         store.mark(con, op_id, status, message)
     stats.failed += len(ops)
     stats.errors.append(message)

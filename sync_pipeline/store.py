@@ -444,6 +444,16 @@ def mark(con: duckdb.DuckDBPyConnection, op_id: str, status: str, error: str | N
     )
 
 
+def refused(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """op_key -> the server's reason, for changes the target system refused (not resent)."""
+    return dict(
+        con.execute(
+            """SELECT op_key, arg_max(last_error, created_at) FROM outbox
+               WHERE status = 'refused' GROUP BY op_key"""
+        ).fetchall()
+    )
+
+
 def unfinished(con: duckdb.DuckDBPyConnection, ops: Iterable[str]) -> pd.DataFrame:
     return con.execute(
         """SELECT * FROM outbox WHERE status IN ('pending', 'in_flight', 'failed')

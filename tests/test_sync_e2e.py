@@ -499,3 +499,57 @@ def test_two_overlapping_runs_do_not_fail_on_the_duckdb_lock(harness, tmp_path):
         "WHERE data->>'$.UnleashedGuid' IS NOT NULL GROUP BY 1 HAVING n > 1"
     )
     assert dupes.empty
+
+
+def test_a_change_unleashed_refuses_is_a_rejection_not_resent_and_clears_when_changed(harness):
+    """Unleashed keeps first name + last name + email unique per customer, which no validator
+    can know in advance. A CRM edit that collides is refused (HTTP 400): it becomes a rejection
+    naming the record, the field and the server's reason, it is not sent again on later cycles,
+    and a new value goes through and resolves it."""
+    h = harness
+    h.cycle()
+    pair = h.query(
+        """SELECT a.crm_id AS a_crm, b.crm_id AS b_crm, b.erp_id AS b_erp, b.erp_parent_id AS cust,
+                  ea.data->>'$.FirstName' AS first, ea.data->>'$.LastName' AS last,
+                  ea.data->>'$.EmailAddress' AS email
+           FROM contact_links a JOIN contact_links b
+             ON a.erp_parent_id = b.erp_parent_id AND a.erp_id < b.erp_id
+           JOIN unleashed_contacts ea ON ea.id = a.erp_id AND ea.active
+           JOIN unleashed_contacts eb ON eb.id = b.erp_id AND eb.active
+           WHERE coalesce(ea.data->>'$.EmailAddress', '') <> ''
+           ORDER BY a.erp_id LIMIT 1"""
+    ).iloc[0]
+    # Contact B in the CRM takes A's name and email: the same person twice under one customer.
+    h.crm.patch(
+        "Contacts",
+        int(pair["b_crm"]),
+        {"Forename": pair["first"], "Surname": pair["last"], "Email": pair["email"]},
+    )
+    h.push()
+    refused_ops = h.query("SELECT count(*) AS n FROM outbox WHERE status = 'refused'")
+    assert refused_ops.iloc[0]["n"] >= 1
+    # The next run reports it (the other fields of the record may go without it); later runs
+    # do not send it again.
+    h.push()
+    before = _requests_by_endpoint(h, "unleashed")
+    h.cycle()
+    h.push()
+    after = _requests_by_endpoint(h, "unleashed")
+    writes = [k for k in after if k.startswith(("POST", "PUT"))]
+    assert all(after[k] == before.get(k, 0) for k in writes), (before, after)
+    open_ = h.query(
+        "SELECT field, reason FROM rejections WHERE resolved_at IS NULL AND erp_id = ?",
+        [pair["b_erp"]],
+    )
+    assert not open_.empty, "the refused change is reported"
+    reason = open_.iloc[0]["reason"]
+    assert "refused" in reason and "400" in reason and str(pair["b_crm"]) in reason
+    # A different email goes through and the rejection is resolved.
+    h.crm.patch("Contacts", int(pair["b_crm"]), {"Email": "someone.else@example.org"})
+    h.push()
+    contacts = {c.to_wire()["Guid"]: c.to_wire() for c in h.unleashed.list_contacts(pair["cust"])}
+    assert contacts[pair["b_erp"]]["EmailAddress"] == "someone.else@example.org"
+    still = h.query(
+        "SELECT * FROM rejections WHERE resolved_at IS NULL AND erp_id = ?", [pair["b_erp"]]
+    )
+    assert still.empty, still.to_string()

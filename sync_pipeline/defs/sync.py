@@ -5,6 +5,7 @@ import pandas as pd
 
 from sync_pipeline import account_managers, apply, links, store
 from sync_pipeline import diff as diff_mod
+from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
 from sync_pipeline.defs.resources import (
     CrmResource,
@@ -79,6 +80,7 @@ def sync_plan(
         queued = queue_plan(
             con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
         )
+        plan = queued["plan"]
     if refusal:
         context.log.warning(refusal)
     elif not settings.two_way_sync:
@@ -106,6 +108,7 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     Creations from Unleashed (the standard import) always run; updates only with two-way sync on
     and no guard refusing it."""
     store.set_state(con, REFUSAL_KEY, refusal)
+    plan = refused_as_rejections(con, plan)
     rejections = store.sync_rejections(con, plan)
     allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way and not refusal else set())
     ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
@@ -113,7 +116,32 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     keep = [store.op_key(r) for r in ops.to_dict("records")] if not ops.empty else []
     store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
     queued = store.enqueue(con, ops, run_id) if not ops.empty else pd.DataFrame()
-    return {"queued": len(queued), "rejections": rejections, "conflicts": conflicts}
+    return {"queued": len(queued), "rejections": rejections, "conflicts": conflicts, "plan": plan}
+
+
+def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
+    """A change the target system refused (HTTP 400/409/422: apply marks it `refused`) is not
+    sent again while it is the same change: it becomes a rejection naming the record, the field,
+    the value and the server's reason. A new value (or the other side agreeing) ends it."""
+    refused = store.refused(con)
+    if not refused or plan.empty:
+        return plan
+    sub = plan[plan["op"].isin([*UPDATE_OPS, *CREATE_OPS])]
+    keys = {i: store.op_key(r) for i, r in zip(sub.index, sub.to_dict("records"), strict=True)}
+    hits = {i: k for i, k in keys.items() if k in refused}
+    if not hits:
+        return plan
+    plan = plan.copy()
+    for i, key in hits.items():
+        row = plan.loc[i]
+        what = row["field"] if isinstance(row["field"], str) else "the new record"
+        plan.at[i, "reason"] = (
+            f"{row['entity']} (CRM {row['crm_id']} / Unleashed {row['erp_id']}): {what} "
+            f"{quote(row['new_value'] if isinstance(row['new_value'], str) else '')} was refused: "
+            f"{refused[key]}; not sent again until the value changes ({row['reason']})"
+        )
+        plan.at[i, "op"] = "reject"
+    return plan
 
 
 @dg.asset(
