@@ -366,50 +366,74 @@ def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> p
 
     An operation already in the outbox and not yet applied (pending, in flight after a crash,
     failed, deferred) is reused, not duplicated. One applied earlier with the same key is a new
-    occurrence of the same change and gets a new row.
+    occurrence of the same change and gets a new row. Set-based: a first sync queues thousands
+    of operations, which one statement each made slow.
     """
-    now = utcnow()
-    out = []
-    for row in ops.to_dict("records"):
-        row = {k: _clean(v) for k, v in row.items()}
-        key = op_key(row)
-        existing = con.execute(
-            """SELECT op_id FROM outbox WHERE op_key = ? AND status <> 'applied'
-               ORDER BY created_at DESC LIMIT 1""",
-            [key],
-        ).fetchone()
-        if existing:
-            op_id = existing[0]
-            con.execute(
-                """UPDATE outbox SET new_value = ?, payload = ?, reason = ?,
-                   status = CASE WHEN status = 'deferred' THEN 'pending' ELSE status END
-                   WHERE op_id = ?""",
-                [row.get("new_value"), _json(row.get("payload")), row.get("reason"), op_id],
-            )
-        else:
-            n = con.execute("SELECT count(*) FROM outbox WHERE op_key = ?", [key]).fetchone()[0]
-            op_id = f"{key}-{n}"
-            old = row.get("erp_value") if row["op"] == "update_erp" else row.get("crm_value")
-            con.execute(
-                """INSERT INTO outbox (op_id, op_key, run_id, created_at, entity, op, crm_id,
-                     erp_id, crm_parent_id, erp_parent_id, field, old_value, new_value, payload,
-                     conflict, policy, reason, status, attempts)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0)""",
-                [
-                    op_id, key, run_id, now, row["entity"], row["op"], _s(row.get("crm_id")),
-                    _s(row.get("erp_id")), _s(row.get("crm_parent_id")),
-                    _s(row.get("erp_parent_id")), row.get("field"), _s(old),
-                    _s(row.get("new_value")), _json(row.get("payload")),
-                    bool(row.get("conflict") or False), row.get("policy"), row.get("reason"),
-                ],
-            )  # fmt: skip
-        out.append(op_id)
-    if not out:
+    rows = [{k: _clean(v) for k, v in r.items()} for r in ops.to_dict("records")]
+    if not rows:
         return pd.DataFrame()
-    return con.execute(
-        "SELECT * FROM outbox WHERE op_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY created_at",
-        [out],
+    frame = pd.DataFrame(
+        {
+            "pos": range(len(rows)),
+            "op_key": [op_key(r) for r in rows],
+            "entity": [r["entity"] for r in rows],
+            "op": [r["op"] for r in rows],
+            "crm_id": [_s(r.get("crm_id")) for r in rows],
+            "erp_id": [_s(r.get("erp_id")) for r in rows],
+            "crm_parent_id": [_s(r.get("crm_parent_id")) for r in rows],
+            "erp_parent_id": [_s(r.get("erp_parent_id")) for r in rows],
+            "field": [r.get("field") for r in rows],
+            "old_value": [
+                _s(r.get("erp_value") if r["op"] == "update_erp" else r.get("crm_value"))
+                for r in rows
+            ],
+            "new_value": [_s(r.get("new_value")) for r in rows],
+            "payload": [_json(r.get("payload")) for r in rows],
+            "conflict": [bool(r.get("conflict") or False) for r in rows],
+            "policy": [r.get("policy") for r in rows],
+            "reason": [r.get("reason") for r in rows],
+        },
+    ).astype({c: object for c in ("crm_id", "erp_id", "crm_parent_id", "erp_parent_id")})
+    con.register("_enq_rows", frame)
+    try:
+        # The same change twice in one plan is one operation (the later row's values win).
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE _enq AS
+               SELECT e.*, x.op_id AS existing_id, coalesce(c.n, 0) AS n
+               FROM (SELECT * FROM _enq_rows QUALIFY row_number() OVER
+                       (PARTITION BY op_key ORDER BY pos DESC) = 1) e
+               LEFT JOIN (SELECT op_key, arg_max(op_id, created_at) AS op_id FROM outbox
+                          WHERE status <> 'applied'
+                            AND op_key IN (SELECT op_key FROM _enq_rows)
+                          GROUP BY op_key) x ON x.op_key = e.op_key
+               LEFT JOIN (SELECT op_key, count(*) AS n FROM outbox
+                          WHERE op_key IN (SELECT op_key FROM _enq_rows)
+                          GROUP BY op_key) c ON c.op_key = e.op_key"""
+        )
+    finally:
+        con.unregister("_enq_rows")
+    con.execute(
+        """UPDATE outbox SET new_value = e.new_value, payload = e.payload, reason = e.reason,
+             status = CASE WHEN outbox.status = 'deferred' THEN 'pending' ELSE outbox.status END
+           FROM _enq e WHERE outbox.op_id = e.existing_id"""
+    )
+    con.execute(
+        """INSERT INTO outbox (op_id, op_key, run_id, created_at, entity, op, crm_id, erp_id,
+             crm_parent_id, erp_parent_id, field, old_value, new_value, payload, conflict,
+             policy, reason, status, attempts)
+           SELECT op_key || '-' || n, op_key, ?, ?, entity, op, crm_id, erp_id, crm_parent_id,
+                  erp_parent_id, field, old_value, new_value, payload, conflict, policy, reason,
+                  'pending', 0
+           FROM _enq WHERE existing_id IS NULL ORDER BY pos""",
+        [run_id, utcnow()],
+    )
+    out = con.execute(
+        """SELECT o.* FROM outbox o JOIN _enq e
+             ON o.op_id = coalesce(e.existing_id, e.op_key || '-' || e.n)
+           ORDER BY o.created_at, e.pos"""
     ).df()
+    con.execute("DROP TABLE _enq")
+    return out
 
 
 def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Iterable[str]) -> int:
