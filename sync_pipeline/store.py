@@ -365,7 +365,8 @@ def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> p
     """Write planned operations to the outbox before any API call; returns the outbox rows to apply.
 
     An operation already in the outbox and not yet applied (pending, in flight after a crash,
-    failed, deferred) is reused, not duplicated. One applied earlier with the same key is a new
+    failed, deferred, superseded) is reused, not duplicated; deferred and superseded ones become
+    pending again. One applied earlier with the same key is a new
     occurrence of the same change and gets a new row. Set-based: a first sync queues thousands
     of operations, which one statement each made slow.
     """
@@ -413,8 +414,11 @@ def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> p
     finally:
         con.unregister("_enq_rows")
     con.execute(
+        # Planned again: a deferred or superseded operation is wanted again (superseded ones
+        # come from a run with two-way sync off; leaving them superseded lost the edit).
         """UPDATE outbox SET new_value = e.new_value, payload = e.payload, reason = e.reason,
-             status = CASE WHEN outbox.status = 'deferred' THEN 'pending' ELSE outbox.status END
+             status = CASE WHEN outbox.status IN ('deferred', 'superseded') THEN 'pending'
+                           ELSE outbox.status END
            FROM _enq e WHERE outbox.op_id = e.existing_id"""
     )
     con.execute(

@@ -553,3 +553,24 @@ def test_a_change_unleashed_refuses_is_a_rejection_not_resent_and_clears_when_ch
         "SELECT * FROM rejections WHERE resolved_at IS NULL AND erp_id = ?", [pair["b_erp"]]
     )
     assert still.empty, still.to_string()
+
+
+def test_an_edit_held_back_while_two_way_sync_was_off_is_sent_when_it_is_back_on(harness):
+    """Found by `make soak`: an update queued, then dropped from the outbox by a run with two-way
+    sync off (superseded), then planned again with it on, was reused as superseded and never
+    sent. It must go through."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Name": "Held Back Ltd"})
+    h.emu.set_faults("unleashed", rate_429=1.0, retry_after_s=0)  # the push cannot get through
+    h.push()
+    h.emu.set_faults("unleashed")
+    assert _customer(h, pair["erp_id"])["CustomerName"] != "Held Back Ltd"
+    h.set_settings(two_way_sync=False)
+    h.cycle()
+    superseded = h.query("SELECT count(*) AS n FROM outbox WHERE status = 'superseded'")
+    assert superseded.iloc[0]["n"] >= 1
+    h.set_settings(two_way_sync=True)
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["CustomerName"] == "Held Back Ltd"
