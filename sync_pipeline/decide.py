@@ -48,8 +48,6 @@ def quote(value: Any) -> str:
 
 # Normalisers in SQL ---------------------------------------------------------------------------
 
-KINDS = ("text", "name", "email", "website", "phone", "exact")
-
 
 def canon_select(values_sql: str, region: str) -> str:
     """SELECT kind, v, n over the (kind, v) rows of `values_sql` (v VARCHAR, not NULL): n is the

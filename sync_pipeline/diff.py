@@ -44,7 +44,6 @@ PLAN_DDL = """CREATE OR REPLACE TABLE sync_plan (
     crm_modified TIMESTAMP, erp_modified TIMESTAMP, payload JSON
 )"""
 
-SIDE_NAME = {"crm": "CRM", "erp": "Unleashed"}
 RECORD_NAME = {
     ("company", "crm"): "CRM company",
     ("company", "erp"): "Unleashed customer",
@@ -121,7 +120,7 @@ def _field_order(mapping: EntityMapping) -> str:
     return ", ".join(f"({i + 1}, '{f}')" for i, f in enumerate(mapping.fields))
 
 
-def _label_expr(mapping: EntityMapping, side: str, list_col: str) -> str:
+def _label_expr(mapping: EntityMapping, list_col: str) -> str:
     positions = [i + 1 for i, s in enumerate(mapping.fields.values()) if s.normaliser == "name"]
     if not positions:
         return "''"
@@ -225,8 +224,8 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
                      cv, ev, bc, be, unnest({moved}) AS pos
               FROM _w)
         SELECT x.crm_id, x.erp_id, x.crm_parent_id, x.erp_parent_id, x.crm_modified,
-               x.erp_modified, {_label_expr(mapping, "crm", "x.cv")} AS crm_label,
-               {_label_expr(mapping, "erp", "x.ev")} AS erp_label,
+               x.erp_modified, {_label_expr(mapping, "x.cv")} AS crm_label,
+               {_label_expr(mapping, "x.ev")} AS erp_label,
                f.field, x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
                x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp
         FROM x JOIN f ON f.pos = x.pos"""

@@ -21,7 +21,7 @@ import httpx
 from sync_pipeline.clients.base import ApiError, BaseClient, RetrySettings
 from sync_pipeline.clients.records import BadRecord, ListResult
 
-SYSTEM = "CRM"  # the name the sync uses for this side (diff.SIDE_NAME, bad_records.system)
+SYSTEM = "CRM"  # the name the sync uses for this side (reasons, bad_records.system)
 # Entity set -> key field (docs/architecture.md).
 KEYS = {
     "Divisions": "DivisionId",
