@@ -134,7 +134,8 @@ def merge_into_baseline(
     """Merge (erp_id, field, crm_value, erp_value) rows from `rows_sql` into `sync_baseline`
     (later rows of the same field win). `existing_sql`, when given, returns (erp_id, base_row,
     crm_values, erp_values) of the records' current baseline rows read earlier in the same
-    transaction, so the table is not searched again. Returns the number of records written."""
+    transaction, so the table is not searched again; it may read the records being written from
+    `_merge_new(erp_id)`. Returns the number of records written."""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _merge_new AS
             SELECT erp_id, json_group_object(field, crm_value) AS c,

@@ -3,14 +3,15 @@
 Input: `_cand_fields` (diff.py), one row per candidate (record, field) with the two current raw
 values and the two baseline raw values. Output:
 
-- `_planned`: plan rows (update_erp / update_crm / reject) in `diff.PLAN_COLUMNS` order;
-- `_agreed`: (erp_id, field, crm_value, erp_value) of fields whose sides agree after
-  normalisation, to be written to the baseline.
+- `_cf`: those rows with the normal forms the decision needs; the rows where `AGREE` holds
+  (the two sides agree after normalisation) are written to the baseline by diff.py;
+- `_planned` (a view): plan rows (update_erp / update_crm / reject) in `diff.PLAN_COLUMNS`
+  order.
 
 Rows in neither stay unsettled (a one-way field's ignored edit, a field held back by a setting)
 and keep their record on the pending set.
 
-Equality after normalisation is decided on each distinct value once. The normalisers in
+Equality after normalisation is decided per row, in SQL. The normalisers in
 `mapping/normalise.py` are the definition; for printable-ASCII values they have exact SQL
 equivalents here (trim and collapse spaces, lower-case, the website rule, the UK phone fast
 path), which `tests/test_mapping.py` checks against the Python functions on generated values.
@@ -21,7 +22,7 @@ over all rows, so a plan of hundreds of thousands of rows costs DuckDB time, not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import duckdb
@@ -49,43 +50,91 @@ def quote(value: Any) -> str:
 # Normalisers in SQL ---------------------------------------------------------------------------
 
 
+def norm_select(rel_sql: str, inputs: Mapping[str, str], region: str) -> str:
+    """SELECT * from `rel_sql` (which has a `kind` column) plus, for each `out: expr` of
+    `inputs`, the column `out`: the normal form of the text `expr`, or NULL when `expr` is NULL
+    or the value must go through the Python normaliser (see `fill_python`).
+
+    Exact for printable ASCII (where the only whitespace is the space and case-folding is
+    lower-casing): `regexp_full_match(v, '[ -~]*')`. Each step is a column of its own layer so
+    no expression is computed twice; the helper columns are dropped at the end."""
+    layers: list[list[str]] = [[], [], [], [], []]
+    finals, helpers = [], []
+    for out, expr in inputs.items():
+        names = ("v", "plain", "t", "s", "p", "host", "h")
+        v, plain, t, s, p, host, h = (f"_{x}_{out}" for x in names)
+        helpers += [v, plain, t, s, p, host, h]
+        layers[0].append(f"{expr} AS {v}")
+        layers[1].append(
+            f"regexp_full_match({v}, '[ -~]*') AS {plain}, "
+            f"trim(CASE WHEN contains({v}, '  ') THEN regexp_replace({v}, ' +', ' ', 'g') "
+            f"ELSE {v} END) AS {t}"
+        )
+        layers[2].append(
+            f"CASE WHEN kind = 'website' THEN "
+            f"regexp_replace({t}, '^[A-Za-z][A-Za-z0-9+.\\-]*://', '') END AS {s}, "
+            f"CASE WHEN kind = 'phone' THEN translate({t}, ' -.()/', '') END AS {p}"
+        )
+        layers[3].append(f"regexp_extract({s}, '^[^/?#]*') AS {host}")
+        layers[4].append(f"rtrim(lower({host}), '.') AS {h}")
+        phone = (
+            f"""WHEN length({t}) <= 40 AND regexp_full_match({p}, '(\\+44|0)[1-357-9][0-9]{{9}}')
+                 THEN '+44' || right({p}, 10)"""
+            if region == "GB"
+            else ""
+        )
+        finals.append(
+            f"""CASE
+                WHEN kind = 'exact' THEN {v}
+                WHEN NOT {plain} THEN NULL
+                WHEN kind IN ('text', 'name') THEN {t}
+                WHEN kind = 'email' THEN lower({t})
+                WHEN kind = 'website' THEN CASE
+                    WHEN {t} = '' THEN ''
+                    ELSE (CASE WHEN starts_with({h}, 'www.') THEN substr({h}, 5) ELSE {h} END)
+                         || rtrim(substr({s}, length({host}) + 1), '/') END
+                WHEN kind = 'phone' THEN CASE WHEN {t} = '' THEN '' {phone} END
+            END AS {out}"""
+        )
+    sql = f"SELECT * FROM ({rel_sql})"
+    for layer in layers:
+        sql = f"SELECT *, {', '.join(layer)} FROM ({sql})"
+    return f"SELECT * EXCLUDE ({', '.join(helpers)}), {', '.join(finals)} FROM ({sql})"
+
+
 def canon_select(values_sql: str, region: str) -> str:
-    """SELECT kind, v, n over the (kind, v) rows of `values_sql` (v VARCHAR, not NULL): n is the
-    normalised value, or NULL when the value must go through the Python normaliser. Exact for
-    printable ASCII (where the only whitespace is the space and case-folding is lower-casing):
-    `regexp_full_match(v, '[ -~]*')`. Each step is a column so no expression is repeated."""
-    phone = (
-        """WHEN length(t) <= 40 AND regexp_full_match(p, '(\\+44|0)[1-357-9][0-9]{9}')
-             THEN '+44' || right(p, 10)"""
-        if region == "GB"
-        else ""
+    """SELECT kind, v, n over the (kind, v) rows of `values_sql`: n is the normal form by the
+    SQL rules, NULL where the Python normaliser is needed (`norm_select`)."""
+    return f"SELECT kind, v, n FROM ({norm_select(values_sql, {'n': 'v'}, region)})"
+
+
+def fill_python(
+    con: duckdb.DuckDBPyConnection, table: str, inputs: Mapping[str, str], region: str
+) -> None:
+    """Fill the normal forms `norm_select` left NULL in `table` (non-ASCII text, phone numbers
+    that need `phonenumbers`) with the Python normalisers, once per distinct value."""
+    parts = " UNION ".join(
+        f"SELECT kind, {expr} AS v FROM {table} WHERE {out} IS NULL AND {expr} IS NOT NULL"
+        for out, expr in inputs.items()
     )
-    return f"""
-        WITH a AS (
-            SELECT kind, v, regexp_full_match(v, '[ -~]*') AS plain,
-                   trim(regexp_replace(v, ' +', ' ', 'g')) AS t
-            FROM ({values_sql})),
-        b AS (
-            SELECT *,
-                   CASE WHEN kind = 'website'
-                        THEN regexp_replace(t, '^[A-Za-z][A-Za-z0-9+.\\-]*://', '') END AS s,
-                   CASE WHEN kind = 'phone'
-                        THEN regexp_replace(t, '[ \\-.()/]', '', 'g') END AS p
-            FROM a),
-        c AS (SELECT *, regexp_extract(s, '^[^/?#]*') AS host FROM b),
-        d AS (SELECT *, rtrim(lower(host), '.') AS h FROM c)
-        SELECT kind, v, CASE
-            WHEN kind = 'exact' THEN v
-            WHEN NOT plain THEN NULL
-            WHEN kind IN ('text', 'name') THEN t
-            WHEN kind = 'email' THEN lower(t)
-            WHEN kind = 'website' THEN CASE
-                WHEN t = '' THEN ''
-                ELSE (CASE WHEN starts_with(h, 'www.') THEN substr(h, 5) ELSE h END)
-                     || rtrim(substr(s, length(host) + 1), '/') END
-            WHEN kind = 'phone' THEN CASE WHEN t = '' THEN '' {phone} END
-        END AS n
-        FROM d"""
+    todo = con.execute(parts).to_arrow_table().to_pandas()
+    if todo.empty:
+        return
+    frames = []
+    for kind, group in todo.groupby("kind", sort=False):
+        done = normalise_series(str(kind), group["v"], region)
+        frames.append(
+            pd.DataFrame({"_k": kind, "_v": group["v"].astype(object), "_n": done.astype(object)})
+        )
+    con.register("_norm_py", pd.concat(frames, ignore_index=True))
+    try:
+        for out, expr in inputs.items():  # `expr` names columns of `table` only
+            con.execute(
+                f"""UPDATE {table} SET {out} = p._n FROM _norm_py p
+                    WHERE {table}.{out} IS NULL AND p._k = {table}.kind AND p._v = ({expr})"""
+            )
+    finally:
+        con.unregister("_norm_py")
 
 
 def canonical(con: duckdb.DuckDBPyConnection, values: pd.DataFrame, region: str) -> pd.DataFrame:
@@ -93,39 +142,16 @@ def canonical(con: duckdb.DuckDBPyConnection, values: pd.DataFrame, region: str)
     compare it with the Python normalisers)."""
     con.register("_canon_in", values[["kind", "v"]])
     try:
-        _canon_table(con, "SELECT DISTINCT kind, v FROM _canon_in", region)
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _canon AS
+                {canon_select("SELECT DISTINCT kind, v FROM _canon_in", region)}"""
+        )
     finally:
         con.unregister("_canon_in")
+    fill_python(con, "_canon", {"n": "v"}, region)
     out = con.execute("SELECT kind, v, n FROM _canon").to_arrow_table().to_pandas()
     con.execute("DROP TABLE _canon")
     return out
-
-
-def _canon_table(con: duckdb.DuckDBPyConnection, values_sql: str, region: str) -> None:
-    """`_canon(kind, v, n)` for the distinct (kind, v) of `values_sql`."""
-    # `k` is the one join key (kind + NUL + value): joining on kind and value separately lets
-    # the optimizer chain several lookups on `kind` alone, a near cross product.
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _canon AS
-            SELECT kind || chr(0) || v AS k, * FROM ({canon_select(values_sql, region)})"""
-    )
-    todo = con.execute("SELECT kind, v FROM _canon WHERE n IS NULL").to_arrow_table().to_pandas()
-    if todo.empty:
-        return
-    parts = []
-    for kind, group in todo.groupby("kind", sort=False):
-        done = normalise_series(str(kind), group["v"], region)
-        parts.append(
-            pd.DataFrame({"kind": kind, "v": group["v"].astype(object), "n": done.astype(object)})
-        )
-    con.register("_canon_py", pd.concat(parts, ignore_index=True))
-    try:
-        con.execute(
-            """UPDATE _canon SET n = p.n FROM _canon_py p
-               WHERE _canon.k = p.kind || chr(0) || p.v AND _canon.n IS NULL"""
-        )
-    finally:
-        con.unregister("_canon_py")
 
 
 # Decisions --------------------------------------------------------------------------------
@@ -164,6 +190,21 @@ def _fields_frame(
     return pd.DataFrame(rows)
 
 
+# The normal forms a decision needs (inputs of `norm_select`, over `_cand_fields` columns): both
+# sides where their raw values differ, and the baselines where both raw values left them (only a
+# normaliser can tell who really changed).
+NORMS = {
+    "cn": "CASE WHEN crm_value <> erp_value THEN crm_value END",
+    "en": "CASE WHEN crm_value <> erp_value THEN erp_value END",
+    "bcn": "CASE WHEN crm_value <> erp_value AND crm_value <> base_crm AND erp_value <> base_erp "
+    "THEN base_crm END",
+    "ben": "CASE WHEN crm_value <> erp_value AND crm_value <> base_crm AND erp_value <> base_erp "
+    "THEN base_erp END",
+}
+# A (record, field) row of `_cf` whose two sides agree (the baseline takes their values).
+AGREE = "(crm_value = erp_value OR cn = en)"
+
+
 def decide(
     con: duckdb.DuckDBPyConnection,
     mapping: EntityMapping,
@@ -173,11 +214,12 @@ def decide(
     policy_of: Callable[[str], str],
     active: Iterable[str],
     problem: Callable[[str, str, str], str | None],
+    labels_sql: str,
 ) -> None:
-    """Fill `_planned` and `_agreed` from `_cand_fields` (see the module docstring).
+    """Fill `_cf` and define the view `_planned` over `_cand_fields` (see the module docstring).
 
-    `problem(field, op, value)` says why the target system would refuse `value` (or None)."""
-    entity = mapping.entity
+    `problem(field, op, value)` says why the target system would refuse `value` (or None);
+    `labels_sql` gives (erp_id, label): how a rejection names its record."""
     con.execute(Q_MACRO)
     con.register(
         "_fields_in",
@@ -187,44 +229,29 @@ def decide(
         con.execute("CREATE OR REPLACE TEMP TABLE _fields AS SELECT * FROM _fields_in")
     finally:
         con.unregister("_fields_in")
-    # Rows still to decide: not the first-sync fields settled by raw equality in diff.py.
     con.execute(
-        """CREATE OR REPLACE TEMP TABLE _cf AS
-           SELECT c.*, f.kind, c.base_crm IS NOT NULL AS has_base,
-                  c.base_crm IS NOT NULL AND c.crm_value <> c.base_crm AS c_raw,
-                  c.base_crm IS NOT NULL AND c.erp_value <> c.base_erp AS e_raw
-           FROM _cand_fields c JOIN _fields f USING (field)
-           WHERE NOT (c.base_crm IS NULL AND c.crm_value = c.erp_value)"""
+        f"""CREATE OR REPLACE TEMP TABLE _cf AS {
+            norm_select(
+                "SELECT c.*, f.kind FROM _cand_fields c JOIN _fields f USING (field)",
+                NORMS,
+                region,
+            )
+        }"""
     )
-    # The distinct values whose normal form is needed: both sides where they differ raw, and
-    # the baselines where both sides moved raw (only a normaliser can tell who really changed).
-    _canon_table(
-        con,
-        """SELECT DISTINCT kind, v FROM (
-               SELECT kind, crm_value AS v FROM _cf WHERE crm_value <> erp_value
-               UNION ALL SELECT kind, erp_value FROM _cf WHERE crm_value <> erp_value
-               UNION ALL SELECT kind, base_crm FROM _cf WHERE c_raw AND e_raw
-               UNION ALL SELECT kind, base_erp FROM _cf WHERE c_raw AND e_raw)""",
-        region,
-    )
+    fill_python(con, "_cf", NORMS, region)
+    # The decisions, a view read twice (by the refusal checks and by the plan): recomputing the
+    # CASE logic costs less than materialising a wide table.
     con.execute(
-        """CREATE OR REPLACE TEMP TABLE _d AS
-        WITH both_moved AS (  -- the few rows where both raw values left the baseline
-            SELECT c.erp_id, c.field, cn.n <> bc.n AS c_moved, en.n <> be.n AS e_moved
-            FROM (SELECT * FROM _cf WHERE c_raw AND e_raw) c
-            JOIN _canon cn ON cn.k = c.kind || chr(0) || c.crm_value
-            JOIN _canon en ON en.k = c.kind || chr(0) || c.erp_value
-            JOIN _canon bc ON bc.k = c.kind || chr(0) || c.base_crm
-            JOIN _canon be ON be.k = c.kind || chr(0) || c.base_erp),
-        n AS (
-            SELECT c.*,
-                   c.crm_value = c.erp_value OR cn.n = en.n AS same,
-                   CASE WHEN c.c_raw AND c.e_raw THEN b.c_moved ELSE c.c_raw END AS c_moved,
-                   CASE WHEN c.c_raw AND c.e_raw THEN b.e_moved ELSE c.e_raw END AS e_moved
-            FROM _cf c
-            LEFT JOIN _canon cn ON cn.k = c.kind || chr(0) || c.crm_value
-            LEFT JOIN _canon en ON en.k = c.kind || chr(0) || c.erp_value
-            LEFT JOIN both_moved b ON b.erp_id = c.erp_id AND b.field = c.field),
+        f"""CREATE OR REPLACE TEMP VIEW _decided AS
+        WITH n AS (
+            SELECT c.*, c.base_crm IS NOT NULL AS has_base,
+                   CASE WHEN c.base_crm IS NULL THEN false
+                        WHEN c.bcn IS NOT NULL THEN c.cn <> c.bcn
+                        ELSE c.crm_value <> c.base_crm END AS c_moved,
+                   CASE WHEN c.base_crm IS NULL THEN false
+                        WHEN c.ben IS NOT NULL THEN c.en <> c.ben
+                        ELSE c.erp_value <> c.base_erp END AS e_moved
+            FROM _cf c WHERE NOT {AGREE}),
         m AS (
             SELECT n.*, f.direction, f.conflict_policy, f.initial, f.initial_label, f.active,
                    f.label, f.checked,
@@ -232,9 +259,9 @@ def decide(
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
                    coalesce(n.crm_modified > n.erp_modified, false) AS newer_crm
-            FROM n JOIN _fields f USING (field)
-            WHERE NOT n.same)
-        SELECT m.*,
+            FROM n JOIN _fields f USING (field)),
+        d AS (
+            SELECT m.*,
                CASE WHEN c_counts AND e_counts THEN
                         CASE WHEN conflict_policy = 'newest'
                              THEN CASE WHEN newer_crm THEN 'crm' ELSE 'erp' END
@@ -252,30 +279,20 @@ def decide(
                CASE WHEN c_counts AND e_counts THEN conflict_policy
                     WHEN NOT (c_counts OR e_counts) AND is_initial
                       THEN 'initial:' || initial_label END AS policy
-        FROM m"""
+            FROM m)
+        SELECT d.*, winner = 'crm' AS to_erp,
+               CASE WHEN winner = 'crm' THEN 'update_erp' ELSE 'update_crm' END AS op,
+               CASE WHEN winner = 'crm' THEN crm_value ELSE erp_value END AS new_value,
+               CASE WHEN winner = 'crm' THEN base_erp ELSE base_crm END AS baseline_value,
+               CASE WHEN winner = 'crm' THEN 'CRM' ELSE 'Unleashed' END AS win,
+               CASE WHEN winner = 'crm' THEN 'Unleashed' ELSE 'CRM' END AS lose
+        FROM d WHERE winner IS NOT NULL AND active"""
     )
+    _refusals(con, problem, labels_sql)
     con.execute(
-        """CREATE OR REPLACE TEMP TABLE _agreed AS
-           SELECT erp_id, field, crm_value, erp_value FROM _cand_fields
-           WHERE base_crm IS NULL AND crm_value = erp_value
-           UNION ALL
-           SELECT c.erp_id, c.field, c.crm_value, c.erp_value FROM _cf c
-           WHERE NOT EXISTS (SELECT 1 FROM _d d WHERE d.erp_id = c.erp_id AND d.field = c.field)"""
-    )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _planned AS
+        f"""CREATE OR REPLACE TEMP VIEW _planned AS
         WITH p AS (
-            SELECT d.*, winner = 'crm' AS to_erp,
-                   CASE WHEN winner = 'crm' THEN 'update_erp' ELSE 'update_crm' END AS op,
-                   CASE WHEN winner = 'crm' THEN crm_value ELSE erp_value END AS new_value,
-                   CASE WHEN winner = 'crm' THEN base_erp ELSE base_crm END AS baseline_value,
-                   CASE WHEN winner = 'crm' THEN 'CRM' ELSE 'Unleashed' END AS win,
-                   CASE WHEN winner = 'crm' THEN 'Unleashed' ELSE 'CRM' END AS lose
-            FROM _d d WHERE winner IS NOT NULL AND active)
-        SELECT '{entity}' AS entity, op, crm_id, erp_id, crm_parent_id, erp_parent_id, field,
-               crm_value, erp_value, baseline_value, new_value,
-               how = 'conflict' AS conflict, policy,
-               CASE how
+            SELECT p.*, CASE how
                  WHEN 'changed' THEN
                    win || ' changed ' || label || ' from '
                    || _q(CASE WHEN to_erp THEN base_crm ELSE base_erp END) || ' to '
@@ -297,50 +314,57 @@ def decide(
                    'no agreed value yet: CRM ' || _q(crm_value) || ', Unleashed '
                    || _q(erp_value) || '; ' || win || ' wins ('
                    || replace(policy, 'initial:', 'initial policy ') || ')'
+               END AS why_planned,
+               r.why AS refused, r.record_label
+            FROM _decided p LEFT JOIN _refused r ON r.erp_id = p.erp_id AND r.field = p.field)
+        SELECT '{mapping.entity}' AS entity,
+               CASE WHEN refused IS NULL THEN op ELSE 'reject' END AS op,
+               crm_id, erp_id, crm_parent_id, erp_parent_id, field,
+               crm_value, erp_value, baseline_value, new_value,
+               how = 'conflict' AS conflict, policy,
+               CASE WHEN refused IS NULL THEN why_planned ELSE
+                   '{mapping.entity} ' || _q(record_label) || ' ('
+                   || CASE WHEN crm_id IS NULL THEN '' ELSE 'CRM ' || crm_id || ' / ' END
+                   || 'Unleashed ' || erp_id || '): ' || label || ' ' || _q(new_value)
+                   || CASE WHEN op = 'update_erp' THEN ' is not accepted by Unleashed'
+                           ELSE ' cannot be written to the CRM' END
+                   || ': ' || refused || '; not sent (' || why_planned || ')'
                END AS reason,
-               crm_modified, erp_modified, CAST(NULL AS JSON) AS payload,
-               checked, label, coalesce(nullif(crm_label, ''), nullif(erp_label, ''), '')
-                 AS record_label
+               crm_modified, erp_modified, CAST(NULL AS JSON) AS payload
         FROM p"""
     )
-    _reject_refused(con, entity, problem)
-    for table in ("_cf", "_d", "_canon", "_fields"):
-        con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def _reject_refused(
-    con: duckdb.DuckDBPyConnection, entity: str, problem: Callable[[str, str, str], str | None]
+def _refusals(
+    con: duckdb.DuckDBPyConnection,
+    problem: Callable[[str, str, str], str | None],
+    labels_sql: str,
 ) -> None:
-    """Turn planned rows whose value the target system would refuse into rejects. The checks
-    run once per distinct (field, op, value) of the fields that have a validator or a
-    reference (names, websites, emails, account managers), in Python (validators/lookups)."""
-    todo = (
-        con.execute(
-            """SELECT DISTINCT field, op, coalesce(new_value, '') AS value FROM _planned
-               WHERE checked"""
-        )
-        .to_arrow_table()
-        .to_pandas()
+    """`_refused(erp_id, field, why, record_label)`: the decided changes whose value the target
+    system would refuse (they are planned as rejections). The checks run in Python (validators,
+    lookups) once per distinct (field, op, value) of the fields that have a validator or a
+    reference (names, websites, emails, account managers)."""
+    todo = con.execute(
+        "SELECT DISTINCT field, op, coalesce(new_value, '') FROM _decided WHERE checked"
+    ).fetchall()
+    whys = [(f, op, v, why) for f, op, v in todo if (why := problem(f, op, v)) is not None]
+    con.execute(
+        """CREATE OR REPLACE TEMP TABLE _refused (
+               erp_id VARCHAR, field VARCHAR, why VARCHAR, record_label VARCHAR)"""
     )
-    whys = [
-        problem(f, op, v) for f, op, v in zip(todo["field"], todo["op"], todo["value"], strict=True)
-    ]
-    todo["why"] = whys
-    todo = todo[todo["why"].notna()]
-    if not todo.empty:
-        con.register("_whys", todo)
-        try:
-            con.execute(
-                f"""UPDATE _planned p SET op = 'reject', reason =
-                    '{entity} ' || _q(p.record_label) || ' ('
-                    || CASE WHEN p.crm_id IS NULL THEN '' ELSE 'CRM ' || p.crm_id || ' / ' END
-                    || 'Unleashed ' || p.erp_id || '): ' || p.label || ' ' || _q(p.new_value)
-                    || CASE WHEN p.op = 'update_erp' THEN ' is not accepted by Unleashed'
-                            ELSE ' cannot be written to the CRM' END
-                    || ': ' || w.why || '; not sent (' || p.reason || ')'
-                    FROM _whys w
-                    WHERE p.checked AND w.field = p.field AND w.op = p.op
-                      AND w.value = coalesce(p.new_value, '')"""
-            )
-        finally:
-            con.unregister("_whys")
+    if not whys:
+        return
+    con.register("_whys", pd.DataFrame(whys, columns=["field", "op", "value", "why"]))
+    try:
+        con.execute(
+            f"""INSERT INTO _refused
+                WITH r AS (
+                    SELECT d.erp_id, d.field, w.why FROM _decided d
+                    JOIN _whys w ON w.field = d.field AND w.op = d.op
+                                AND w.value = coalesce(d.new_value, '')
+                    WHERE d.checked)
+                SELECT r.erp_id, r.field, r.why, coalesce(l.label, '')
+                FROM r LEFT JOIN ({labels_sql}) l ON l.erp_id = r.erp_id"""
+        )
+    finally:
+        con.unregister("_whys")
