@@ -34,8 +34,10 @@ from sync_pipeline.mapping.schema import EntityMapping
 # What a reason shows for a value: quoted, with quotes, backslashes and line breaks escaped.
 # `quote` below is the same rule in Python, for the reasons written there.
 Q_MACRO = r"""CREATE OR REPLACE TEMP MACRO _q(x) AS
-    '''' || replace(replace(replace(replace(replace(coalesce(x, ''), '\', '\\'), '''', '\'''),
-        chr(10), '\n'), chr(13), '\r'), chr(9), '\t') || ''''"""
+    '''' || CASE WHEN regexp_matches(x, '[\\''\n\r\t]')
+                 THEN replace(replace(replace(replace(replace(x, '\', '\\'), '''', '\'''),
+                      chr(10), '\n'), chr(13), '\r'), chr(9), '\t')
+                 ELSE coalesce(x, '') END || ''''"""  # one regex test: most values need no escape
 
 
 def quote(value: Any) -> str:

@@ -323,3 +323,18 @@ def test_database_from_before_the_pending_set_is_migrated_and_looked_at_in_full(
     tables = {r[0] for r in w.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "sync_baseline_digest" not in tables
     assert plan(w).equals(p)  # still planned (not yet applied), nothing else appears
+
+
+@pytest.mark.parametrize(
+    "value", [None, "", "plain", "it's", "a\\b", "x\ny", "tab\there", "cr\rx", "mix\\'\n", "é'"]
+)
+def test_reasons_quote_values_the_same_way_in_sql_and_python(value):
+    """Plan reasons are built in SQL (`_q`) and in Python (`quote`); a person reading them sees
+    one rule: the value in single quotes, with quotes, backslashes and line breaks escaped."""
+    import duckdb
+
+    from sync_pipeline.decide import Q_MACRO, quote
+
+    con = duckdb.connect()
+    con.execute(Q_MACRO)
+    assert con.execute("SELECT _q(?)", [value]).fetchone()[0] == quote(value)
