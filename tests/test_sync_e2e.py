@@ -544,6 +544,11 @@ def test_a_change_unleashed_refuses_is_a_rejection_not_resent_and_clears_when_ch
     assert not open_.empty, "the refused change is reported"
     reason = open_.iloc[0]["reason"]
     assert "refused" in reason and "400" in reason and str(pair["b_crm"]) in reason
+    # The DuckDB plan table says what the run did: a rejection, not an update.
+    planned = h.query("SELECT field, op, reason FROM sync_plan WHERE erp_id = ?", [pair["b_erp"]])
+    shown = planned[planned["op"] == "reject"]
+    assert set(shown["field"]) == set(open_["field"]), planned.to_string()
+    assert shown["reason"].str.contains("refused").all()
     # A different email goes through and the rejection is resolved.
     h.crm.patch("Contacts", int(pair["b_crm"]), {"Email": "someone.else@example.org"})
     h.push()

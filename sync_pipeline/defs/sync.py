@@ -132,15 +132,31 @@ def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
     if not hits:
         return plan
     plan = plan.copy()
+    changed = []
     for i, key in hits.items():
         row = plan.loc[i]
         what = row["field"] if isinstance(row["field"], str) else "the new record"
-        plan.at[i, "reason"] = (
+        reason = (
             f"{row['entity']} (CRM {row['crm_id']} / Unleashed {row['erp_id']}): {what} "
             f"{quote(row['new_value'] if isinstance(row['new_value'], str) else '')} was refused: "
             f"{refused[key]}; not sent again until the value changes ({row['reason']})"
         )
+        changed.append({k: row[k] for k in ("entity", "op", "crm_id", "erp_id", "field")})
+        changed[-1]["reason"] = reason
+        plan.at[i, "reason"] = reason
         plan.at[i, "op"] = "reject"
+    # The DuckDB table `sync_plan` shows what the run does, as the DataFrame does.
+    con.register("_refused_rows", pd.DataFrame(changed).astype(object))
+    try:
+        con.execute(
+            """UPDATE sync_plan p SET op = 'reject', reason = r.reason FROM _refused_rows r
+               WHERE p.entity = r.entity AND p.op = r.op
+                 AND p.erp_id IS NOT DISTINCT FROM r.erp_id
+                 AND p.crm_id IS NOT DISTINCT FROM r.crm_id
+                 AND p.field IS NOT DISTINCT FROM r.field"""
+        )
+    finally:
+        con.unregister("_refused_rows")
     return plan
 
 
