@@ -30,6 +30,7 @@ import pandas as pd
 
 from sync_pipeline.mapping.normalise import normalise_series
 from sync_pipeline.mapping.schema import EntityMapping
+from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS
 
 # What a reason shows for a value: quoted, with quotes, backslashes and line breaks escaped.
 # `quote` below is the same rule in Python, for the reasons written there.
@@ -187,6 +188,10 @@ def _fields_frame(
                 "active": name in active,
                 "label": name.replace("_", " "),
                 "checked": bool(spec.validator or spec.erp_write or spec.crm_write),
+                # A syntax-only check whose common case SQL can pass (`_SQL_PASSES`).
+                "fast": spec.validator
+                if spec.validator in _SQL_PASSES and not (spec.erp_write or spec.crm_write)
+                else None,
             }
         )
     return pd.DataFrame(rows)
@@ -256,7 +261,7 @@ def decide(
             FROM _cf c WHERE NOT {AGREE}),
         m AS (
             SELECT n.*, f.direction, f.conflict_policy, f.initial, f.initial_label, f.active,
-                   f.label, f.checked,
+                   f.label, f.checked, f.fast,
                    n.c_moved AND f.direction <> 'erp_to_crm' AS c_counts,
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
@@ -337,6 +342,31 @@ def decide(
     )
 
 
+def plain_email_sql(col: str) -> str:
+    """SQL: `col` is an address `validate.check_email` passes by its regex fast path (the same
+    regex, length limits and special-use TLDs), so the library need not see it."""
+    text = f"trim({col})"
+    tlds = ", ".join(f"'{t}'" for t in sorted(SPECIAL_TLDS))
+    return f"""(length({text}) <= 254
+        AND regexp_full_match({text}, '{PLAIN_EMAIL.pattern.removeprefix("^").removesuffix("$")}')
+        AND length(split_part({text}, '@', 1)) <= 64
+        AND lower(regexp_extract({text}, '\\.([^.]*)$', 1)) NOT IN ({tlds}))"""
+
+
+def plain_website_sql(col: str) -> str:
+    """SQL: `col` is an address `validate.check_unleashed_website` certainly passes (http or
+    https, a dotted host of letters, digits and hyphens, a path without spaces)."""
+    return f"regexp_full_match({col}, 'https?://[A-Za-z0-9\\-]+(\\.[A-Za-z0-9\\-]+)+(/[!-~]*)?')"
+
+
+_SQL_PASSES = {"email": plain_email_sql, "unleashed_website": plain_website_sql}
+
+
+def _sql_pass(validator_col: str, value_col: str) -> str:
+    cases = " ".join(f"WHEN '{v}' THEN {f(value_col)}" for v, f in _SQL_PASSES.items())
+    return f"CASE {validator_col} {cases} END"
+
+
 def _refusals(
     con: duckdb.DuckDBPyConnection,
     problem: Callable[[str, str, str], str | None],
@@ -347,7 +377,8 @@ def _refusals(
     lookups) once per distinct (field, op, value) of the fields that have a validator or a
     reference (names, websites, emails, account managers)."""
     todo = con.execute(
-        "SELECT DISTINCT field, op, coalesce(new_value, '') FROM _decided WHERE checked"
+        f"""SELECT DISTINCT field, op, coalesce(new_value, '') FROM _decided
+            WHERE checked AND NOT coalesce({_sql_pass("fast", "new_value")}, false)"""
     ).fetchall()
     whys = [(f, op, v, why) for f, op, v in todo if (why := problem(f, op, v)) is not None]
     con.execute(

@@ -267,3 +267,65 @@ def test_sql_normalisers_agree_with_python_on_generated_values():
     # Other regions: phones always go through phonenumbers.
     decided, wrong = _sql_vs_python([("phone", "020 7946 0000"), ("phone", "(212) 555-0100")], "US")
     assert wrong == []
+
+
+def test_sql_plain_email_check_passes_only_what_the_email_validator_passes():
+    """The planner skips the email library for plain addresses in SQL
+    (decide.plain_email_sql); every address it passes must pass `check_email`, and the common
+    ones must be passed (or the shortcut does nothing)."""
+    import random
+
+    import duckdb
+
+    from sync_pipeline.decide import plain_email_sql
+    from sync_pipeline.mapping.validate import check_email
+
+    rng = random.Random(5)
+    locals_ = ["a", "Jo.Bloggs", "x_y+z", "-", "a..b", ".a", "a.", "é", "a b", "a" * 64, "a" * 65]
+    domains = ["example.com", "Ex-ample.co.uk", "example.test", "a.LOCAL", "x.invalid", "-a.com",
+               "a-.com", "example", "example.c", "e.x" + "a" * 25, "ex_ample.com", "münchen.de",
+               "a." + "b" * 63 + ".com", "localhost", "example.com."]  # fmt: skip
+    pads = ["", " ", "\t", "\n"]
+    values = [
+        rng.choice(pads) + rng.choice(locals_) + rng.choice(["@", "@@", ""]) + rng.choice(domains)
+        + rng.choice(pads)
+        for _ in range(4000)
+    ]  # fmt: skip
+    common = ["Person12@Example.com", "new3.77@example.net", "jo.bloggs+crm@mail.co.uk"]
+    values += ["x" * 245 + "@ab.com", "y" * 64 + "@" + "z" * 190 + ".com", *common]
+    con = duckdb.connect()
+    passed = [
+        v
+        for v in sorted(set(values))
+        if con.execute(f"SELECT coalesce({plain_email_sql('$1')}, false)", [v]).fetchone()[0]
+    ]
+    wrongly = [v for v in passed if check_email(v) is not None]
+    assert not wrongly, wrongly[:5]
+    assert set(common) <= set(passed) and len(passed) > 20
+
+
+def test_sql_plain_website_check_passes_only_what_the_website_rule_passes():
+    """Likewise for Unleashed's website rule (decide.plain_website_sql)."""
+    import random
+
+    import duckdb
+
+    from sync_pipeline.decide import plain_website_sql
+    from sync_pipeline.mapping.validate import check_unleashed_website
+
+    rng = random.Random(6)
+    schemes = ["http://", "https://", "HTTPS://", "ftp://", "", "https:/", "https:///"]
+    hosts = ["example.com", "a.b", "localhost", "ex ample.com", "-x.com", ".a.com", "a..com",
+             "münchen.de", "[::1]", "a.com:80", "user@a.com", "a.com."]  # fmt: skip
+    rests = ["", "/", "/p?q=1#f", "/ x", "?q", "/[", "/\t", "/é"]
+    values = [rng.choice(schemes) + rng.choice(hosts) + rng.choice(rests) for _ in range(3000)]
+    common = ["https://www.example.com", "http://c12.example.com/", "https://new-7.example.org"]
+    con = duckdb.connect()
+    passed = [
+        v
+        for v in sorted(set(values + common))
+        if con.execute(f"SELECT coalesce({plain_website_sql('$1')}, false)", [v]).fetchone()[0]
+    ]
+    wrongly = [v for v in passed if check_unleashed_website(v) is not None]
+    assert not wrongly, wrongly[:5]
+    assert set(common) <= set(passed) and len(passed) > 20
