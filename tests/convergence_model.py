@@ -55,6 +55,7 @@ settings.register_profile(
 )
 
 CI_WORLD = {"companies": 8, "seed": 11}
+CI_SEEDS = {1: 20261126, 2: 31415926}  # the example streams of the two CI halves
 SOAK_WORLD = {"companies": 20, "seed": 23}
 
 # ------------------------------------------------------------------------------------------------
