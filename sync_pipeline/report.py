@@ -30,18 +30,26 @@ def md_table(
     columns: list[str],
     limit: int = 25,
     widths: dict[str, int] | None = None,
+    total: int | None = None,
 ) -> str:
-    """`widths` lets a column show more than the default 40 characters (e.g. a reason)."""
+    """`widths` lets a column show more than the default 40 characters (e.g. a reason);
+    `total` is the number of rows when `rows` holds only the first ones."""
     if not rows:
         return "_none_"
+    total = len(rows) if total is None else total
     widths = widths or {}
     head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
     body = "\n".join(
         "| " + " | ".join(_cell(r.get(c), widths.get(c, 40)) for c in columns) + " |"
         for r in rows[:limit]
     )
-    more = f"\n\n_…and {len(rows) - limit} more_" if len(rows) > limit else ""
+    more = f"\n\n_…and {total - limit} more_" if total > limit else ""
     return head + body + more
+
+
+def frame_table(frame: pd.DataFrame, columns: list[str], limit: int = 25) -> str:
+    """`md_table` of a DataFrame, converting only the rows shown (a plan can have 100,000s)."""
+    return md_table(frame.head(limit).to_dict("records"), columns, limit, total=len(frame))
 
 
 def bad_records_md(bad: Iterable[Any]) -> str:
@@ -56,9 +64,8 @@ def bad_records_md(bad: Iterable[Any]) -> str:
 def plan_md(plan: pd.DataFrame, limit: int = 25) -> str:
     if plan is None or plan.empty:
         return "_nothing to do: both systems agree_"
-    rows = plan.assign(direction=plan["op"].map(OP_LABELS)).to_dict("records")
-    return md_table(
-        rows,
+    return frame_table(
+        plan.assign(direction=plan["op"].map(OP_LABELS)),
         ["direction", "entity", "crm_id", "erp_id", "field", "crm_value", "erp_value",
          "new_value", "conflict", "reason"],
         limit,
@@ -68,17 +75,18 @@ def plan_md(plan: pd.DataFrame, limit: int = 25) -> str:
 def conflicts_md(plan: pd.DataFrame) -> str:
     if plan is None or plan.empty or "conflict" not in plan:
         return "_none_"
-    rows = plan[plan["conflict"].fillna(False).astype(bool)].to_dict("records")
-    return md_table(
-        rows, ["entity", "crm_id", "erp_id", "field", "crm_value", "erp_value", "policy", "reason"]
+    return frame_table(
+        plan[plan["conflict"].fillna(False).astype(bool)],
+        ["entity", "crm_id", "erp_id", "field", "crm_value", "erp_value", "policy", "reason"],
     )
 
 
 def rejections_md(plan: pd.DataFrame) -> str:
     if plan is None or plan.empty:
         return "_none_"
-    rows = plan[plan["op"] == "reject"].to_dict("records")
-    return md_table(rows, ["entity", "crm_id", "erp_id", "field", "new_value", "reason"])
+    return frame_table(
+        plan[plan["op"] == "reject"], ["entity", "crm_id", "erp_id", "field", "new_value", "reason"]
+    )
 
 
 def applied_md(rows: list[dict[str, Any]]) -> str:

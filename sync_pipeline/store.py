@@ -350,6 +350,35 @@ def op_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _texts(frame: pd.DataFrame, name: str) -> list[str | None]:
+    """A column as str-or-None values, as `_s` gives them (vectorised: plans are large)."""
+    if name not in frame:
+        return [None] * len(frame)
+    col = frame[name]
+    missing = col.isna().to_numpy()
+    return [None if m else str(v) for v, m in zip(col.to_numpy(dtype=object), missing, strict=True)]
+
+
+def op_keys(frame: pd.DataFrame) -> list[str]:
+    """`op_key` of every row of a plan frame, computed column-wise (465k rows in ~2 s, not 15)."""
+    if frame.empty:
+        return []
+    entity, op, crm_id, erp_id, field, crm_value, erp_value, new_value, base = (
+        _texts(frame, c)
+        for c in ("entity", "op", "crm_id", "erp_id", "field", "crm_value", "erp_value",
+                  "new_value", "baseline_value")
+    )  # fmt: skip
+    keys = []
+    for i, o in enumerate(op):
+        if (o or "").startswith("create_"):
+            parts = [entity[i], o, erp_id[i]]
+        else:
+            old = erp_value[i] if o == "update_erp" else crm_value[i]
+            parts = [entity[i], o, crm_id[i], erp_id[i], field[i], old, new_value[i], base[i]]
+        keys.append(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24])
+    return keys
+
+
 def _isna(value: Any) -> bool:
     try:
         return value is None or bool(pd.isna(value))
@@ -361,38 +390,47 @@ def _clean(value: Any) -> Any:
     return None if _isna(value) else value
 
 
-def enqueue(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame, run_id: str) -> pd.DataFrame:
+def enqueue(
+    con: duckdb.DuckDBPyConnection,
+    ops: pd.DataFrame,
+    run_id: str,
+    keys: list[str] | None = None,
+) -> pd.DataFrame:
     """Write planned operations to the outbox before any API call; returns the outbox rows to apply.
 
     An operation already in the outbox and not yet applied (pending, in flight after a crash,
     failed, deferred, superseded) is reused, not duplicated; deferred and superseded ones become
     pending again. One applied earlier with the same key is a new
     occurrence of the same change and gets a new row. Set-based: a first sync queues thousands
-    of operations, which one statement each made slow.
+    of operations, which one statement each made slow. `keys` are the rows' `op_keys` when the
+    caller has them already.
     """
-    rows = [{k: _clean(v) for k, v in r.items()} for r in ops.to_dict("records")]
-    if not rows:
+    if ops.empty:
         return pd.DataFrame()
+    keys = op_keys(ops) if keys is None else keys
+    op = _texts(ops, "op")
+    crm_value, erp_value = _texts(ops, "crm_value"), _texts(ops, "erp_value")
+    conflict = ops["conflict"] if "conflict" in ops else pd.Series(False, index=ops.index)
     frame = pd.DataFrame(
         {
-            "pos": range(len(rows)),
-            "op_key": [op_key(r) for r in rows],
-            "entity": [r["entity"] for r in rows],
-            "op": [r["op"] for r in rows],
-            "crm_id": [_s(r.get("crm_id")) for r in rows],
-            "erp_id": [_s(r.get("erp_id")) for r in rows],
-            "crm_parent_id": [_s(r.get("crm_parent_id")) for r in rows],
-            "erp_parent_id": [_s(r.get("erp_parent_id")) for r in rows],
-            "field": [r.get("field") for r in rows],
+            "pos": range(len(ops)),
+            "op_key": keys,
+            "entity": _texts(ops, "entity"),
+            "op": op,
+            "crm_id": _texts(ops, "crm_id"),
+            "erp_id": _texts(ops, "erp_id"),
+            "crm_parent_id": _texts(ops, "crm_parent_id"),
+            "erp_parent_id": _texts(ops, "erp_parent_id"),
+            "field": _texts(ops, "field"),
             "old_value": [
-                _s(r.get("erp_value") if r["op"] == "update_erp" else r.get("crm_value"))
-                for r in rows
+                e if o == "update_erp" else c
+                for o, c, e in zip(op, crm_value, erp_value, strict=True)
             ],
-            "new_value": [_s(r.get("new_value")) for r in rows],
-            "payload": [_json(r.get("payload")) for r in rows],
-            "conflict": [bool(r.get("conflict") or False) for r in rows],
-            "policy": [r.get("policy") for r in rows],
-            "reason": [r.get("reason") for r in rows],
+            "new_value": _texts(ops, "new_value"),
+            "payload": [_json(v) for v in ops["payload"]] if "payload" in ops else None,
+            "conflict": conflict.fillna(False).astype(bool).to_numpy(),
+            "policy": _texts(ops, "policy"),
+            "reason": _texts(ops, "reason"),
         },
     ).astype({c: object for c in ("crm_id", "erp_id", "crm_parent_id", "erp_parent_id")})
     con.register("_enq_rows", frame)
@@ -580,28 +618,58 @@ def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[
     return {"opened": int(opened), "resolved": int(resolved), "open": int(open_count[0])}
 
 
-def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id: str) -> int:
-    """Keep every conflict with both values (once per distinct conflict)."""
+def record_conflicts(
+    con: duckdb.DuckDBPyConnection,
+    plan: pd.DataFrame,
+    run_id: str,
+    keys: list[str] | None = None,
+) -> int:
+    """Keep every conflict with both values (once per distinct conflict); returns how many are
+    new. `keys` are the plan rows' `op_keys` when the caller has them already."""
     if plan.empty or "conflict" not in plan:
         return 0
-    rows = plan[plan["conflict"].fillna(False).astype(bool)]
-    n = 0
-    now = utcnow()
-    for r in rows.to_dict("records"):
-        r = {k: _clean(v) for k, v in r.items()}
-        winner = "crm" if r["op"] == "update_erp" else "erp"
+    mask = plan["conflict"].fillna(False).astype(bool).to_numpy()
+    rows = plan[mask]
+    if rows.empty:
+        return 0
+    all_keys = op_keys(plan) if keys is None else keys
+    frame = pd.DataFrame(
+        {
+            "entity": _texts(rows, "entity"),
+            "crm_id": _texts(rows, "crm_id"),
+            "erp_id": _texts(rows, "erp_id"),
+            "field": _texts(rows, "field"),
+            "crm_value": _texts(rows, "crm_value"),
+            "erp_value": _texts(rows, "erp_value"),
+            "baseline_value": _texts(rows, "baseline_value"),
+            "winner": ["crm" if o == "update_erp" else "erp" for o in _texts(rows, "op")],
+            "policy": _texts(rows, "policy"),
+            "crm_modified": _naive_utc_column(rows, "crm_modified"),
+            "erp_modified": _naive_utc_column(rows, "erp_modified"),
+            "op_key": [k for k, m in zip(all_keys, mask, strict=True) if m],
+        }
+    ).drop_duplicates("op_key")
+    con.register("_conflict_rows", frame)
+    try:
         res = con.execute(
-            """INSERT INTO conflicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO conflicts
+               SELECT ?, ?, entity, crm_id, erp_id, field, crm_value, erp_value, baseline_value,
+                      winner, policy, crm_modified, erp_modified, op_key
+               FROM _conflict_rows
                ON CONFLICT (op_key) DO NOTHING""",
-            [
-                now, run_id, r["entity"], _s(r.get("crm_id")), _s(r.get("erp_id")), r.get("field"),
-                _s(r.get("crm_value")), _s(r.get("erp_value")), _s(r.get("baseline_value")),
-                winner, r.get("policy"), to_naive_utc(_ts(r.get("crm_modified"))),
-                to_naive_utc(_ts(r.get("erp_modified"))), op_key(r),
-            ],
-        ).fetchone()  # fmt: skip
-        n += int(res[0]) if res else 0
-    return n
+            [utcnow(), run_id],
+        ).fetchone()
+    finally:
+        con.unregister("_conflict_rows")
+    return int(res[0]) if res else 0
+
+
+def _naive_utc_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A timestamp column as naive UTC (what the TIMESTAMP columns hold)."""
+    if name not in frame:
+        return pd.Series([pd.NaT] * len(frame), dtype="datetime64[us]")
+    values = pd.to_datetime(frame[name], utc=True).dt.tz_localize(None)
+    return values.reset_index(drop=True)
 
 
 def _ts(value: Any) -> datetime | None:

@@ -338,3 +338,22 @@ def test_reasons_quote_values_the_same_way_in_sql_and_python(value):
     con = duckdb.connect()
     con.execute(Q_MACRO)
     assert con.execute("SELECT _q(?)", [value]).fetchone()[0] == quote(value)
+
+
+def test_operation_keys_computed_column_wise_equal_the_per_row_key(w):
+    """The outbox, conflicts and refusals identify a change by `store.op_key`; for a whole plan
+    it is computed column-wise (`op_keys`). Both must give the same key for every row, or a
+    queued change would be queued twice."""
+    from sync_pipeline import store
+
+    w.edit("crm_companies", "12", Name="Acme Renamed", Website="bad site")
+    w.edit("unleashed_customers", "g-acme", PhoneNumber="+44 20 7946 0999")
+    p = plan(w)
+    extra = pd.DataFrame(
+        [{"entity": "company", "op": "update_crm", "crm_id": 5, "erp_id": "g", "field": "name",
+          "crm_value": "Zoë", "erp_value": "Zoe\n'\"", "new_value": "Zoe",
+          "baseline_value": float("nan")}]
+    )  # fmt: skip
+    frame = pd.concat([p, extra], ignore_index=True)
+    assert len(frame) >= 4
+    assert store.op_keys(frame) == [store.op_key(r) for r in frame.to_dict("records")]

@@ -112,10 +112,10 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     rejections = store.sync_rejections(con, plan)
     allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way and not refusal else set())
     ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
-    conflicts = 0 if ops.empty else store.record_conflicts(con, ops, run_id)
-    keep = [store.op_key(r) for r in ops.to_dict("records")] if not ops.empty else []
+    keep = store.op_keys(ops)
+    conflicts = 0 if ops.empty else store.record_conflicts(con, ops, run_id, keep)
     store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
-    queued = store.enqueue(con, ops, run_id) if not ops.empty else pd.DataFrame()
+    queued = store.enqueue(con, ops, run_id, keep) if not ops.empty else pd.DataFrame()
     return {"queued": len(queued), "rejections": rejections, "conflicts": conflicts, "plan": plan}
 
 
@@ -127,7 +127,7 @@ def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
     if not refused or plan.empty:
         return plan
     sub = plan[plan["op"].isin([*UPDATE_OPS, *CREATE_OPS])]
-    keys = {i: store.op_key(r) for i, r in zip(sub.index, sub.to_dict("records"), strict=True)}
+    keys = dict(zip(sub.index, store.op_keys(sub), strict=True))
     hits = {i: k for i, k in keys.items() if k in refused}
     if not hits:
         return plan
