@@ -382,3 +382,4 @@ class Edit:
     field: str
     side: str  # crm | erp
     value: Any
+    agreed: bool = False  # the other side already held this value (nothing to send)

@@ -223,14 +223,23 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 pair.crm_parent = int(found[0]["DivisionId"])
         return pair.crm_id
 
-    def _record(self, entity: str, pair: cm.Pair, field: str, side: str, value: Any, before: Any):
-        """Track an edit that changed the side's value (after normalisation)."""
+    def _record(
+        self, entity: str, pair: cm.Pair, field: str, side: str, value: Any, before: Any, other: Any
+    ):
+        """Track an edit that changed the side's value (after normalisation); `other` is what the
+        other side held at that moment."""
         cm.TOTALS["operations"] += 1
         if cm.norm(entity, field, value) == cm.norm(entity, field, before):
             note(f"  (same value after normalisation as {before!r}: nothing to sync)")
             return
         self.seq += 1
-        self.edits.append(cm.Edit(self.seq, entity, pair, field, side, value))
+        agreed = cm.norm(entity, field, value) == cm.norm(entity, field, other)
+        self.edits.append(cm.Edit(self.seq, entity, pair, field, side, value, agreed))
+
+    def _other_value(self, state: dict, entity: str, pair: cm.Pair, side: str, field: str) -> Any:
+        if side == "crm":
+            return None if pair.erp_id is None else cm.erp_value(state, entity, pair.erp_id, field)
+        return None if pair.crm_id is None else cm.crm_value(state, entity, pair.crm_id, field)
 
     def _refused(self, what: str, exc: ApiError) -> None:
         cm.TOTALS["operations"] += 1
@@ -258,7 +267,10 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 self.h.crm.patch(entity_set, crm_id, body)
             except ApiError as exc:
                 return self._refused(f"CRM {entity} {field}", exc)
-            self._record(entity, pair, field, side, shown, before)
+            self._record(
+                entity, pair, field, side, shown, before,
+                self._other_value(state, entity, pair, side, field),
+            )  # fmt: skip
             return
         if pair.erp_id is None:
             note(f"  {entity} only exists in the CRM: nothing edited in Unleashed")
@@ -282,7 +294,10 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 self.h.unleashed.update_contact(parent, pair.erp_id, {erp_col: value})
         except ApiError as exc:
             return self._refused(f"Unleashed {entity} {field}", exc)
-        self._record(entity, pair, field, side, shown, before)
+        self._record(
+            entity, pair, field, side, shown, before,
+            self._other_value(state, entity, pair, side, field),
+        )  # fmt: skip
 
     # -- rules: companies --------------------------------------------------------------------------
     @rule(side=SIDES, company=INDEX, value=st.sampled_from(COMPANY_NAMES))
@@ -581,6 +596,11 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 continue
             if rejected(e.entity, p.crm_id, p.erp_id, e.field):
                 continue
+            if e.agreed and any(
+                x.seq > e.seq and x.pair is p and x.field == e.field and x.side != e.side
+                for x in self.edits
+            ):
+                continue  # nothing to send (the other side held it), then moved on over there
             cm.TOTALS["lost"] += 1
             problems.append(
                 f"lost edit #{e.seq}: {e.side} {e.entity} CRM {p.crm_id} / {p.erp_id} {e.field} "
