@@ -6,9 +6,9 @@ can make a linked pair disagree with its baseline (an extract's upsert, a new or
 baseline written by apply) puts the record on `sync_pending` (baseline.py), and the planner reads
 only those records: their ids resolved through the links, their two snapshot rows and their
 one-row baseline, unpivoted to (record, field) rows in DuckDB, keeping the fields whose raw values
-moved. Only those few rows reach pandas, where normalisers (phonenumbers is ~13 µs a value) and
-validators run once per distinct value and the policies are decided with vectorised masks.
-Records left not in agreement stay on the pending set for the next pass.
+moved. decide.py decides those rows in SQL (normal forms per row, the Python normalisers and
+validators only for what SQL cannot settle, once per distinct value). Records left not in
+agreement stay on the pending set for the next pass.
 
 The plan is returned as a DataFrame with exactly `PLAN_COLUMNS` and written to `sync_plan`.
 """
