@@ -395,8 +395,9 @@ def enqueue(
     ops: pd.DataFrame,
     run_id: str,
     keys: list[str] | None = None,
-) -> pd.DataFrame:
-    """Write planned operations to the outbox before any API call; returns the outbox rows to apply.
+) -> int:
+    """Write planned operations to the outbox before any API call; returns how many operations
+    are now waiting in it for this plan (new or reused).
 
     An operation already in the outbox and not yet applied (pending, in flight after a crash,
     failed, deferred, superseded) is reused, not duplicated; deferred and superseded ones become
@@ -406,7 +407,7 @@ def enqueue(
     caller has them already.
     """
     if ops.empty:
-        return pd.DataFrame()
+        return 0
     keys = op_keys(ops) if keys is None else keys
     op = _texts(ops, "op")
     crm_value, erp_value = _texts(ops, "crm_value"), _texts(ops, "erp_value")
@@ -469,13 +470,9 @@ def enqueue(
            FROM _enq WHERE existing_id IS NULL ORDER BY pos""",
         [run_id, utcnow()],
     )
-    out = con.execute(
-        """SELECT o.* FROM outbox o JOIN _enq e
-             ON o.op_id = coalesce(e.existing_id, e.op_key || '-' || e.n)
-           ORDER BY o.created_at, e.pos"""
-    ).df()
+    (n,) = con.execute("SELECT count(*) FROM _enq").fetchone()
     con.execute("DROP TABLE _enq")
-    return out
+    return int(n)
 
 
 def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Iterable[str]) -> int:

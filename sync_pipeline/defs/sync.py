@@ -115,8 +115,8 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     keep = store.op_keys(ops)
     conflicts = 0 if ops.empty else store.record_conflicts(con, ops, run_id, keep)
     store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
-    queued = store.enqueue(con, ops, run_id, keep) if not ops.empty else pd.DataFrame()
-    return {"queued": len(queued), "rejections": rejections, "conflicts": conflicts, "plan": plan}
+    queued = store.enqueue(con, ops, run_id, keep)
+    return {"queued": queued, "rejections": rejections, "conflicts": conflicts, "plan": plan}
 
 
 def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
