@@ -357,3 +357,19 @@ def test_operation_keys_computed_column_wise_equal_the_per_row_key(w):
     frame = pd.concat([p, extra], ignore_index=True)
     assert len(frame) >= 4
     assert store.op_keys(frame) == [store.op_key(r) for r in frame.to_dict("records")]
+
+
+def test_values_only_python_can_normalise_are_compared_in_python(w):
+    """Non-ASCII text and phone numbers outside the UK fast path have no SQL normal form; the
+    planner must fill them with the Python normalisers (decide.fill_python), or they would
+    neither agree nor plan. Both sides edited to equal spellings: nothing planned, and the
+    baseline takes both spellings; a real difference is still planned."""
+    w.edit("crm_companies", "12", Name="Zoë   Trading", Phone="+33 1 42 68 53 00")
+    w.edit("unleashed_customers", "g-acme", CustomerName=" Zoë Trading", PhoneNumber="+33142685300")
+    assert plan(w).empty
+    agreed = baseline.baseline_values(w.con, "company", "g-acme")
+    assert agreed["name"] == ("Zoë   Trading", " Zoë Trading")
+    assert agreed["phone"] == ("+33 1 42 68 53 00", "+33142685300")
+    w.edit("crm_companies", "12", Name="Zoé Trading")
+    r = one(plan(w))
+    assert (r["op"], r["field"], r["new_value"]) == ("update_erp", "name", "Zoé Trading")
