@@ -386,10 +386,6 @@ def _isna(value: Any) -> bool:
         return False
 
 
-def _clean(value: Any) -> Any:
-    return None if _isna(value) else value
-
-
 def enqueue(
     con: duckdb.DuckDBPyConnection,
     ops: pd.DataFrame,
@@ -667,13 +663,3 @@ def _naive_utc_column(frame: pd.DataFrame, name: str) -> pd.Series:
         return pd.Series([pd.NaT] * len(frame), dtype="datetime64[us]")
     values = pd.to_datetime(frame[name], utc=True).dt.tz_localize(None)
     return values.reset_index(drop=True)
-
-
-def _ts(value: Any) -> datetime | None:
-    if _isna(value):
-        return None
-    if isinstance(value, pd.Timestamp):
-        return value.to_pydatetime()
-    if isinstance(value, datetime):
-        return value
-    return pd.Timestamp(value).to_pydatetime()
