@@ -9,6 +9,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from sync_pipeline.decide import quote
+
 OP_LABELS = {
     "update_erp": "CRM → Unleashed",
     "update_crm": "Unleashed → CRM",
@@ -119,7 +121,7 @@ def cycle_report(
         for r in part.head(15).to_dict("records"):
             lines.append(
                 f"  - {r['entity']} crm={r['crm_id']} unleashed={_short(r['erp_id'])} "
-                f"{r['field']}: {_q(r['old_value'])} → {_q(r['new_value'])}"
+                f"{r['field']}: {quote(r['old_value'])} → {quote(r['new_value'])}"
             )
         if len(part) > 15:
             lines.append(f"  … and {len(part) - 15} more (see the audit_log table)")
@@ -141,8 +143,8 @@ def cycle_report(
     lines.append(f"Conflicts resolved: {len(conflicts)}")
     for r in conflicts.head(10).to_dict("records"):
         lines.append(
-            f"  - {r['entity']} crm={r['crm_id']} {r['field']}: CRM {_q(r['crm_value'])} vs "
-            f"Unleashed {_q(r['erp_value'])} → {r['winner'].upper()} wins ({r['policy']})"
+            f"  - {r['entity']} crm={r['crm_id']} {r['field']}: CRM {quote(r['crm_value'])} vs "
+            f"Unleashed {quote(r['erp_value'])} → {r['winner'].upper()} wins ({r['policy']})"
         )
     rejections = con.execute(
         """SELECT entity, crm_id, erp_id, field, value, reason FROM rejections
@@ -175,9 +177,3 @@ def cycle_report(
 def _short(guid: Any) -> str:
     text = "" if guid is None else str(guid)
     return text[:8] + "…" if len(text) > 12 else text
-
-
-def _q(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "''"
-    return repr(str(value))
