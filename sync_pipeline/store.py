@@ -337,17 +337,30 @@ OP_COLUMNS = [
 ]  # fmt: skip
 
 
+# The plan columns an operation's key is made of, in `_key`'s argument order.
+_KEY_COLUMNS = ("entity", "op", "crm_id", "erp_id", "field", "crm_value", "erp_value",
+                "new_value", "baseline_value")  # fmt: skip
+
+
 def op_key(row: dict[str, Any]) -> str:
     """A stable identity for one planned change: same change planned twice → same key."""
-    target_old = row.get("erp_value") if row.get("op") == "update_erp" else row.get("crm_value")
-    parts = [
-        row.get("entity"), row.get("op"), row.get("crm_id"), row.get("erp_id"),
-        row.get("field"), target_old, row.get("new_value"), row.get("baseline_value"),
-    ]  # fmt: skip
-    if row.get("op", "").startswith("create_"):
-        parts = [row.get("entity"), row.get("op"), row.get("erp_id")]
-    text = json.dumps([None if _isna(p) else str(p) for p in parts])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return _key(*(None if _isna(row.get(n)) else str(row.get(n)) for n in _KEY_COLUMNS))
+
+
+def _key(
+    entity: str | None, op: str | None, crm_id: str | None, erp_id: str | None,
+    field: str | None, crm_value: str | None, erp_value: str | None, new_value: str | None,
+    base: str | None,
+) -> str:  # fmt: skip
+    """The key of one change from its values as text (None when missing): a creation is known by
+    its Unleashed record; an update by record, field, the value it replaces, the new value and
+    the baseline."""
+    if (op or "").startswith("create_"):
+        parts = [entity, op, erp_id]
+    else:
+        old = erp_value if op == "update_erp" else crm_value
+        parts = [entity, op, crm_id, erp_id, field, old, new_value, base]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
 def _texts(frame: pd.DataFrame, name: str) -> list[str | None]:
@@ -363,20 +376,8 @@ def op_keys(frame: pd.DataFrame) -> list[str]:
     """`op_key` of every row of a plan frame, computed column-wise (465k rows in ~2 s, not 15)."""
     if frame.empty:
         return []
-    entity, op, crm_id, erp_id, field, crm_value, erp_value, new_value, base = (
-        _texts(frame, c)
-        for c in ("entity", "op", "crm_id", "erp_id", "field", "crm_value", "erp_value",
-                  "new_value", "baseline_value")
-    )  # fmt: skip
-    keys = []
-    for i, o in enumerate(op):
-        if (o or "").startswith("create_"):
-            parts = [entity[i], o, erp_id[i]]
-        else:
-            old = erp_value[i] if o == "update_erp" else crm_value[i]
-            parts = [entity[i], o, crm_id[i], erp_id[i], field[i], old, new_value[i], base[i]]
-        keys.append(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24])
-    return keys
+    columns = [_texts(frame, c) for c in _KEY_COLUMNS]
+    return [_key(*values) for values in zip(*columns, strict=True)]
 
 
 def _isna(value: Any) -> bool:
