@@ -246,6 +246,7 @@ def decide(
         }"""
     )
     fill_python(con, "_cf", NORMS, region)
+    _prior_decisions(con, mapping.entity)
     # The decisions, a view read twice (by the refusal checks and by the plan): recomputing the
     # CASE logic costs less than materialising a wide table.
     con.execute(
@@ -265,13 +266,20 @@ def decide(
                    n.c_moved AND f.direction <> 'erp_to_crm' AS c_counts,
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
-                   coalesce(n.crm_modified > n.erp_modified, false) AS newer_crm
-            FROM n JOIN _fields f USING (field)),
+                   coalesce(n.crm_modified > n.erp_modified, false) AS newer_crm,
+                   k.winner AS kept_winner, k.seen_at AS kept_since
+            FROM n JOIN _fields f USING (field)
+            LEFT JOIN _prior k ON k.erp_id = n.erp_id AND k.field = n.field
+                 AND k.crm_value IS NOT DISTINCT FROM n.crm_value
+                 AND k.erp_value IS NOT DISTINCT FROM n.erp_value
+                 AND k.baseline_value IS NOT DISTINCT FROM
+                     CASE WHEN k.winner = 'crm' THEN n.base_erp ELSE n.base_crm END),
         d AS (
             SELECT m.*,
                CASE WHEN c_counts AND e_counts THEN
                         CASE WHEN conflict_policy = 'newest'
-                             THEN CASE WHEN newer_crm THEN 'crm' ELSE 'erp' END
+                             THEN coalesce(kept_winner,
+                                           CASE WHEN newer_crm THEN 'crm' ELSE 'erp' END)
                              ELSE conflict_policy END
                     WHEN c_counts THEN 'crm'
                     WHEN e_counts THEN 'erp'
@@ -315,6 +323,9 @@ def decide(
                    || coalesce(CAST(erp_modified AS VARCHAR), 'unknown') || '); '
                    || win || ' wins by policy ' || policy
                    || CASE WHEN policy <> 'newest' THEN ''
+                           WHEN kept_winner IS NOT NULL THEN
+                             ' (as decided when this conflict was first seen, '
+                             || CAST(kept_since AS VARCHAR) || '; neither value has changed since)'
                            WHEN to_erp THEN ' (CRM record modified later)'
                            ELSE ' (Unleashed record modified later or at the same time)' END
                  ELSE
@@ -340,6 +351,32 @@ def decide(
                crm_modified, erp_modified, CAST(NULL AS JSON) AS payload
         FROM p"""
     )
+
+
+def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
+    """`_prior`: the last recorded `newest` conflict decision of each candidate (record, field).
+
+    A `newest` conflict is decided once. When the same conflict (the same two values over the
+    same agreed value) is planned again, because the winner's value was refused or its write did
+    not happen yet, it keeps its first winner: the sync's own write to another field of the
+    record moves the record's modified time, and must not turn the decision round. A new value on
+    either side is a new conflict, decided afresh."""
+    (has_log,) = con.execute(
+        """SELECT count(*) FROM duckdb_tables()
+           WHERE table_name = 'conflicts' AND NOT temporary AND database_name = current_database()"""
+    ).fetchone()
+    source = (
+        f"""SELECT erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
+            FROM conflicts WHERE entity = '{entity}' AND policy = 'newest'
+              AND erp_id IN (SELECT erp_id FROM _cf)
+            QUALIFY row_number() OVER (PARTITION BY erp_id, field ORDER BY seen_at DESC) = 1"""
+        if has_log
+        else """SELECT NULL::VARCHAR AS erp_id, NULL::VARCHAR AS field,
+                       NULL::VARCHAR AS crm_value, NULL::VARCHAR AS erp_value,
+                       NULL::VARCHAR AS baseline_value, NULL::VARCHAR AS winner,
+                       NULL::TIMESTAMP AS seen_at WHERE false"""
+    )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _prior AS {source}")
 
 
 def plain_email_sql(col: str) -> str:

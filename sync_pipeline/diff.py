@@ -492,7 +492,7 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
     _keep_pending(con, mapping, looked=True)
     for view in ("_planned", "_decided", "_cand_fields"):
         con.execute(f"DROP VIEW {view}")
-    for table in ("_refused", "_fields", "_cf", "_w", "_cand"):
+    for table in ("_refused", "_prior", "_fields", "_cf", "_w", "_cand"):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 

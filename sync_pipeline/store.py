@@ -612,21 +612,22 @@ def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[
     return {"opened": int(opened), "resolved": int(resolved), "open": int(open_count[0])}
 
 
-def record_conflicts(
-    con: duckdb.DuckDBPyConnection,
-    plan: pd.DataFrame,
-    run_id: str,
-    keys: list[str] | None = None,
-) -> int:
-    """Keep every conflict with both values (once per distinct conflict); returns how many are
-    new. `keys` are the plan rows' `op_keys` when the caller has them already."""
+def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id: str) -> int:
+    """Keep every conflict decision with both values (once per distinct conflict), including one
+    whose winning value is refused (a `reject` row: the winner is the side whose value it is);
+    returns how many are new. The planner keeps a `newest` decision while neither value
+    changes (`decide._prior_decisions`), so `winner` must say who won, not what was sent."""
     if plan.empty or "conflict" not in plan:
         return 0
     mask = plan["conflict"].fillna(False).astype(bool).to_numpy()
     rows = plan[mask]
     if rows.empty:
         return 0
-    all_keys = op_keys(plan) if keys is None else keys
+    ops, news, crms = _texts(rows, "op"), _texts(rows, "new_value"), _texts(rows, "crm_value")
+    winners = [
+        "crm" if op == "update_erp" or (op == "reject" and new == crm) else "erp"
+        for op, new, crm in zip(ops, news, crms, strict=True)
+    ]
     frame = pd.DataFrame(
         {
             "entity": _texts(rows, "entity"),
@@ -636,11 +637,11 @@ def record_conflicts(
             "crm_value": _texts(rows, "crm_value"),
             "erp_value": _texts(rows, "erp_value"),
             "baseline_value": _texts(rows, "baseline_value"),
-            "winner": ["crm" if o == "update_erp" else "erp" for o in _texts(rows, "op")],
+            "winner": winners,
             "policy": _texts(rows, "policy"),
             "crm_modified": _naive_utc_column(rows, "crm_modified"),
             "erp_modified": _naive_utc_column(rows, "erp_modified"),
-            "op_key": [k for k, m in zip(all_keys, mask, strict=True) if m],
+            "op_key": op_keys(rows),
         }
     ).drop_duplicates("op_key")
     con.register("_conflict_rows", frame)

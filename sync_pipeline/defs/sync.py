@@ -110,10 +110,14 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     store.set_state(con, REFUSAL_KEY, refusal)
     plan = refused_as_rejections(con, plan)
     rejections = store.sync_rejections(con, plan)
-    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way and not refusal else set())
+    updates = two_way and not refusal
+    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if updates else set())
     ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
     keep = store.op_keys(ops)
-    conflicts = 0 if ops.empty else store.record_conflicts(con, ops, run_id, keep)
+    # Conflicts decided this pass, including those whose winning value is refused (the decision
+    # stands while neither value changes); not while updates are off, when nothing is decided.
+    decided = plan[plan["op"].isin([*allowed, "reject"])] if updates else ops
+    conflicts = store.record_conflicts(con, decided, run_id)
     store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
     queued = store.enqueue(con, ops, run_id, keep)
     return {"queued": queued, "rejections": rejections, "conflicts": conflicts, "plan": plan}
