@@ -17,6 +17,7 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,21 @@ def norm(entity: str, field_name: str, value: Any) -> str:
 # Counters printed at session end (make soak)
 # ------------------------------------------------------------------------------------------------
 TOTALS: Counter[str] = Counter()
+STARTED = time.monotonic()
+PROGRESS_EVERY = int(os.environ.get("CONVERGENCE_PROGRESS_EVERY", "50"))  # soak progress lines
+
+
+def progress() -> str:
+    """One line for a long soak: how far it is, how fast, and whether anything broke yet."""
+    done = TOTALS["scenarios"] - 1  # the scenario just started is not done
+    minutes = (time.monotonic() - STARTED) / 60
+    bad = "/".join(str(TOTALS[k]) for k in ("lost", "duplicated", "divergent"))
+    return (
+        f"soak progress: {done} scenarios in {minutes:.1f} min "
+        f"({60 * minutes / max(done, 1):.1f} s each), {TOTALS['steps']} steps, "
+        f"{TOTALS['faults_injected']} faults injected, {TOTALS['crashes_recovered']} crashes "
+        f"recovered, lost/duplicated/divergent {bad}"
+    )
 
 
 def report() -> str:

@@ -204,6 +204,9 @@ class ConvergenceMachine(RuleBasedStateMachine):
         self.clean_jobs: list[tuple[str, int]] = []  # (run_id, writes the servers saw)
         self.crashes = 0
         cm.TOTALS["scenarios"] += 1
+        done = cm.TOTALS["scenarios"] - 1  # before this one
+        if _SOAK and done and done % cm.PROGRESS_EVERY == 0:
+            print(cm.progress(), file=sys.__stdout__, flush=True)  # noqa: T201
 
     # -- helpers ---------------------------------------------------------------------------------
     def _company(self, i: int) -> cm.Pair:

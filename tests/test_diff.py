@@ -162,8 +162,9 @@ def test_newest_conflict_keeps_its_winner_while_neither_value_changes(w):
     w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
     again = one(plan(w), field="website")
     assert (again["op"], again["new_value"]) == ("reject", "acme .org")
-    assert "CRM wins by policy newest (as decided when this conflict was first seen" in (
-        again["reason"]
+    assert (
+        "CRM wins by policy newest (as decided when this conflict was first seen"
+        in (again["reason"])
     )
 
     w.edit("unleashed_customers", "g-acme", Website="https://acme.net",
