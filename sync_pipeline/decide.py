@@ -362,8 +362,8 @@ def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     record moves the record's modified time, and must not turn the decision round. A new value on
     either side is a new conflict, decided afresh."""
     (has_log,) = con.execute(
-        """SELECT count(*) FROM duckdb_tables()
-           WHERE table_name = 'conflicts' AND NOT temporary AND database_name = current_database()"""
+        """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'conflicts'
+           AND NOT temporary AND database_name = current_database()"""
     ).fetchone()
     source = (
         f"""SELECT erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
