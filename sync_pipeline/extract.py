@@ -126,7 +126,10 @@ def extract_crm(
         )
     upserted = store.upsert_snapshot(con, source.table, rows)
     store.record_bad_records(con, result.bad)
-    store.resolve_bad_records(con, "CRM", f"GET /{source.entity_set}", [r.id for r in rows])
+    store.resolve_bad_records(
+        con, "CRM", f"GET /{source.entity_set}", [r.id for r in rows],
+        still_bad=result.bad, complete=since is None,
+    )  # fmt: skip
     high = max((r.modified for r in rows if r.modified), default=None)
     store.set_extract_state(
         con,
@@ -219,7 +222,11 @@ def extract_unleashed_customers(
         parent_modified,
     )
     store.record_bad_records(con, result.bad)
-    store.resolve_bad_records(con, "Unleashed", "GET /Customers/{page}", [r.id for r in customers])
+    # Contacts are reported under their own Guid: a fixed one is closed by its contact id.
+    store.resolve_bad_records(
+        con, "Unleashed", "GET /Customers/{page}", [*(r.id for r in customers), *present],
+        still_bad=result.bad, complete=since is None,
+    )  # fmt: skip
     high = max((r.modified for r in customers if r.modified), default=None)
     store.set_extract_state(
         con,
@@ -261,6 +268,10 @@ def extract_unleashed_salespersons(
     ]  # fmt: skip
     upserted = store.upsert_snapshot(con, "unleashed_salespersons", rows)
     store.record_bad_records(con, result.bad)
+    store.resolve_bad_records(
+        con, "Unleashed", "GET /Salespersons/{page}", [r.id for r in rows],
+        still_bad=result.bad, complete=True,
+    )  # fmt: skip
     store.set_extract_state(
         con,
         "unleashed/salespersons",

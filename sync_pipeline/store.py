@@ -301,6 +301,15 @@ def get_state(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
     return row[0] if row else None
 
 
+def bad_record_id(bad: Any) -> str:
+    """The id a malformed record is reported under: its own id, or for a record without one,
+    '?' and a digest of the reason (which names the record by its other fields), so that two
+    keyless records are two reports, and the same one seen again is the same report."""
+    if bad.record_id:
+        return str(bad.record_id)
+    return "?" + hashlib.sha256(bad.reason.encode()).hexdigest()[:16]
+
+
 def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> int:
     """Remember malformed source records (set aside, reported) until a good version arrives."""
     now = utcnow()
@@ -311,19 +320,41 @@ def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> in
             """INSERT INTO bad_records VALUES (?, ?, ?, ?, ?, ?, NULL)
                ON CONFLICT (system, endpoint, record_id) DO UPDATE SET
                  reason = excluded.reason, last_seen = excluded.last_seen, resolved_at = NULL""",
-            [b.system, b.endpoint, str(b.record_id or "?"), b.reason, now, now],
+            [b.system, b.endpoint, bad_record_id(b), b.reason, now, now],
         )
     return n
 
 
 def resolve_bad_records(
-    con: duckdb.DuckDBPyConnection, system: str, endpoint: str, good_ids: list[str]
+    con: duckdb.DuckDBPyConnection,
+    system: str,
+    endpoint: str,
+    good_ids: Iterable[str],
+    *,
+    still_bad: Iterable[Any] = (),
+    complete: bool = False,
 ) -> None:
-    if good_ids:
+    """Close the reports of records that arrived in good shape in a listing of `endpoint`.
+
+    `still_bad` are the listing's own malformed records: a report under an id that is also
+    good here (a customer whose contact list is malformed) stays open. A `complete` listing
+    (a full read, not a delta) also closes every other report of the endpoint, including those
+    of records without an id, which no good version can ever name: the record is fixed or
+    gone."""
+    bad_ids = sorted({bad_record_id(b) for b in still_bad})
+    good = sorted(set(good_ids) - set(bad_ids))
+    now = utcnow()
+    if good:
         con.execute(
             """UPDATE bad_records SET resolved_at = ? WHERE system = ? AND endpoint = ?
                AND resolved_at IS NULL AND record_id IN (SELECT unnest(?::VARCHAR[]))""",
-            [utcnow(), system, endpoint, good_ids],
+            [now, system, endpoint, good],
+        )
+    if complete:
+        con.execute(
+            """UPDATE bad_records SET resolved_at = ? WHERE system = ? AND endpoint = ?
+               AND resolved_at IS NULL AND record_id NOT IN (SELECT unnest(?::VARCHAR[]))""",
+            [now, system, endpoint, bad_ids],
         )
 
 

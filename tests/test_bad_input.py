@@ -188,6 +188,31 @@ def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(h
     h.cycle()
     created = h.crm.find("Contacts", "UnleashedGuid", bad_guid)
     assert len(created) == 1 and created[0]["Forename"] == "Fixed"
+    # Fixed and synced: no longer reported as malformed.
+    assert _open_bad(h, "Unleashed", bad_guid) == []
+    assert _all_bad(h, "Unleashed", bad_guid)["resolved_at"].notna().all()
+
+
+def test_customer_with_a_malformed_contact_list_stays_reported_until_fixed(harness):
+    h = harness
+    h.cycle()
+    (parent,) = h.query("SELECT erp_parent_id FROM contact_links ORDER BY erp_parent_id LIMIT 1")[
+        "erp_parent_id"
+    ]
+    pair = {"erp_id": parent}
+    pair["crm_id"] = int(
+        h.query("SELECT crm_id FROM company_links WHERE erp_id = ?", [parent]).iloc[0]["crm_id"]
+    )
+    contacts = _raw_customer(h, pair["erp_id"]).get("Contacts", [])
+    assert contacts
+    _plant_customer(h, pair["erp_id"], Contacts="not a list", CustomerName="List Broken Ltd")
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "List Broken Ltd"  # still syncs
+    reasons = _open_bad(h, "Unleashed", pair["erp_id"])
+    assert len(reasons) == 1 and "Contacts is not a list" in reasons[0], reasons
+    _plant_customer(h, pair["erp_id"], Contacts=contacts)
+    h.cycle()
+    assert _open_bad(h, "Unleashed", pair["erp_id"]) == []
 
 
 def test_unleashed_customer_missing_required_fields_is_reported_not_created(harness):
@@ -275,16 +300,22 @@ def test_crm_record_without_its_key_is_reported_and_others_sync(harness):
     bad_pair, good_pair = _two_pairs(h)
     division = h.crm.get("Divisions", bad_pair["crm_id"])
     keyless = {k: v for k, v in division.items() if k not in ("DivisionId", "LastModified")}
-    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless"})
+    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless One"})
+    other = h.crm.get("Divisions", good_pair["crm_id"])
+    other_keyless = {k: v for k, v in other.items() if k not in ("DivisionId", "LastModified")}
+    spare = int(h.query("SELECT max(id::INTEGER) AS m FROM crm_companies").iloc[0]["m"]) + 1
+    _plant_crm(h, "Divisions", spare, {**other_keyless, "Name": "Keyless Two"})
     h.crm.patch("Divisions", good_pair["crm_id"], {"Phone": "0161 496 0556"})
     h.cycle()
     assert h.unleashed.get_customer(good_pair["erp_id"]).PhoneNumber == "0161 496 0556"
-    assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName != "Keyless"
+    assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName != "Keyless One"
     open_rows = h.query(
         "SELECT reason FROM bad_records WHERE system = 'CRM' AND resolved_at IS NULL"
     )["reason"]
-    mine = [r for r in open_rows if "Keyless" in r]
-    assert len(mine) == 1 and "DivisionId" in mine[0], list(open_rows)
+    # Two records without a key are two reports, each naming its record and the missing key.
+    for name in ("Keyless One", "Keyless Two"):
+        mine = [r for r in open_rows if name in r]
+        assert len(mine) == 1 and "DivisionId" in mine[0], list(open_rows)
 
 
 def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):

@@ -322,7 +322,11 @@ class UnleashedClient(BaseClient):
             return customer, []
         if not isinstance(contacts_raw, list):
             reason = f"{_record_name('customer', raw)}: Contacts is not a list"
-            return customer, [BadRecord(self.system, endpoint, customer.Guid, reason)]
+            # parent_id: this customer's contact list is unknown, so none of them is read as
+            # deleted.
+            return customer, [
+                BadRecord(self.system, endpoint, customer.Guid, reason, customer.Guid)
+            ]
         contacts, bads = [], []
         for index, item in enumerate(contacts_raw):
             contact, bad = self._parse(Contact, item, endpoint, "contact")

@@ -297,7 +297,11 @@ class UnleashedState:
         if isinstance(out.get("SalesPerson"), dict):
             out["SalesPerson"] = self.salesperson_ref(out["SalesPerson"])
         if include_contacts:
-            out["Contacts"] = list(doc.get("Contacts") or [])[:CONTACTS_PER_CUSTOMER_IN_LIST]
+            contacts = doc.get("Contacts") or []
+            # A malformed list planted through /_admin is served as planted.
+            out["Contacts"] = (
+                contacts[:CONTACTS_PER_CUSTOMER_IN_LIST] if isinstance(contacts, list) else contacts
+            )
         return out
 
     def touch(self, doc: dict[str, Any]) -> None:
@@ -783,11 +787,12 @@ class _Handlers:
             doc["LastModifiedOn"] = now
             doc.update(encode_dates(body))
             doc["Guid"] = guid
-            doc["Contacts"] = [
-                {**c, "Guid": normalize_guid(c.get("Guid")) or str(uuid.uuid4())}
-                if isinstance(c, dict)
-                else c
-                for c in doc.get("Contacts") or []
-            ]
+            if isinstance(doc.get("Contacts") or [], list):  # anything else is kept as planted
+                doc["Contacts"] = [
+                    {**c, "Guid": normalize_guid(c.get("Guid")) or str(uuid.uuid4())}
+                    if isinstance(c, dict)
+                    else c
+                    for c in doc.get("Contacts") or []
+                ]
             self.store.put(CUSTOMERS, guid, doc)
         return JSONResponse(doc)
