@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -30,6 +33,7 @@ from sync_pipeline.emulators.common import ServerThread
 from sync_pipeline.emulators.crm_server import LOCAL_CRM_TOKEN, create_app
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[1]
 SURNAMES = ["Smith", "O'Brien", "Müller", "Jones & Co", "Taylor+Sons", "Ng"]
 FAST_RETRY = RetrySettings(attempts=10, initial_wait=0.01, max_wait=0.05, max_total=15)
 N_CONTACTS = 250
@@ -460,6 +464,42 @@ def test_paced_client_bursts_without_a_single_429(serve):
     assert client.stats.statuses == {200: 60}
     assert admin(server, "GET", "stats")["total_requests"] == 60
     assert elapsed >= 4.0  # three windows' worth, paced by the client
+
+
+# Two processes (two Dagster runs) of one deployment, each sending 30 requests at the same
+# moment to a server that admits 20 per 2 s window.
+_BURST = """
+import sys, time
+from sync_pipeline.clients.base import RetrySettings
+from sync_pipeline.clients.crm import CrmClient
+url, token, pacing, start = sys.argv[1], sys.argv[2], sys.argv[3] or None, float(sys.argv[4])
+retry = RetrySettings(attempts=20, initial_wait=0.05, max_wait=0.5, max_total=60)
+client = CrmClient(url, token, rate_limit=20, rate_window_s=2, retry=retry, pacing_file=pacing)
+time.sleep(max(0.0, start - time.time()))
+for i in range(30):
+    client.get("Divisions", 1 + i % 10)
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-window", "per-process"])
+def test_runs_in_separate_processes_share_the_pacing_window(serve, tmp_path, shared):
+    server = serve(rate_limit=20, rate_window_s=2)
+    pacing = str(tmp_path / "pacing" / "api-pacing.sqlite") if shared else ""
+    start = str(time.time() + 3)  # both processes have imported by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BURST, server.url, LOCAL_CRM_TOKEN, pacing, start],
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    limits = admin(server, "GET", "ratelimit")
+    if shared:
+        assert limits["throttled"] == 0  # paced together: the server never had to say 429
+        assert limits["admitted"] == 60
+    else:
+        assert limits["throttled"] > 0  # each paced alone: together they overran the window
 
 
 def test_server_answers_429_with_retry_after_when_the_window_is_full(serve):

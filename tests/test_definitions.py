@@ -38,3 +38,17 @@ def test_code_location_loads_from_workspace_yaml(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Validation successful for code location sync_pipeline" in result.stderr + result.stdout
+
+
+def test_api_pacing_window_is_shared_through_a_file_next_to_the_database(monkeypatch, tmp_path):
+    """Every run process of a deployment draws from one pacing window per API (see
+    test_crm_api for two processes against a rate-limited server)."""
+    from sync_pipeline.defs.resources import default_resources
+
+    monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "db" / "sync.duckdb"))
+    monkeypatch.delenv("SYNC_PACING_FILE", raising=False)
+    resources = default_resources()
+    beside = str(tmp_path / "db" / "api-pacing.sqlite")
+    assert resources["crm"].pacing_file == resources["unleashed"].pacing_file == beside
+    monkeypatch.setenv("SYNC_PACING_FILE", str(tmp_path / "pacing.sqlite"))
+    assert default_resources()["crm"].pacing_file == str(tmp_path / "pacing.sqlite")

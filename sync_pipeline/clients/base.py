@@ -7,6 +7,7 @@ module only wires them to httpx and to the two APIs' error conventions.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -17,11 +18,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import certifi
 import httpx
-from pyrate_limiter import Duration, Limiter, Rate
+from filelock import FileLock
+from pyrate_limiter import Duration, Limiter, Rate, SQLiteBucket
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -166,33 +169,64 @@ def make_retrying(settings: RetrySettings, system: str) -> Retrying:
 
 
 class Pacer:
-    """Client-side pacing: blocks until a request fits every configured rate (sliding window)."""
+    """Client-side pacing: blocks until a request fits every configured rate (sliding window).
 
-    def __init__(self, rates: list[tuple[int, float]]) -> None:
+    With a `state_file`, the window is kept in that SQLite file under a file lock
+    (pyrate-limiter's `SQLiteBucket`), so every process of the deployment draws from the same
+    window: Dagster runs are separate processes, and the server counts a ten-minute window per
+    account, not per process. Without one, the window is per process."""
+
+    def __init__(
+        self, rates: list[tuple[int, float]], state_file: str | None = None, key: str = "api"
+    ) -> None:
         # rates: [(requests, window_seconds)]; an empty list means unpaced.
-        self._limiter = (
-            Limiter([Rate(n, Duration.SECOND * window) for n, window in rates]) if rates else None
-        )
+        self._limiter = None
+        if not rates:
+            return
+        limits = [Rate(n, Duration.SECOND * window) for n, window in rates]
+        self._file_lock: FileLock | None = None
+        if state_file:
+            Path(state_file).parent.mkdir(parents=True, exist_ok=True)
+            table = "pace_" + hashlib.sha256(key.encode()).hexdigest()[:16]  # no key text in SQL
+            # The check-and-record of one request is held under this file lock (see acquire).
+            # pyrate-limiter's own `use_file_lock` cannot be used with its non-blocking
+            # try_acquire: it calls FileLock.acquire(False), which filelock 4 refuses.
+            self._file_lock = FileLock(f"{state_file}.lock")
+            with self._file_lock:
+                bucket = SQLiteBucket.init_from_file(limits, table=table, db_path=str(state_file))
+            self._limiter = Limiter(bucket)
+        else:
+            self._limiter = Limiter(limits)
 
     def acquire(self) -> None:
         if self._limiter is None:
             return
         # Poll the library's non-blocking check: its blocking wait advances the waiting item's
         # timestamp while it sleeps, and under a short window we saw it oversleep for minutes.
-        while not self._limiter.try_acquire("api", blocking=False):
+        while not self._try():
             time.sleep(0.05)
 
-    _shared: dict[tuple[str, tuple[tuple[int, float], ...]], Pacer] = {}
+    def _try(self) -> bool:
+        assert self._limiter is not None
+        if self._file_lock is None:
+            return self._limiter.try_acquire("api", blocking=False)
+        with self._file_lock:  # no other process counts and records between our two steps
+            return self._limiter.try_acquire("api", blocking=False)
+
+    _shared: dict[tuple[str, tuple[tuple[int, float], ...], str | None], Pacer] = {}
     _shared_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, key: str, rates: list[tuple[int, float]]) -> Pacer:
+    def shared(
+        cls, key: str, rates: list[tuple[int, float]], state_file: str | None = None
+    ) -> Pacer:
         """One pacer per API account and rate in this process: every client of the same account
-        (one per Dagster step) draws from the same window, as the server counts them."""
+        (one per Dagster step) draws from the same window, as the server counts them (and, with
+        a `state_file`, every process sharing that file does too)."""
         with cls._shared_lock:
-            ident = (key, tuple(rates))
+            ident = (key, tuple(rates), state_file or None)
             if ident not in cls._shared:
-                cls._shared[ident] = cls(rates)
+                cls._shared[ident] = cls(rates, state_file, key)
             return cls._shared[ident]
 
 
@@ -229,6 +263,7 @@ class BaseClient:
         rates: list[tuple[int, float]] | None = None,
         transport: httpx.BaseTransport | None = None,
         pacing_key: str | None = None,
+        pacing_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
@@ -240,7 +275,8 @@ class BaseClient:
         self._retrying = make_retrying(retry or RetrySettings(), self.system)
         # Clients of one account share a pacer (the server's window is per account, not per
         # client); `pacing_key` names the account without holding a secret.
-        self._pacer = Pacer.shared(pacing_key or self.base_url, rates or [])
+        # `pacing_file` shares the window with other processes (see Pacer).
+        self._pacer = Pacer.shared(pacing_key or self.base_url, rates or [], pacing_file)
         self.stats = RequestStats()
 
     # -- to be provided by subclasses -------------------------------------------------------

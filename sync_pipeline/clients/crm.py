@@ -180,6 +180,7 @@ class CrmClient(BaseClient):
         rate_window_s: float = 600,
         page_size: int = 500,
         transport: httpx.BaseTransport | None = None,
+        pacing_file: str | None = None,
     ) -> None:
         if not token:
             raise ValueError("a Prospect CRM personal access token is required")
@@ -190,6 +191,7 @@ class CrmClient(BaseClient):
             retry=retry,
             rates=[(rate_limit, paced_window)],
             transport=transport,
+            pacing_file=pacing_file,
         )
         self._token = _Secret(token)
         self.page_size = max(1, min(1000, page_size))

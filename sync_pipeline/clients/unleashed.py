@@ -217,6 +217,7 @@ class UnleashedClient(BaseClient):
         requests_per_minute: int | None = None,
         page_size: int = 500,
         transport: httpx.BaseTransport | None = None,
+        pacing_file: str | None = None,
     ) -> None:
         if not CLIENT_TYPE_RE.match(client_type):
             raise ValueError(f"client_type must be lowercase owner/app, got {client_type!r}")
@@ -230,6 +231,7 @@ class UnleashedClient(BaseClient):
             retry=retry,
             rates=_pacing_rates(requests_per_minute),
             transport=transport,
+            pacing_file=pacing_file,
         )
 
     # -- BaseClient hooks -----------------------------------------------------------------

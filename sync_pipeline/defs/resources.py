@@ -52,6 +52,9 @@ class CrmResource(dg.ConfigurableResource):
     token: str
     rate_limit: int = 1200
     rate_window_s: float = 600
+    # The pacing window shared by every process of the deployment (a SQLite file); empty: per
+    # process. `default_resources` puts it next to the DuckDB database.
+    pacing_file: str = ""
     timeout_s: float = 30
     retry_initial_wait_s: float = 0.2
     retry_max_wait_s: float = 20
@@ -63,6 +66,7 @@ class CrmResource(dg.ConfigurableResource):
             timeout=self.timeout_s,
             rate_limit=self.rate_limit,
             rate_window_s=self.rate_window_s,
+            pacing_file=self.pacing_file or None,
             retry=RetrySettings(
                 initial_wait=self.retry_initial_wait_s, max_wait=self.retry_max_wait_s
             ),
@@ -77,6 +81,7 @@ class UnleashedResource(dg.ConfigurableResource):
     api_key: str
     client_type: str = "acme/crmsync"
     requests_per_minute: int | None = None
+    pacing_file: str = ""  # as for the CRM
     timeout_s: float = 30
     retry_initial_wait_s: float = 0.2
     retry_max_wait_s: float = 20
@@ -93,6 +98,7 @@ class UnleashedResource(dg.ConfigurableResource):
             self.client_type,
             timeout=self.timeout_s,
             requests_per_minute=self.requests_per_minute,
+            pacing_file=self.pacing_file or None,
             retry=RetrySettings(
                 initial_wait=self.retry_initial_wait_s, max_wait=self.retry_max_wait_s
             ),
@@ -147,18 +153,22 @@ _SETTINGS_CACHE: dict[str, tuple[bytes, Settings]] = {}
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources for the code location, wired to environment variables."""
+    database = _env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)
+    pacing = _env_or("SYNC_PACING_FILE", str(Path(database).parent / "api-pacing.sqlite"))
     return {
         "crm": CrmResource(
             base_url=dg.EnvVar("CRM_BASE_URL"),
             token=dg.EnvVar("CRM_TOKEN"),
+            pacing_file=pacing,
         ),
         "unleashed": UnleashedResource(
             base_url=dg.EnvVar("UNLEASHED_BASE_URL"),
             api_id=dg.EnvVar("UNLEASHED_API_ID"),
             api_key=dg.EnvVar("UNLEASHED_API_KEY"),
             client_type=_env_or("UNLEASHED_CLIENT_TYPE", "acme/crmsync"),
+            pacing_file=pacing,
         ),
-        "duckdb": SyncDuckDB(database=_env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)),
+        "duckdb": SyncDuckDB(database=database),
         "sync_config": SyncConfigResource(
             settings_file=_env_or("SYNC_SETTINGS_FILE", "settings.yaml"),
             mappings_dir=_env_or("SYNC_MAPPINGS_DIR", DEFAULT_MAPPINGS),
