@@ -364,7 +364,21 @@ def _create_contact(
     hooks: Hooks,
 ) -> None:
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
+    payload = dict(payload)
     guid = str(op["erp_id"])
+    parent_key = mapping.crm.parent_key
+    if parent_key and pd.isna(payload.get(parent_key)):
+        # Planned with its customer's creation: the company this apply pass created is its
+        # parent. If that creation did not happen (yet), the contact waits for the next plan.
+        parent = _created_company(con, op.get("erp_parent_id"))
+        if parent is None:
+            store.mark(
+                con, op["op_id"], "deferred",
+                "its customer is not in the CRM yet; planned again once the customer is",
+            )  # fmt: skip
+            stats.deferred += 1
+            return
+        payload[parent_key] = int(parent) if parent.isdigit() else parent
     existing = None
     if op["attempts"] > 0 or op["status"] == "in_flight":
         found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
@@ -378,6 +392,24 @@ def _create_contact(
     _complete_creation(
         con, "contact", op, new_id, guid, payload, run_id, stats, "contact created in Unleashed"
     )
+
+
+def _created_company(con: duckdb.DuckDBPyConnection, erp_parent_id: Any) -> str | None:
+    """The CRM id of the company for an Unleashed customer: its link, or the result of an
+    applied creation (the link step links it on the next cycle)."""
+    if pd.isna(erp_parent_id):
+        return None
+    row = con.execute(
+        """SELECT crm_id FROM company_links WHERE erp_id = ?
+           UNION ALL
+           SELECT * FROM (SELECT result_id FROM outbox
+                          WHERE op = 'create_crm_company' AND erp_id = ? AND status = 'applied'
+                            AND result_id IS NOT NULL
+                          ORDER BY applied_at DESC LIMIT 1)
+           LIMIT 1""",
+        [str(erp_parent_id), str(erp_parent_id)],
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _create_company(

@@ -318,11 +318,15 @@ def _creations(
     names = list(mapping.fields)
     erp_paths = [mapping.fields[n].erp for n in names]
     extra_paths = [k.erp[0] for k in mapping.match.keys if k.crm_table]
-    parent_join = ""
+    parent_join, parent_ok = "", ""
     parent_col = "CAST(NULL AS VARCHAR)"
     if mapping.match.within_linked_parent:
-        parent_join = "JOIN company_links pl ON pl.erp_id = n.erp_parent_id"
+        # Under a linked company, or under a customer this same plan creates in the CRM (its
+        # contacts then arrive in the same cycle: apply fills in the new company's id).
+        parent_join = "LEFT JOIN company_links pl ON pl.erp_id = n.erp_parent_id"
         parent_col = "pl.crm_id"
+        parent_ok = """AND (pl.crm_id IS NOT NULL OR n.erp_parent_id IN (
+                           SELECT erp_id FROM sync_plan WHERE op = 'create_crm_company'))"""
     key_cols = "".join(
         f", {links.key_expr(k, 'erp')} AS {ident('k_' + k.name)}" for k in mapping.match.keys
     )
@@ -332,7 +336,7 @@ def _creations(
             SELECT n.erp_id, n.erp_parent_id, {parent_col} AS crm_parent_id, n.erp_modified,
                    {values_list_expr(erp_paths + extra_paths, "e")} AS ev{key_cols}
             FROM _scan n {parent_join} JOIN _erp_rows e ON e.id = n.erp_id
-            WHERE n.crm_id IS NULL"""
+            WHERE n.crm_id IS NULL {parent_ok}"""
     )
     (n_new,) = con.execute("SELECT count(*) FROM _new").fetchall()[0]
     if n_new == 0:
@@ -421,7 +425,7 @@ def _creations(
                     problems.append(f"{n.replace('_', ' ')} {quote(value)} {why}")
             payload[spec.crm] = value
             pending.append({"entity": entity, "erp_id": rec.erp_id, "field": n, "value": value})
-        if mapping.crm.parent_key and rec.crm_parent_id is not None:
+        if mapping.crm.parent_key and not pd.isna(rec.crm_parent_id):
             payload[mapping.crm.parent_key] = _json_scalar(rec.crm_parent_id)
         payload[mapping.crm.link_field] = rec.erp_id
         for j, key in enumerate(k for k in mapping.match.keys if k.crm_table):
@@ -443,7 +447,12 @@ def _creations(
                 **base,
                 "op": op,
                 "payload": json.dumps(payload, ensure_ascii=False, sort_keys=True),
-                "reason": f"{what} {quote(label)} is new in Unleashed",
+                "reason": f"{what} {quote(label)} is new in Unleashed"
+                + (
+                    ", under a customer created in the CRM in this same cycle"
+                    if mapping.match.within_linked_parent and pd.isna(rec.crm_parent_id)
+                    else ""
+                ),
             }
         )
     con.execute("DELETE FROM sync_creation_baseline WHERE entity = ?", [entity])

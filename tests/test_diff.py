@@ -306,6 +306,30 @@ def test_new_unleashed_customer_is_imported_with_its_account_code(w):
     }  # fmt: skip
 
 
+def test_contacts_of_a_new_customer_are_planned_with_it_in_the_same_pass(w):
+    w.customer("g-new", "NEW1", "Newco")
+    w.erp_contact("c-new", "g-new", "Nina", "New", email="nina@newco.com")
+    p = plan(w)
+    company = one(p, op="create_crm_company")
+    contact = one(p, op="create_crm_contact")
+    assert company["erp_id"] == "g-new" and contact["erp_id"] == "c-new"
+    assert contact["erp_parent_id"] == "g-new" and pd.isna(contact["crm_parent_id"])
+    payload = json.loads(contact["payload"])
+    assert "DivisionId" not in payload  # filled in by apply from the company it creates
+    assert payload["Forename"] == "Nina" and payload["UnleashedGuid"] == "c-new"
+    assert contact["reason"].endswith("under a customer created in the CRM in this same cycle")
+
+
+def test_contacts_of_an_unlinked_customer_that_is_not_created_plan_nothing(w):
+    # The customer matches an inactive CRM company by account code: it is not created, so
+    # neither are its contacts (they have no company to go under).
+    w.crm_company(13, "Old Co", code="OLD1", active=False)
+    w.customer("g-old", "OLD1", "Oldco")
+    w.erp_contact("c-x", "g-old", "Xavier", "X", email="x@oldco.com")
+    links.update_links(w.con, w.mappings)
+    assert plan(w).empty
+
+
 def test_inactive_unlinked_records_plan_nothing(w):
     w.customer("g-old", "OLD", "Oldco", active=False)
     w.erp_contact("c-old", "g-acme", "Gone", "Away", active=False)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sync_pipeline import apply
+from sync_pipeline.clients.base import ApiError
 from sync_pipeline.defs.automation import (
     crm_change_sensor,
     daytime_import_schedule,
@@ -100,6 +101,63 @@ def test_contact_created_in_unleashed_appears_in_crm_once(harness):
     assert found[0]["Forename"] == "Søren"
     assert found[0]["Email"] == "soren@example.dk"
     assert found[0]["DivisionId"] == pair["crm_id"]
+
+
+def _new_customer_with_contact(h) -> tuple[str, str]:
+    guid = str(uuid.uuid4())
+    h.unleashed.save_customer(
+        {"Guid": guid, "CustomerCode": "FRESH1", "CustomerName": "Fresh Customer Ltd"}
+    )
+    contact = h.unleashed.create_contact(
+        guid, {"FirstName": "Farah", "LastName": "Fresh", "EmailAddress": "farah@fresh.example"}
+    )
+    return guid, str(contact.Guid)
+
+
+def test_new_customer_and_its_contacts_reach_the_crm_in_one_cycle(harness):
+    h = harness
+    h.cycle()
+    guid, contact_guid = _new_customer_with_contact(h)
+    h.cycle()
+    (company,) = h.crm.find("Divisions", "UnleashedGuid", guid)
+    (contact,) = h.crm.find("Contacts", "UnleashedGuid", contact_guid)
+    assert contact["DivisionId"] == company["DivisionId"]
+    assert contact["Forename"] == "Farah"
+    h.cycle()
+    assert len(h.crm.find("Divisions", "UnleashedGuid", guid)) == 1
+    assert len(h.crm.find("Contacts", "UnleashedGuid", contact_guid)) == 1
+    linked = h.query("SELECT crm_id FROM contact_links WHERE erp_id = ?", [contact_guid])
+    assert list(linked["crm_id"]) == [str(contact["ContactId"])]
+
+
+def test_contact_waits_when_its_new_customer_could_not_be_created(harness):
+    h = harness
+    h.cycle()
+    guid, contact_guid = _new_customer_with_contact(h)
+
+    writes = []
+
+    def refuse_company(op_ids):
+        # The pass's first write is the company's creation (companies go first); the run holds
+        # the database, so the hook cannot look the operation up.
+        writes.append(op_ids)
+        if len(writes) == 1:
+            raise ApiError("CRM", "POST", "/Divisions", 503, "simulated failure")
+
+    apply.TEST_HOOKS.after_write = refuse_company
+    try:
+        h.cycle()
+    finally:
+        apply.TEST_HOOKS.after_write = None
+    waiting = h.query("SELECT status, last_error FROM outbox WHERE erp_id = ?", [contact_guid])
+    assert list(waiting["status"]) == ["deferred"]
+    assert "not in the CRM yet" in waiting["last_error"].iloc[0]
+    assert h.crm.find("Contacts", "UnleashedGuid", contact_guid) == []
+    h.cycle()
+    h.cycle()
+    (company,) = h.crm.find("Divisions", "UnleashedGuid", guid)
+    (contact,) = h.crm.find("Contacts", "UnleashedGuid", contact_guid)
+    assert contact["DivisionId"] == company["DivisionId"]
 
 
 def test_crm_only_contact_never_appears_in_unleashed(harness):
