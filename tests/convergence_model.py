@@ -122,6 +122,7 @@ def report() -> str:
         ("edits checked at quiescence", "edits_checked"),
         ("conflicts recorded", "conflicts"),
         ("open rejections at quiescence", "open_rejections"),
+        ("edits back to the agreed value before a sync saw them", "returned_unseen"),
         ("lost edits", "lost"),
         ("duplicated contacts", "duplicated"),
         ("divergent fields", "divergent"),
