@@ -180,11 +180,11 @@ class Pacer:
         self, rates: list[tuple[int, float]], state_file: str | None = None, key: str = "api"
     ) -> None:
         # rates: [(requests, window_seconds)]; an empty list means unpaced.
-        self._limiter = None
+        self._limiter: Limiter | None = None
+        self._file_lock: FileLock | None = None
         if not rates:
             return
         limits = [Rate(n, Duration.SECOND * window) for n, window in rates]
-        self._file_lock: FileLock | None = None
         if state_file:
             Path(state_file).parent.mkdir(parents=True, exist_ok=True)
             table = "pace_" + hashlib.sha256(key.encode()).hexdigest()[:16]  # no key text in SQL
