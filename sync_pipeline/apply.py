@@ -177,13 +177,14 @@ def _erp_value(mapping: Any, field_name: str, value: str, resolver: Resolver) ->
 
 
 def _triage(
-    ops: pd.DataFrame, current: dict[str, Any], mapping: Any
+    ops: pd.DataFrame, current: dict[str, Any], mapping: Any, side: str = "erp"
 ) -> tuple[list[str], list[str]]:
-    """Split operations by what Unleashed holds now: (already there, changed since planning).
+    """Split operations by what the target (`side`) holds now: (already there, changed since
+    planning).
 
     A value already equal to the one we write was written by a run that died before recording it.
-    A value that is neither the planned old one nor ours was changed in Unleashed after planning:
-    that operation waits for the next import, where the three-way diff sees the conflict."""
+    A value that is neither the planned old one nor ours was changed there after planning:
+    that operation waits for the next plan, where the three-way diff sees the conflict."""
     done, stale = [], []
     for op in ops.to_dict("records"):
         f = mapping.fields[op["field"]]
@@ -191,7 +192,7 @@ def _triage(
         def norm(value: Any, kind: str = f.normaliser) -> str:
             return normalise(kind, _text(value))
 
-        now = norm(get_path(current, f.erp))
+        now = norm(get_path(current, getattr(f, side)))
         if now == norm(op["new_value"]):
             done.append(op["op_id"])
         elif now != norm(op["old_value"]):
@@ -264,7 +265,8 @@ def _drop_stale(
     run_id: str,
     direction: str = "crm_to_erp",
 ) -> pd.DataFrame:
-    done, stale_ids = _triage(ops, current, mapping)
+    side = "erp" if direction == "crm_to_erp" else "crm"
+    done, stale_ids = _triage(ops, current, mapping, side)
     # Account managers are compared by email; the planned old value is what the snapshot held.
     stale = set(stale_ids)
     if done:
@@ -272,11 +274,13 @@ def _drop_stale(
             con, mapping.entity, ops[ops["op_id"].isin(done)], run_id, direction, stats
         )
         ops = ops[~ops["op_id"].isin(done)]
+    why = (
+        "Unleashed changed this field after planning; it is re-planned after the next import"
+        if side == "erp"
+        else "the CRM changed this field after planning; it is re-planned in the next cycle"
+    )
     for op_id in stale:
-        store.mark(
-            con, op_id, "deferred",
-            "Unleashed changed this field after planning; it is re-planned after the next import",
-        )  # fmt: skip
+        store.mark(con, op_id, "deferred", why)
     stats.deferred += len(stale)
     return ops[~ops["op_id"].isin(stale)]
 
@@ -344,6 +348,14 @@ def _pull_update(
     hooks: Hooks,
 ) -> None:
     crm_id = ops["crm_id"].iloc[0]
+    if ((ops["status"] == "in_flight") | (ops["attempts"] > 0)).any():
+        # Planned by an earlier run (a crash, a failure): a person may have edited the field in
+        # the CRM since, and a PATCH would overwrite it. Read the record first, as a push does.
+        expand = ",".join(mapping.crm.expand) or None
+        current = client.get(mapping.crm.entity_set, int(crm_id), expand=expand)
+        ops = _drop_stale(con, ops, current, mapping, stats, run_id, "erp_to_crm")
+        if ops.empty:
+            return
     changes = {}
     for op in ops.to_dict("records"):
         key, value = _crm_change(mapping, op["field"], _text(op["new_value"]), resolver)

@@ -421,6 +421,30 @@ def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
     assert stuck.empty
 
 
+def test_write_recovered_after_a_crash_does_not_overwrite_a_later_crm_edit(harness):
+    """A run dies right after writing an Unleashed phone to the CRM; then a person changes that
+    phone in the CRM. The next run must not send the old write again over the person's edit."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0001"})
+    with pytest.raises(Exception):  # noqa: B017 - the crash is the point
+        _run_with_crash(h, "sync_cycle_job")
+    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0001"  # written
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0002"})  # a person, later
+    h.cycle()
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0002"
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0002"
+    stale = h.query(
+        "SELECT status, last_error FROM outbox WHERE op = 'update_crm' AND new_value = ?",
+        ["0161 496 0001"],
+    )
+    # Set aside (then superseded by the plan that saw the person's edit), never re-sent.
+    assert list(stale["status"]) == ["superseded"]
+    assert "CRM changed this field after planning" in stale["last_error"].iloc[0]
+
+
 def _run_with_crash(h, job):
     def crash(op_ids):
         raise apply.CrashForTest(f"simulated crash after writing {op_ids}")

@@ -291,9 +291,12 @@ class CrmClient(BaseClient):
             link = self._checked_next_link(entity_set, link, next_url)
             next_url = link
 
-    def get(self, entity_set: str, key: int | str) -> dict:
+    def get(self, entity_set: str, key: int | str, *, expand: str | None = None) -> dict:
         return self.request(
-            "GET", f"/{entity_set}({_key_segment(key)})", label=f"/{entity_set}({{key}})"
+            "GET",
+            f"/{entity_set}({_key_segment(key)})",
+            query=encode_query([("$expand", expand)]) if expand else "",
+            label=f"/{entity_set}({{key}})",
         )
 
     def find(self, entity_set: str, field: str, value: Any) -> list[dict]:
