@@ -20,7 +20,7 @@ import pandas as pd
 
 from sync_pipeline import baseline, store
 from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
-from sync_pipeline.clients.crm import CrmClient
+from sync_pipeline.clients.crm import CrmClient, crm_key
 from sync_pipeline.clients.unleashed import UnleashedClient
 from sync_pipeline.mapping.normalise import normalise
 
@@ -348,7 +348,7 @@ def _pull_update(
     hooks: Hooks,
 ) -> None:
     crm_id = ops["crm_id"].iloc[0]
-    if ((ops["status"] == "in_flight") | (ops["attempts"] > 0)).any():
+    if any(_tried_before(op) for op in ops.to_dict("records")):
         # Planned by an earlier run (a crash, a failure): a person may have edited the field in
         # the CRM since, and a PATCH would overwrite it. Read the record first, as a push does.
         expand = ",".join(mapping.crm.expand) or None
@@ -390,9 +390,9 @@ def _create_contact(
             )  # fmt: skip
             stats.deferred += 1
             return
-        payload[parent_key] = int(parent) if parent.isdigit() else parent
+        payload[parent_key] = crm_key(parent)
     existing = None
-    if op["attempts"] > 0 or op["status"] == "in_flight":
+    if _tried_before(op):
         found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
         existing = found[0] if found else None
         if existing is not None:
@@ -404,6 +404,12 @@ def _create_contact(
     _complete_creation(
         con, "contact", op, new_id, guid, payload, run_id, stats, "contact created in Unleashed"
     )
+
+
+def _tried_before(op: dict[str, Any]) -> bool:
+    """Sent (or about to be) by an earlier run: the target may have changed since, or already
+    hold what the operation writes, so it is read before anything is written."""
+    return op["attempts"] > 0 or op["status"] == "in_flight"
 
 
 def _created_company(con: duckdb.DuckDBPyConnection, erp_parent_id: Any) -> str | None:
@@ -438,7 +444,7 @@ def _create_company(
     account_code = payload.pop("AccountCode", None)
     guid = str(op["erp_id"])
     division = None
-    if op["attempts"] > 0 or op["status"] == "in_flight":
+    if _tried_before(op):
         found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
         division = found[0] if found else None
         if division is not None:

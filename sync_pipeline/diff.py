@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sync_pipeline import baseline, decide, derived, links
+from sync_pipeline.clients.crm import crm_key
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
@@ -301,13 +302,6 @@ def _problem(mapping: EntityMapping, ctx: _Context) -> Callable[[str, str, str],
 # Creations ----------------------------------------------------------------------------------
 
 
-def _json_scalar(value: Any) -> Any:
-    """Ids travel as text in DuckDB; the CRM keys are integers."""
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return value
-
-
 def _creations(
     con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context
 ) -> pd.DataFrame:
@@ -426,7 +420,7 @@ def _creations(
             payload[spec.crm] = value
             pending.append({"entity": entity, "erp_id": rec.erp_id, "field": n, "value": value})
         if mapping.crm.parent_key and not pd.isna(rec.crm_parent_id):
-            payload[mapping.crm.parent_key] = _json_scalar(rec.crm_parent_id)
+            payload[mapping.crm.parent_key] = crm_key(rec.crm_parent_id)
         payload[mapping.crm.link_field] = rec.erp_id
         for j, key in enumerate(k for k in mapping.match.keys if k.crm_table):
             code = values[len(names) + j]

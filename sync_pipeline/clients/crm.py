@@ -118,6 +118,13 @@ def odata_literal(value: Any) -> str:
     raise TypeError(f"no OData literal for {type(value).__name__}")
 
 
+def crm_key(value: Any) -> Any:
+    """An id as the CRM takes it: ids travel as text in DuckDB; the CRM's keys are integers."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
 def encode_query(options: list[tuple[str, str]]) -> str:
     """`$filter=Name%20eq%20'x'&$top=5`: names kept literal, values percent-encoded."""
     return "&".join(f"{name}={quote(value, safe=_QUERY_SAFE)}" for name, value in options)
