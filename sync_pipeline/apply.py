@@ -265,6 +265,9 @@ def _drop_stale(
     run_id: str,
     direction: str = "crm_to_erp",
 ) -> pd.DataFrame:
+    """The operations still to send, after those the target already holds are completed (a run
+    died after writing them), those changed there since planning are deferred, and those the
+    latest plan no longer wants (`in_doubt`) are set aside."""
     side = "erp" if direction == "crm_to_erp" else "crm"
     done, stale_ids = _triage(ops, current, mapping, side)
     # Account managers are compared by email; the planned old value is what the snapshot held.
@@ -274,15 +277,25 @@ def _drop_stale(
             con, mapping.entity, ops[ops["op_id"].isin(done)], run_id, direction, stats
         )
         ops = ops[~ops["op_id"].isin(done)]
+    target, source = ("Unleashed", "the CRM") if side == "erp" else ("the CRM", "Unleashed")
     why = (
         "Unleashed changed this field after planning; it is re-planned after the next import"
         if side == "erp"
         else "the CRM changed this field after planning; it is re-planned in the next cycle"
     )
-    for op_id in stale:
+    unwanted = set(ops.loc[ops["status"] == "in_doubt", "op_id"])
+    for op_id in unwanted:
+        store.mark(
+            con, op_id, "superseded",
+            why if op_id in stale else (
+                f"not sent: a run stopped before it knew whether this reached {target}, and it "
+                f"had not; {source} no longer holds this value, so the latest plan dropped it"
+            ),
+        )  # fmt: skip
+    for op_id in stale - unwanted:
         store.mark(con, op_id, "deferred", why)
-    stats.deferred += len(stale)
-    return ops[~ops["op_id"].isin(stale)]
+    stats.deferred += len(stale | unwanted)
+    return ops[~ops["op_id"].isin(stale | unwanted)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,25 +391,23 @@ def _create_contact(
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
     payload = dict(payload)
     guid = str(op["erp_id"])
+    existing = _find_created(client, mapping, op, stats)
+    if existing is None and _unwanted(con, op, stats):
+        return
     parent_key = mapping.crm.parent_key
     if parent_key and pd.isna(payload.get(parent_key)):
         # Planned with its customer's creation: the company this apply pass created is its
         # parent. If that creation did not happen (yet), the contact waits for the next plan.
         parent = _created_company(con, op.get("erp_parent_id"))
-        if parent is None:
+        if parent is None and existing is None:
             store.mark(
                 con, op["op_id"], "deferred",
                 "its customer is not in the CRM yet; planned again once the customer is",
             )  # fmt: skip
             stats.deferred += 1
             return
-        payload[parent_key] = crm_key(parent)
-    existing = None
-    if _tried_before(op):
-        found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
-        existing = found[0] if found else None
-        if existing is not None:
-            stats.recovered += 1
+        if parent is not None:
+            payload[parent_key] = crm_key(parent)
     store.mark(con, op["op_id"], "in_flight")
     created = existing or client.create(mapping.crm.entity_set, payload)
     hooks.wrote([op["op_id"]])
@@ -406,10 +417,37 @@ def _create_contact(
     )
 
 
+def _find_created(
+    client: CrmClient, mapping: Any, op: dict[str, Any], stats: ApplyStats
+) -> dict[str, Any] | None:
+    """For a creation tried before, the CRM record an earlier run made (by its Unleashed Guid)."""
+    if not _tried_before(op):
+        return None
+    found = client.find(mapping.crm.entity_set, "UnleashedGuid", str(op["erp_id"]))
+    if found:
+        stats.recovered += 1
+        return found[0]
+    return None
+
+
+def _unwanted(con: duckdb.DuckDBPyConnection, op: dict[str, Any], stats: ApplyStats) -> bool:
+    """A creation in doubt that did not happen, and that the latest plan no longer wants (the
+    Unleashed record went away meanwhile), is set aside rather than made now."""
+    if op["status"] != "in_doubt":
+        return False
+    store.mark(
+        con, op["op_id"], "superseded",
+        "not created: a run stopped before it knew whether this reached the CRM, and it had not; "
+        "the latest plan no longer wants it (the Unleashed record is gone or obsolete)",
+    )  # fmt: skip
+    stats.deferred += 1
+    return True
+
+
 def _tried_before(op: dict[str, Any]) -> bool:
     """Sent (or about to be) by an earlier run: the target may have changed since, or already
     hold what the operation writes, so it is read before anything is written."""
-    return op["attempts"] > 0 or op["status"] == "in_flight"
+    return op["attempts"] > 0 or op["status"] in ("in_flight", "in_doubt")
 
 
 def _created_company(con: duckdb.DuckDBPyConnection, erp_parent_id: Any) -> str | None:
@@ -443,12 +481,9 @@ def _create_company(
     payload = dict(payload)
     account_code = payload.pop("AccountCode", None)
     guid = str(op["erp_id"])
-    division = None
-    if _tried_before(op):
-        found = client.find(mapping.crm.entity_set, "UnleashedGuid", guid)
-        division = found[0] if found else None
-        if division is not None:
-            stats.recovered += 1
+    division = _find_created(client, mapping, op, stats)
+    if division is None and _unwanted(con, op, stats):
+        return
     store.mark(con, op["op_id"], "in_flight")
     recovered = division is not None
     if division is None:

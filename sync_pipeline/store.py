@@ -69,7 +69,8 @@ SCHEMA = [
         crm_id VARCHAR, erp_id VARCHAR, crm_parent_id VARCHAR, erp_parent_id VARCHAR,
         field VARCHAR, old_value VARCHAR, new_value VARCHAR, payload JSON,
         conflict BOOLEAN, policy VARCHAR, reason VARCHAR,
-        status VARCHAR NOT NULL,          -- pending, in_flight, applied, failed, deferred
+        status VARCHAR NOT NULL,  -- pending, in_flight, in_doubt, applied, failed, deferred,
+                                  -- superseded, refused
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error VARCHAR,
         applied_at TIMESTAMP,
@@ -485,6 +486,7 @@ def enqueue(
         # come from a run with two-way sync off; leaving them superseded lost the edit).
         """UPDATE outbox SET new_value = e.new_value, payload = e.payload, reason = e.reason,
              status = CASE WHEN outbox.status IN ('deferred', 'superseded') THEN 'pending'
+                           WHEN outbox.status = 'in_doubt' THEN 'in_flight'
                            ELSE outbox.status END
            FROM _enq e WHERE outbox.op_id = e.existing_id"""
     )
@@ -505,13 +507,25 @@ def enqueue(
 
 def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Iterable[str]) -> int:
     """Operations of these kinds still waiting but no longer planned are dropped: the data moved
-    on (for example the other side changed again). Operations in flight are kept for recovery."""
+    on (for example the other side changed again).
+
+    One in flight is not dropped: its write may have landed, and then it must still be recorded.
+    It becomes `in_doubt`: apply reads the target and completes it if the value is there, else
+    sets it aside unsent, since the source no longer wants it (an edit undone, A → B → A)."""
+    kinds, keep = list(ops), list(keep_keys)
+    con.execute(
+        """UPDATE outbox SET status = 'in_doubt'
+           WHERE status = 'in_flight'
+             AND op IN (SELECT unnest(?::VARCHAR[]))
+             AND op_key NOT IN (SELECT unnest(?::VARCHAR[]))""",
+        [kinds, keep],
+    )
     res = con.execute(
         """UPDATE outbox SET status = 'superseded'
            WHERE status IN ('pending', 'failed', 'deferred')
              AND op IN (SELECT unnest(?::VARCHAR[]))
              AND op_key NOT IN (SELECT unnest(?::VARCHAR[]))""",
-        [list(ops), list(keep_keys)],
+        [kinds, keep],
     ).fetchone()
     return int(res[0]) if res else 0
 
@@ -547,7 +561,7 @@ def refused(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 def unfinished(con: duckdb.DuckDBPyConnection, ops: Iterable[str]) -> pd.DataFrame:
     return con.execute(
-        """SELECT * FROM outbox WHERE status IN ('pending', 'in_flight', 'failed')
+        """SELECT * FROM outbox WHERE status IN ('pending', 'in_flight', 'in_doubt', 'failed')
            AND op IN (SELECT unnest(?::VARCHAR[])) ORDER BY created_at""",
         [list(ops)],
     ).df()

@@ -503,7 +503,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             assert self._run_job("cycle"), "a cycle failed with faults off"
         unfinished = self.h.query(
             "SELECT op, entity, field, status, last_error FROM outbox "
-            "WHERE status IN ('pending', 'in_flight', 'failed')"
+            "WHERE status IN ('pending', 'in_flight', 'in_doubt', 'failed')"
         )
         last_plan = self.h.query(
             "SELECT op, entity, crm_id, erp_id, field, new_value, reason FROM sync_plan "

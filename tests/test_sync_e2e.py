@@ -445,6 +445,55 @@ def test_write_recovered_after_a_crash_does_not_overwrite_a_later_crm_edit(harne
     assert "CRM changed this field after planning" in stale["last_error"].iloc[0]
 
 
+def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness):
+    """Found by `make soak`: a push fails without knowing whether Unleashed took it (the
+    operation stays in flight); then the person undoes the edit in the CRM (A → B → A). The next
+    run must not send B: Unleashed would hold, for a cycle, a value nobody wants any more."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    before = _customer(h, pair["erp_id"])["PhoneNumber"]
+    original = h.crm.get("Divisions", pair["crm_id"])["Phone"]
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0555"})
+    h.emu.set_faults("unleashed", error_rate=1.0)  # every request fails: was it written?
+    h.push()
+    h.emu.set_faults("unleashed")
+    held = h.query("SELECT op_id, status FROM outbox WHERE new_value = '0113 496 0555'")
+    assert list(held["status"]) == ["in_flight"]
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": original})  # the person undoes it
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
+    sent = h.query("SELECT * FROM audit_log WHERE new_value = '0113 496 0555'")
+    assert sent.empty, sent.to_string()
+    op = h.query("SELECT status, last_error FROM outbox WHERE op_id = ?", [held["op_id"][0]])
+    assert op["status"][0] == "superseded"
+    assert "no longer holds this value" in op["last_error"][0]
+    h.cycle()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
+    assert h.query("SELECT * FROM outbox WHERE status IN ('in_flight', 'in_doubt')").empty
+
+
+def test_a_push_left_in_doubt_that_did_land_is_recorded_once(harness):
+    """The other half: a push whose answer was lost but which Unleashed did take is completed
+    from what Unleashed holds (baseline moved, one audit row), not sent again or dropped."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0666"})
+    h.emu.set_faults("unleashed", error_rate=1.0)
+    h.push()
+    h.emu.set_faults("unleashed")
+    # What a lost answer looks like: Unleashed has the value, the outbox does not know.
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0113 496 0666"})
+    h.cycle()
+    h.cycle()
+    audit = h.query(
+        "SELECT direction FROM audit_log WHERE erp_id = ? AND field = 'phone'", [pair["erp_id"]]
+    )
+    assert list(audit["direction"]) == ["crm_to_erp"]
+    assert h.query("SELECT * FROM outbox WHERE status IN ('in_flight', 'in_doubt')").empty
+
+
 def _run_with_crash(h, job):
     def crash(op_ids):
         raise apply.CrashForTest(f"simulated crash after writing {op_ids}")
