@@ -210,6 +210,11 @@ def test_customer_with_a_malformed_contact_list_stays_reported_until_fixed(harne
     assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "List Broken Ltd"  # still syncs
     reasons = _open_bad(h, "Unleashed", pair["erp_id"])
     assert len(reasons) == 1 and "Contacts is not a list" in reasons[0], reasons
+    # Its contact list is unknown, not empty: none of its contacts is read as deleted.
+    inactive = h.query(
+        "SELECT id FROM unleashed_contacts WHERE parent_id = ? AND NOT active", [pair["erp_id"]]
+    )
+    assert inactive.empty, inactive.to_string()
     _plant_customer(h, pair["erp_id"], Contacts=contacts)
     h.cycle()
     assert _open_bad(h, "Unleashed", pair["erp_id"]) == []
