@@ -556,6 +556,8 @@ def test_create_is_not_retried_blindly_after_a_dropped_connection(serve):
         assert [c["ContactId"] for c in client.find("Contacts", "Forename", "Once")] == [
             created["ContactId"]
         ]
+        # The server's count of what it took: only the create that happened (a 2xx).
+        assert admin(server, "GET", "stats")["accepted"]["POST /Contacts"] == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ADMIN_PREFIX = "/_admin"
 
@@ -155,6 +155,7 @@ class FaultState:
         self.config = config or FaultConfig()
         self._rng = random.Random(self.config.seed)
         self.requests: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()  # requests answered 2xx (writes that happened)
         self.injected: Counter[str] = Counter()
 
     def set(self, config: FaultConfig) -> None:
@@ -186,11 +187,17 @@ class FaultState:
             if fault:
                 self.injected[fault.split(":")[0]] += 1
 
+    def answered(self, key: str, status: int) -> None:
+        if 200 <= status < 300:
+            with self._lock:
+                self.accepted[key] += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "faults": self.config.model_dump(),
                 "requests": dict(self.requests),
+                "accepted": dict(self.accepted),
                 "total_requests": sum(self.requests.values()),
                 "injected": dict(self.injected),
             }
@@ -198,6 +205,7 @@ class FaultState:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.accepted.clear()
             self.injected.clear()
 
 
@@ -221,7 +229,8 @@ class FaultMiddleware:
             await self.app(scope, receive, send)
             return
         fault = self.faults.draw()
-        self.faults.count(self.endpoint_key(scope), fault)
+        key = self.endpoint_key(scope)
+        self.faults.count(key, fault)
         latency = self.faults.config.latency_ms
         if latency:
             await asyncio.sleep(latency / 1000)
@@ -253,7 +262,13 @@ class FaultMiddleware:
         if fault == "malformed":
             await _send_raw(send, 200, b'{"value": [{"broken": tru', b"application/json")
             return
-        await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.faults.answered(key, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 async def _send_json(
