@@ -3,10 +3,10 @@
 For each size: build the raw snapshot tables as the product holds them (store.ensure_schema:
 id PRIMARY KEY; derived match-key columns filled by `derived.refresh`, the product's code
 path), links and the one-row-per-record baseline, as a cycle that agreed on everything leaves
-them (nothing pending). Then edit about 1% of the mapped field values on each side (some on
-both sides = conflicts, some invalid websites, some formatting-only edits, some new Unleashed
-contacts and customers) the way an extract's upsert changes rows (new data, derived columns
-marked stale).
+them (nothing pending), and a log of 2 recorded conflicts per company from earlier cycles.
+Then edit about 1% of the mapped field values on each side (some on both sides = conflicts, some
+invalid websites, some formatting-only edits, some new Unleashed contacts and customers) the way
+an extract's upsert changes rows (new data, derived columns marked stale).
 
 Each of 3 runs is one cycle on a fresh copy of that database, each step in its own process so
 its peak RSS is its own: `derived.refresh` (what the extract assets run after their upserts: the
@@ -169,6 +169,21 @@ def generate(db: str, n: int) -> dict:
                        json_object({obj.format(v="v.ev")}), TIMESTAMP '2026-01-01'
                 FROM v"""
         )
+    # The conflicts recorded by earlier cycles: the planner looks up the last `newest` decision
+    # of every candidate field in this log (a year of two conflicts a minute is about 1M rows).
+    con.execute(
+        f"""INSERT INTO conflicts
+            SELECT TIMESTAMP '2025-01-01' + to_seconds(i * 15), 'earlier-run',
+                   CASE WHEN i % 4 = 0 THEN 'company' ELSE 'contact' END,
+                   (i % {n})::VARCHAR,
+                   CASE WHEN i % 4 = 0 THEN {_guid(f"i % {n}")}
+                        ELSE {_guid(f"i % {3 * n} + 100000000")} END,
+                   CASE WHEN i % 4 = 0 THEN 'phone' ELSE 'email' END,
+                   'crm ' || i, 'erp ' || i, 'agreed ' || i,
+                   CASE WHEN i % 2 = 0 THEN 'crm' ELSE 'erp' END, 'newest', NULL, NULL,
+                   'history-' || i
+            FROM range({2 * n}) t(i)"""
+    )
     # That cycle looked at every record and left nothing pending.
     con.execute("DELETE FROM sync_pending")
     con.execute("INSERT INTO sync_pending_state SELECT unnest(?::VARCHAR[])", [list(mappings)])

@@ -96,10 +96,13 @@ def mark_pending(con: duckdb.DuckDBPyConnection, entity: str, side: str, ids_sql
 
 
 def _mark_ids(con: duckdb.DuckDBPyConnection, entity: str, erp_ids: Sequence[str]) -> None:
-    con.execute(
-        "INSERT INTO sync_pending SELECT ?, 'erp', unnest(?::VARCHAR[])",
-        [entity, [str(x) for x in erp_ids]],
-    )
+    """`mark_pending` for a list of Unleashed ids."""
+    ids = pd.DataFrame({"erp_id": [str(x) for x in erp_ids]}, dtype=object)
+    con.register("_pending_ids", ids)
+    try:
+        mark_pending(con, entity, "erp", "SELECT erp_id FROM _pending_ids")
+    finally:
+        con.unregister("_pending_ids")
 
 
 def _upsert(con: duckdb.DuckDBPyConnection, entity: str, frame: pd.DataFrame) -> None:
@@ -116,10 +119,7 @@ def _upsert(con: duckdb.DuckDBPyConnection, entity: str, frame: pd.DataFrame) ->
             entity,
             """SELECT erp_id, field, crm_value, erp_value FROM _baseline_rows""",
         )
-        con.execute(
-            "INSERT INTO sync_pending SELECT DISTINCT ?, 'erp', erp_id FROM _baseline_rows",
-            [entity],
-        )
+        mark_pending(con, entity, "erp", "SELECT DISTINCT erp_id FROM _baseline_rows")
     finally:
         con.unregister("_baseline_rows")
 

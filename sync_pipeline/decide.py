@@ -267,13 +267,13 @@ def decide(
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
                    coalesce(n.crm_modified > n.erp_modified, false) AS newer_crm,
-                   k.winner AS kept_winner, k.seen_at AS kept_since
+                   CASE WHEN {_SAME_CONFLICT} THEN k.winner END AS kept_winner,
+                   CASE WHEN {_SAME_CONFLICT} THEN k.seen_at END AS kept_since
             FROM n JOIN _fields f USING (field)
-            LEFT JOIN _prior k ON k.erp_id = n.erp_id AND k.field = n.field
-                 AND k.crm_value IS NOT DISTINCT FROM n.crm_value
-                 AND k.erp_value IS NOT DISTINCT FROM n.erp_value
-                 AND k.baseline_value IS NOT DISTINCT FROM
-                     CASE WHEN k.winner = 'crm' THEN n.base_erp ELSE n.base_crm END),
+            -- Joined on its key alone (one row per record and field), the values compared
+            -- after: with the comparisons in the join condition DuckDB chose a plan that took
+            -- 100 s at 380k rows against 5M recorded conflicts.
+            LEFT JOIN _prior k ON k.erp_id = n.erp_id AND k.field = n.field),
         d AS (
             SELECT m.*,
                CASE WHEN c_counts AND e_counts THEN
@@ -351,6 +351,14 @@ def decide(
                crm_modified, erp_modified, CAST(NULL AS JSON) AS payload
         FROM p"""
     )
+
+
+# A recorded decision (`_prior k`) is about the same conflict as the row `n`: the same two values
+# over the same agreed value (the loser's side of the baseline).
+_SAME_CONFLICT = """(k.crm_value IS NOT DISTINCT FROM n.crm_value
+    AND k.erp_value IS NOT DISTINCT FROM n.erp_value
+    AND k.baseline_value IS NOT DISTINCT FROM
+        CASE WHEN k.winner = 'crm' THEN n.base_erp ELSE n.base_crm END)"""
 
 
 def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
