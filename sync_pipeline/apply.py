@@ -289,7 +289,8 @@ def _drop_stale(
             con, op_id, "superseded",
             why if op_id in stale else (
                 f"not sent: a run stopped before it knew whether this reached {target}, and it "
-                f"had not; {source} no longer holds this value, so the latest plan dropped it"
+                f"had not; the latest plan no longer wants it ({source} changed the field again, "
+                "or a setting now holds it back)"
             ),
         )  # fmt: skip
     for op_id in stale - unwanted:

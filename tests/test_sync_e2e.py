@@ -467,7 +467,7 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     assert sent.empty, sent.to_string()
     op = h.query("SELECT status, last_error FROM outbox WHERE op_id = ?", [held["op_id"][0]])
     assert op["status"][0] == "superseded"
-    assert "no longer holds this value" in op["last_error"][0]
+    assert "the latest plan no longer wants it" in op["last_error"][0]
     h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
     assert h.query("SELECT * FROM outbox WHERE status IN ('in_flight', 'in_doubt')").empty
