@@ -160,6 +160,14 @@ def cycle_report(
         lines.append(f"Failed operations (retried next run): {len(failed)}")
         for r in failed.head(10).to_dict("records"):
             lines.append(f"  - {r['last_error']}")
+    (unsure,) = con.execute(
+        "SELECT count(*) FROM outbox WHERE status IN ('in_flight', 'in_doubt')"
+    ).fetchone()
+    if unsure:
+        lines.append(
+            f"Writes whose outcome is not known yet (a run stopped before the answer; the next "
+            f"run reads the target and completes or sets each aside, never sends blindly): {unsure}"
+        )
     bad = con.execute(
         "SELECT system, endpoint, record_id, reason FROM bad_records WHERE resolved_at IS NULL"
     ).df()

@@ -12,13 +12,14 @@ import dagster as dg
 import httpx
 import pytest
 
-from sync_pipeline import apply
+from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.defs.automation import (
     crm_change_sensor,
     daytime_import_schedule,
     overnight_account_manager_fix_schedule,
 )
+from sync_pipeline.report import cycle_report
 
 VOLATILE = {"LastModifiedOn"}
 
@@ -460,6 +461,8 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     h.emu.set_faults("unleashed")
     held = h.query("SELECT op_id, status FROM outbox WHERE new_value = '0113 496 0555'")
     assert list(held["status"]) == ["in_flight"]
+    with store.connect(h.db) as con:  # the operator's report says so
+        assert "Writes whose outcome is not known yet" in cycle_report(con, since=datetime.min)
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": original})  # the person undoes it
     h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
