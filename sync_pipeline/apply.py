@@ -35,6 +35,13 @@ class CrashForTest(RuntimeError):
     """Raised by a test hook to simulate a process dying between an API write and the baseline."""
 
 
+# A run stops once this many records in a row failed with the API not answering (timeouts, 5xx,
+# 429s, dropped connections, each already retried by the client): the rest of its operations
+# wait for the next run instead of each spending the whole retry budget on a service that is down
+# (with 30 s timeouts that is minutes per record, while the run holds the DuckDB pool).
+UNANSWERED_RECORDS_TO_STOP = 2
+
+
 @dataclass
 class ApplyStats:
     applied: int = 0
@@ -45,6 +52,8 @@ class ApplyStats:
     requests: int = 0
     errors: list[str] = field(default_factory=list)
     applied_rows: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # why the run stopped before its last operation
+    unanswered: int = 0  # records in a row whose requests failed transiently
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -54,7 +63,24 @@ class ApplyStats:
             "recovered_after_crash": self.recovered,
             "records_written": self.records,
             "api_requests": self.requests,
+            "stopped_early": self.stopped or "no",
         }
+
+    def should_stop(self, exc: ApiError | None, system: str, left: Callable[[], int]) -> bool:
+        """After one record: count records in a row the API did not answer; at the limit, say
+        why the run stops and what waits (`left()`: operations not tried yet in this run)."""
+        if exc is None or not isinstance(exc, TransientApiError):
+            self.unanswered = 0
+            return False
+        self.unanswered += 1
+        if self.unanswered < UNANSWERED_RECORDS_TO_STOP or not left():
+            return False
+        self.stopped = (
+            f"{system} did not answer for {self.unanswered} records in a row (last: {exc}); "
+            f"the run stopped there and {left()} operations wait for the next run"
+        )
+        log.warning("%s", self.stopped)
+        return True
 
 
 @dataclass
@@ -94,6 +120,11 @@ def _group(ops: pd.DataFrame, keys: list[str]) -> list[tuple[Any, pd.DataFrame]]
     return list(ops.groupby(keys, dropna=False, sort=False))
 
 
+def _left(groups: list[tuple[Any, pd.DataFrame]], i: int) -> int:
+    """How many operations the groups after the i-th hold (not tried yet in this run)."""
+    return sum(len(ops) for _, ops in groups[i + 1 :])
+
+
 class Resolver:
     """Turns canonical reference values (an account manager's email) into what each API stores,
     following the mapping's `crm_write` / `erp_write` rules (look up a raw table by a field)."""
@@ -130,8 +161,10 @@ def apply_push(
     before = client.stats.total
     pending = store.unfinished(con, PUSH_OPS)
     resolver = Resolver(con)
-    for (entity, erp_id), ops in _group(pending, ["entity", "erp_id"]):
+    groups = _group(pending, ["entity", "erp_id"])
+    for i, ((entity, erp_id), ops) in enumerate(groups):
         mapping = mappings[entity]
+        failure = None
         try:
             if entity == "company":
                 _push_customer(con, client, mapping, erp_id, ops, resolver, run_id, stats, hooks)
@@ -141,7 +174,10 @@ def apply_push(
         except CrashForTest:
             raise
         except ApiError as exc:
+            failure = exc
             _fail(con, ops, exc, stats, mapping)
+        if stats.should_stop(failure, "Unleashed", lambda i=i: _left(groups, i)):
+            break
     stats.requests = client.stats.total - before
     return stats
 
@@ -324,8 +360,10 @@ def apply_pull(
     pending = pending.sort_values(
         "op", key=lambda s: s.map({"create_crm_company": 0, "update_crm": 1}).fillna(2)
     )
-    for (entity, op_kind, _erp_id), ops in _group(pending, ["entity", "op", "erp_id"]):
+    groups = _group(pending, ["entity", "op", "erp_id"])
+    for i, ((entity, op_kind, _erp_id), ops) in enumerate(groups):
         mapping = mappings[entity]
+        failure = None
         try:
             if op_kind == "update_crm":
                 _pull_update(con, client, mapping, ops, resolver, run_id, stats, hooks)
@@ -336,7 +374,10 @@ def apply_pull(
         except CrashForTest:
             raise
         except ApiError as exc:
+            failure = exc
             _fail(con, ops, exc, stats, mapping)
+        if stats.should_stop(failure, "the CRM", lambda i=i: _left(groups, i)):
+            break
     stats.requests = client.stats.total - before
     return stats
 

@@ -497,6 +497,35 @@ def test_a_push_left_in_doubt_that_did_land_is_recorded_once(harness):
     assert h.query("SELECT * FROM outbox WHERE status IN ('in_flight', 'in_doubt')").empty
 
 
+def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
+    """Unleashed down: after two records in a row whose requests failed (each retried by the
+    client), the push stops instead of spending the retry budget on every record; the operations
+    it did not try are still pending, the run says why, and the next run sends them."""
+    h = harness
+    h.cycle()
+    pairs = h.query("SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 4")
+    for n, crm_id in enumerate(pairs["crm_id"]):
+        h.crm.patch("Divisions", int(crm_id), {"Phone": f"0113 496 07{n:02d}"})
+    h.emu.set_faults("unleashed", error_rate=1.0)
+    before = _unleashed_requests(h)
+    result = h.push()
+    h.emu.set_faults("unleashed")
+    tried = _unleashed_requests(h) - before
+    meta = h.materialization_metadata(result, ["sync", "push_to_unleashed"])
+    stopped = meta["stopped_early"]
+    assert "did not answer for 2 records in a row" in stopped
+    assert "2 operations wait for the next run" in stopped, stopped
+    ops = h.query("SELECT status, attempts FROM outbox WHERE op = 'update_erp' ORDER BY op_id")
+    assert len(ops) == 4
+    untried = ops[ops["attempts"] == 0]
+    assert len(untried) == 2 and set(untried["status"]) == {"pending"}, ops.to_string()
+    per_record = tried / 2  # both tried records cost the same (the client's retries)
+    assert per_record >= 2 and tried == 2 * per_record
+    h.push()
+    for n, erp_id in enumerate(pairs["erp_id"]):
+        assert _customer(h, erp_id)["PhoneNumber"] == f"0113 496 07{n:02d}"
+
+
 def _run_with_crash(h, job):
     def crash(op_ids):
         raise apply.CrashForTest(f"simulated crash after writing {op_ids}")
