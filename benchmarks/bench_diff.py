@@ -415,6 +415,7 @@ def _load() -> str:
 
 def run_size(n: int, workdir: Path) -> dict:
     base = workdir / f"bench_{n}.duckdb"
+    base.unlink(missing_ok=True)  # left by an interrupted run: generation starts from nothing
     print(f"\n== {n:,} companies / {3 * n:,} contacts: generating … (load {_load()})", flush=True)
     info = _child("--generate", str(base), str(n))
     print(
@@ -480,6 +481,8 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return
+    # A --workdir given by the caller is kept (only the databases made here are removed, by
+    # run_size); a temporary one is removed at the end.
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_diff_"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = [run_size(n, workdir) for n in args.sizes]
@@ -525,7 +528,8 @@ def main() -> None:
         f"  (against the values join the ratio is {big['plan_s'] / big['vjoin_s']:.2f}; the "
         "target is judged against the narrower bare join above)"
     )
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
