@@ -7,6 +7,8 @@ Tables (created by `ensure_schema`):
 - `link_issues(entity, kind, method, key_value, crm_ids, erp_ids, detail, seen_at)`: what the
   last `update_links` could not do (ambiguous keys) or undid (unlinked records); replaced on
   every run.
+- `link_state(name, value)`: 'last_pass' = what the last complete pass read (see
+  `_pass_marker`); a pass over the same inputs is skipped.
 
 Uniqueness on each side is kept by `update_links` (a record only ever joins a link when it is in
 none) and verified by `one_to_one_violations` (an asset check); there is no DuckDB UNIQUE index
@@ -21,6 +23,8 @@ either system.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +50,7 @@ SCHEMA = [
         entity VARCHAR, kind VARCHAR, method VARCHAR, key_value VARCHAR,
         crm_ids VARCHAR[], erp_ids VARCHAR[], detail VARCHAR, seen_at TIMESTAMP
     )""",
+    """CREATE TABLE IF NOT EXISTS link_state (name VARCHAR PRIMARY KEY, value VARCHAR)""",
 ]
 
 ISSUE_COLUMNS = ["entity", "kind", "method", "key_value", "crm_ids", "erp_ids", "detail"]
@@ -59,6 +64,9 @@ class LinkResult:
     linked: dict[str, dict[str, int]] = field(default_factory=dict)  # entity -> method -> n
     unlinked: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
     ambiguous: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
+    # True when nothing link matching reads had changed since the last pass, so the pass did
+    # not compare the tables again (its result would have been the same).
+    skipped: bool = False
 
     def total_linked(self, entity: str) -> int:
         return sum(self.linked.get(entity, {}).values())
@@ -268,15 +276,48 @@ def _link_by_key(
     return int(inserted[0]) if inserted else 0, ambiguous[ISSUE_COLUMNS]
 
 
+def _pass_marker(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> str:
+    """What a link pass depends on: the version of its input rows (`derived._link_sig`) and
+    the matching rules (tables, keys and their order)."""
+    used = {"crm", "erp", "match"}
+    rules = json.dumps(
+        {e: m.model_dump(mode="json", include=used) for e, m in mappings.items()}, sort_keys=True
+    )
+    digest = hashlib.sha256(rules.encode()).hexdigest()[:16]
+    return f"{derived.link_inputs_version(con)}:{digest}"
+
+
+def _unchanged(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> LinkResult:
+    """The result of a pass over unchanged inputs, without comparing the tables: the links as
+    they are, nothing new linked or unlinked, the ambiguous keys still reported."""
+    result = LinkResult(skipped=True)
+    for entity, table in LINK_TABLES.items():
+        (kept,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        result.kept[entity] = int(kept)
+        result.linked[entity] = {k.name: 0 for k in mappings[entity].match.keys}
+    # Unlinking is reported by the pass that did it; ambiguity stays until the data changes.
+    con.execute("DELETE FROM link_issues WHERE kind <> 'ambiguous'")
+    result.ambiguous = con.execute(
+        f"SELECT {', '.join(ISSUE_COLUMNS)} FROM link_issues ORDER BY entity, method, key_value"
+    ).df()
+    return result
+
+
 def update_links(
     con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]
 ) -> LinkResult:
     """Keep valid links, drop links to inactive or missing records, add new unambiguous ones.
 
-    Companies are linked before contacts (contacts pair only within linked companies)."""
+    Companies are linked before contacts (contacts pair only within linked companies). When no
+    row link matching reads has changed status, parent or match key since the last pass (and the
+    rules are the same), the pass would change nothing, and the tables are not compared."""
     ensure_schema(con)
     baseline.ensure_schema(con)
     derived.refresh(con, mappings)  # the match keys are read from derived columns
+    marker = _pass_marker(con, mappings)
+    row = con.execute("SELECT value FROM link_state WHERE name = 'last_pass'").fetchone()
+    if row is not None and row[0] == marker:
+        return _unchanged(con, mappings)
     result = LinkResult()
     unlinked, ambiguous = [], []
     for entity in ("company", "contact"):
@@ -318,6 +359,12 @@ def update_links(
                SELECT entity, kind, method, key_value, crm_ids, erp_ids, detail, now()::TIMESTAMP
                FROM issues"""
         )
+    # This pass's own writes (new links) do not change the rows matching reads.
+    con.execute(
+        """INSERT INTO link_state VALUES ('last_pass', ?)
+           ON CONFLICT (name) DO UPDATE SET value = excluded.value""",
+        [marker],
+    )
     return result
 
 
@@ -344,7 +391,11 @@ def one_to_one_violations(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 def link_metadata(result: LinkResult) -> dict[str, Any]:
     """Plain values (ints, text) describing a pass, for run metadata."""
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {
+        "pass": "skipped: no record's status, parent or match key changed since the last pass"
+        if result.skipped
+        else "full"
+    }
     for entity in ("company", "contact"):
         meta[f"{entity}: links kept"] = result.kept.get(entity, 0)
         for method, n in result.linked.get(entity, {}).items():

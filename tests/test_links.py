@@ -3,6 +3,8 @@ email, then name; ambiguity refused; inactive records unlinked."""
 
 from __future__ import annotations
 
+import pytest
+
 from sync_pipeline import baseline, diff, links
 from tests.diff_fixtures import World
 
@@ -114,3 +116,112 @@ def test_one_to_one_violations_finds_a_double_link():
     )
     bad = links.one_to_one_violations(w.con)
     assert bad.to_dict("records") == [{"entity": "company", "side": "crm", "id": "1", "links": 2}]
+
+
+# A pass over unchanged inputs ----------------------------------------------------------------
+
+
+def _linked_world() -> World:
+    """Acme linked, with contact Ann linked by email; an ambiguous account code ACME2; contact
+    Bob in the CRM and Unleashed contact c-bob that nothing pairs yet."""
+    w = World()
+    w.crm_company(1, "Acme", code="ACME")
+    w.customer("g-acme", "ACME", "Acme")
+    w.crm_company(2, "Two", code="TWO")
+    w.customer("g-two", "TWO", "Two")
+    w.crm_company(3, "Dup one", code="ACME2")
+    w.crm_company(4, "Dup two", code="ACME2")
+    w.customer("g-acme2", "ACME2", "Acme 2")
+    w.crm_company(5, "Five")  # no sales ledger yet
+    w.customer("g-five", "FIVE", "Five")
+    w.crm_contact(10, 1, "Ann", "A", email="ann@acme.com")
+    w.erp_contact("c-ann", "g-acme", "Ann", "A", email="ann@acme.com")
+    w.crm_contact(11, 1, "Bob", "B", email="bob@acme.com")
+    w.erp_contact("c-bob", "g-acme", "Robert", "Bee", email="robert@acme.com")
+    first = links.update_links(w.con, w.mappings)
+    assert not first.skipped
+    assert _links(w, "company_links") == {
+        ("1", "g-acme", "account_code"),
+        ("2", "g-two", "account_code"),
+    }
+    assert _links(w, "contact_links") == {("10", "c-ann", "email")}
+    return w
+
+
+def test_a_field_edit_reuses_the_links_and_keeps_reporting_ambiguity():
+    w = _linked_world()
+    diff.plan_changes(w.con, w.mappings)  # the linked pairs agree: their baseline is set
+    w.edit("crm_contacts", "10", Phone="020 7946 0000")
+    w.edit("unleashed_customers", "g-acme", CustomerName="Acme Ltd")
+    result = links.update_links(w.con, w.mappings)
+    assert result.skipped
+    assert links.link_metadata(result)["pass"].startswith("skipped: no record's status")
+    assert result.kept == {"company": 2, "contact": 1}
+    assert _links(w, "contact_links") == {("10", "c-ann", "email")}
+    # The ambiguous account code is still reported, in the result and in link_issues.
+    assert list(result.ambiguous["key_value"]) == ["ACME2"]
+    stored = w.con.execute("SELECT kind, key_value FROM link_issues").fetchall()
+    assert stored == [("ambiguous", "ACME2")]
+    # And the edits are planned as usual.
+    plan = diff.plan_changes(w.con, w.mappings)
+    plan = plan[plan["op"].str.startswith("update_")]
+    assert sorted(zip(plan["op"], plan["field"], plan["new_value"], strict=True)) == [
+        ("update_crm", "name", "Acme Ltd"),
+        ("update_erp", "phone", "020 7946 0000"),
+    ]
+
+
+def _moved_to_two(w: World) -> None:
+    """As the extract's upsert writes it: the same row, with its new parent."""
+    w.edit("crm_contacts", "10", DivisionId=2)
+    w.con.execute("UPDATE crm_contacts SET parent_id = '2' WHERE id = '10'")
+
+
+def _ledger_for_five(w: World) -> None:
+    w._put("crm_sales_ledgers", "L5", {"SalesLedgerId": 5, "DivisionId": 5, "AccountCode": "FIVE"},
+           parent="5")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "companies", "contacts"),
+    [
+        pytest.param(
+            lambda w: w.edit("unleashed_contacts", "c-bob", EmailAddress="bob@acme.com"),
+            {"1", "2"}, {"10", "11"}, id="a match key edited",
+        ),
+        pytest.param(
+            lambda w: w.erp_contact("c-bob2", "g-acme", "B", "B", email="bob@acme.com"),
+            {"1", "2"}, {"10", "11"}, id="a record added",
+        ),
+        pytest.param(
+            lambda w: w.edit("crm_contacts", "10", active=False),
+            {"1", "2"}, set(), id="a record deactivated",
+        ),
+        pytest.param(_moved_to_two, {"1", "2"}, set(), id="a contact moved to another company"),
+        pytest.param(
+            lambda w: w.edit("unleashed_customers", "g-acme", active=False),
+            {"2"}, set(), id="a customer made obsolete",
+        ),
+        pytest.param(_ledger_for_five, {"1", "2", "5"}, {"10"}, id="a sales ledger added"),
+    ],
+)  # fmt: skip
+def test_each_change_link_matching_reads_makes_a_full_pass(change, companies, contacts):
+    w = _linked_world()
+    change(w)
+    result = links.update_links(w.con, w.mappings)
+    assert not result.skipped
+    assert links.link_metadata(result)["pass"] == "full"
+    assert {c for c, _, _ in _links(w, "company_links")} == companies
+    assert {c for c, _, _ in _links(w, "contact_links")} == contacts
+    assert links.one_to_one_violations(w.con).empty
+
+
+def test_changed_matching_rules_make_a_full_pass():
+    w = _linked_world()
+    contact = w.mappings["contact"]
+    reordered = dict(w.mappings)
+    reordered["contact"] = contact.model_copy(
+        update={"match": contact.match.model_copy(update={"keys": contact.match.keys[::-1]})}
+    )
+    assert not links.update_links(w.con, reordered).skipped
+    assert links.update_links(w.con, reordered).skipped
