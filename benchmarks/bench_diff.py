@@ -13,6 +13,9 @@ its peak RSS is its own: `derived.refresh` (what the extract assets run after th
 derived columns of the ~1% changed rows, which also puts them on the planner's pending set), the
 bare DuckDB join of the tables a plan compares (links ⋈ crm ⋈ unleashed ⋈ baseline), then
 `plan_changes`.
+Then the push at this size: on the world as it was before the edits, one CRM contact's phone is
+edited (three times, one after the other) and the DuckDB steps of a push run are timed: the
+derived refresh, the link step and the plan.
 Medians are reported, with process CPU time (user+sys) next to wall time because the machine may
 be shared; the load average is printed per run.
 
@@ -64,10 +67,11 @@ def _intl(expr: str) -> str:
     return f"'+44 20 ' || substr({d},1,4) || ' ' || substr({d},5,4)"
 
 
-def generate(db: str, n: int) -> dict:
+def generate(db: str, n: int, settled: str | None = None) -> dict:
     """Build the tables for n companies / 3n contacts as the product holds them after a cycle
-    that agreed on everything, then apply the edits the way an extract would (rows replaced,
-    derived columns marked stale). Returns counts of what was edited and timings."""
+    that agreed on everything (copied to `settled` when given), then apply the edits the way an
+    extract would (rows replaced, derived columns marked stale). Returns counts of what was
+    edited and timings."""
     import duckdb
 
     from sync_pipeline import baseline, derived, links, store
@@ -189,6 +193,12 @@ def generate(db: str, n: int) -> dict:
     con.execute("INSERT INTO sync_pending_state SELECT unnest(?::VARCHAR[])", [list(mappings)])
     gen_base = time.perf_counter() - t1
     con.execute("CHECKPOINT")
+    if settled:
+        con.close()
+        shutil.copyfile(db, settled)
+        con = duckdb.connect(db)
+        con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
+        con.execute("SET preserve_insertion_order=false")
     edits = _edit(con, mappings, n)
     con.execute("CHECKPOINT")
     con.close()
@@ -402,6 +412,59 @@ def measure(db: str, what: str) -> dict:
     }
 
 
+def measure_push(db: str) -> dict:
+    """The DuckDB work of a push at this size, on the settled world: one CRM contact's phone
+    edited and written by the extract's upsert, then the steps a push run takes before its API
+    call (the extract's derived refresh, the link step, the plan). The link step's first pass
+    (no pass recorded yet) is timed separately: it compares the whole tables."""
+    from datetime import timedelta
+
+    import duckdb
+
+    from sync_pipeline import derived, links, store
+    from sync_pipeline.diff import plan_changes
+    from sync_pipeline.mapping import load_mappings
+
+    mappings = load_mappings(ROOT / "mappings")
+    con = duckdb.connect(db)
+    con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
+    con.execute(f"SET threads={THREADS}")
+    t0 = time.perf_counter()
+    links.update_links(con, mappings)
+    full_links = time.perf_counter() - t0
+    plan_changes(con, mappings)  # the settled world: nothing pending
+    out: dict = {"full_links_s": full_links, "steps": []}
+    for i in range(3):
+        contact_id, modified, raw = con.execute(
+            "SELECT id, modified, data FROM crm_contacts WHERE id = ?", [str(1000 + i)]
+        ).fetchone()
+        data = json.loads(raw)
+        data["Phone"] = f"020 7946 {i:04d}"
+        row = store.SnapshotRow(
+            id=contact_id, parent_id=str(data["DivisionId"]), active=True, data=data,
+            modified=modified + timedelta(days=1),
+        )  # fmt: skip
+        store.upsert_snapshot(con, "crm_contacts", [row])
+        t0 = time.perf_counter()
+        derived.refresh(con, mappings, tables=["crm_contacts"])
+        t1 = time.perf_counter()
+        linked = links.update_links(con, mappings)
+        t2 = time.perf_counter()
+        plan = plan_changes(con, mappings)
+        t3 = time.perf_counter()
+        out["steps"].append(
+            {
+                "refresh_s": t1 - t0,
+                "links_s": t2 - t1,
+                "links_skipped": linked.skipped,
+                "plan_s": t3 - t2,
+                "planned": [f"{r.op} {r.field} {r.new_value}" for r in plan.itertuples()],
+            }
+        )
+    con.close()
+    return out
+
+
 def _child(*args: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, *args], check=True, capture_output=True, text=True
@@ -415,9 +478,10 @@ def _load() -> str:
 
 def run_size(n: int, workdir: Path) -> dict:
     base = workdir / f"bench_{n}.duckdb"
+    settled = workdir / f"settled_{n}.duckdb"
     base.unlink(missing_ok=True)  # left by an interrupted run: generation starts from nothing
     print(f"\n== {n:,} companies / {3 * n:,} contacts: generating … (load {_load()})", flush=True)
-    info = _child("--generate", str(base), str(n))
+    info = _child("--generate", str(base), str(n), "--settled", str(settled))
     print(
         f"   generated in {info['generate_seconds']} s (raw {info['generate_raw_seconds']} s, "
         f"first derived refresh {info['first_refresh_seconds']} s for "
@@ -447,6 +511,22 @@ def run_size(n: int, workdir: Path) -> dict:
             flush=True,
         )
     base.unlink()
+    push = _child("--push", str(settled))
+    settled.unlink()
+    steps = push["steps"]
+    print(
+        f"   push (one CRM phone edit, settled world): link step's first pass "
+        f"{push['full_links_s']:.2f} s; then per edit: refresh "
+        + ", ".join(f"{x['refresh_s']:.2f}" for x in steps)
+        + " s; links "
+        + ", ".join(
+            f"{x['links_s']:.2f}{' (skipped)' if x['links_skipped'] else ''}" for x in steps
+        )
+        + " s; plan "
+        + ", ".join(f"{x['plan_s']:.2f}" for x in steps)
+        + f" s; last plan (nothing is applied in between): {steps[-1]['planned']}",
+        flush=True,
+    )
     plan_s = statistics.median(p["seconds"] for p in plans)
     join_s = statistics.median(j["seconds"] for j in joins)
     return {
@@ -465,6 +545,7 @@ def run_size(n: int, workdir: Path) -> dict:
         "refresh_rows": refreshes[-1]["rows"],
         "refresh_rss_mb": max(r["rss_mb"] for r in refreshes),
         "loads": loads,
+        "push": push,
     }
 
 
@@ -472,11 +553,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--generate", nargs=2, metavar=("DB", "N"))
+    parser.add_argument("--settled", default=None, help="with --generate: keep the pre-edit copy")
     parser.add_argument("--measure", nargs=2, metavar=("DB", "WHAT"))
+    parser.add_argument("--push", metavar="DB")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     if args.generate:
-        print(json.dumps(generate(args.generate[0], int(args.generate[1]))))
+        print(json.dumps(generate(args.generate[0], int(args.generate[1]), args.settled)))
+        return
+    if args.push:
+        print(json.dumps(measure_push(args.push)))
         return
     if args.measure:
         print(json.dumps(measure(*args.measure)))
@@ -515,6 +601,16 @@ def main() -> None:
         )
     for r in results:
         print(f"ops at {r['n']:,}: {r['ops']}")
+    for r in results:
+        steps = r["push"]["steps"]
+        print(
+            f"push at {r['n']:,}: one CRM edit costs refresh "
+            f"{statistics.median(x['refresh_s'] for x in steps):.2f} s + links "
+            f"{statistics.median(x['links_s'] for x in steps):.2f} s + plan "
+            f"{statistics.median(x['plan_s'] for x in steps):.2f} s of DuckDB work (medians of "
+            f"{len(steps)}); a link pass that compares the tables: "
+            f"{r['push']['full_links_s']:.2f} s"
+        )
     big = max(results, key=lambda r: r["n"])
     print(f"\ntargets at {big['n']:,} / {3 * big['n']:,}:")
     for label, value, target, unit in (
