@@ -47,6 +47,7 @@ class ApplyStats:
     applied: int = 0
     failed: int = 0
     deferred: int = 0
+    set_aside: int = 0  # in doubt, not sent: the latest plan no longer wants them
     recovered: int = 0
     records: int = 0
     requests: int = 0
@@ -60,6 +61,7 @@ class ApplyStats:
             "operations_applied": self.applied,
             "operations_failed": self.failed,
             "operations_deferred": self.deferred,
+            "operations_set_aside": self.set_aside,
             "recovered_after_crash": self.recovered,
             "records_written": self.records,
             "api_requests": self.requests,
@@ -331,7 +333,8 @@ def _drop_stale(
         )  # fmt: skip
     for op_id in stale - unwanted:
         store.mark(con, op_id, "deferred", why)
-    stats.deferred += len(stale | unwanted)
+    stats.deferred += len(stale - unwanted)
+    stats.set_aside += len(unwanted)
     return ops[~ops["op_id"].isin(stale | unwanted)]
 
 
@@ -482,7 +485,7 @@ def _unwanted(con: duckdb.DuckDBPyConnection, op: dict[str, Any], stats: ApplySt
         "not created: a run stopped before it knew whether this reached the CRM, and it had not; "
         "the latest plan no longer wants it (the Unleashed record is gone or obsolete)",
     )  # fmt: skip
-    stats.deferred += 1
+    stats.set_aside += 1
     return True
 
 

@@ -464,8 +464,11 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     with store.connect(h.db) as con:  # the operator's report says so
         assert "Writes whose outcome is not known yet" in cycle_report(con, since=datetime.min)
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": original})  # the person undoes it
-    h.cycle()
+    result = h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
+    # The run's metadata says it set one write aside (not "deferred": nothing waits for it).
+    meta = h.materialization_metadata(result, ["sync", "push_to_unleashed"])
+    assert (meta["operations_set_aside"], meta["operations_deferred"]) == (1, 0)
     sent = h.query("SELECT * FROM audit_log WHERE new_value = '0113 496 0555'")
     assert sent.empty, sent.to_string()
     op = h.query("SELECT status, last_error FROM outbox WHERE op_id = ?", [held["op_id"][0]])
