@@ -46,7 +46,7 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     before = _customer(h, pair["erp_id"])
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": "+44 161 496 0123"})
     h.emu.reset_stats("unleashed")
-    h.push()
+    result = h.push()
     # One read and one write for the record; the push job reads nothing else from Unleashed.
     by_endpoint = _requests_by_endpoint(h, "unleashed")
     assert by_endpoint == {"GET /Customers/{guid}": 1, "POST /Customers/{guid}": 1}
@@ -54,6 +54,39 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     assert after["PhoneNumber"] == "+44 161 496 0123"
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert changed - VOLATILE == {"PhoneNumber"}
+    # That push's link step also linked the CRM records the cycle created from Unleashed (new
+    # rows in its CRM extract). A second phone edit cannot link or unlink anything: the link step
+    # says it did not compare the tables, and the edit still arrives.
+    assert h.materialization_metadata(result, ["sync", "links"])["pass"] == "full"
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "+44 161 496 0124"})
+    result = h.push()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "+44 161 496 0124"
+    links_meta = h.materialization_metadata(result, ["sync", "links"])
+    assert links_meta["pass"].startswith("skipped: no record's status, parent or match key")
+
+
+def test_a_second_crm_edit_before_the_next_import_is_pushed_at_once(harness):
+    """A push does not import Unleashed. A person who corrects a field they just saved (or
+    edits the record again) must not wait for the next import, and no conflict may be invented:
+    Unleashed has not changed, only the sync wrote to it."""
+    h = harness
+    h.cycle()
+    h.cycle()  # the CRM records the first cycle created are linked
+    pair = h.linked_company()
+    contact = h.query(
+        "SELECT crm_id, erp_id, erp_parent_id FROM contact_links WHERE erp_parent_id = ? "
+        "ORDER BY crm_id LIMIT 1",
+        [pair["erp_id"]],
+    ).iloc[0]
+    for phone, mobile in (("0161 496 0201", "07700 900201"), ("0161 496 0202", "07700 900202")):
+        h.crm.patch("Divisions", pair["crm_id"], {"Phone": phone})
+        h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": mobile})
+        h.push()
+        assert _customer(h, pair["erp_id"])["PhoneNumber"] == phone
+        mobiles = {str(c.Guid): c.MobilePhone for c in h.unleashed.list_contacts(pair["erp_id"])}
+        assert mobiles[contact["erp_id"]] == mobile
+    assert h.query("SELECT * FROM conflicts").empty
+    assert h.query("SELECT * FROM outbox WHERE status <> 'applied'").empty
 
 
 def test_unleashed_edit_reaches_crm(harness):
