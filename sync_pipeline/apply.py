@@ -23,7 +23,6 @@ from sync_pipeline import baseline, store
 from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
 from sync_pipeline.clients.crm import CrmClient, crm_key
 from sync_pipeline.clients.unleashed import UnleashedClient
-from sync_pipeline.extract import customer_row
 from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
@@ -263,7 +262,11 @@ def _push_customer(
     current.update(changes)
     saved = client.save_customer(current)
     hooks.wrote(list(ops["op_id"]))
-    row, _ = customer_row(saved)
+    sent = {k: v for k, v in current.items() if k != "Contacts"}
+    row = store.SnapshotRow(
+        id=str(guid), modified=saved.LastModifiedOn, active=not bool(sent.get("Obsolete")),
+        data=sent,
+    )  # fmt: skip
     _write_through(con, "unleashed_customers", row)
     _complete_updates(con, "company", ops, run_id, "crm_to_erp", stats)
 
@@ -293,25 +296,27 @@ def _push_contact(
         mapping.fields[op["field"]].erp: _text(op["new_value"]) for op in ops.to_dict("records")
     }
     _mark_in_flight(con, ops)
-    saved = client.update_contact(customer_guid, contact_guid, changes, current=current)
+    client.update_contact(customer_guid, contact_guid, changes, current=current)
     hooks.wrote(list(ops["op_id"]))
     row = store.SnapshotRow(
         id=str(contact_guid), parent_id=str(customer_guid), modified=None, active=True,
-        data=saved.to_wire(),
+        data={**current, **changes},
     )  # fmt: skip
     _write_through(con, "unleashed_contacts", row)
     _complete_updates(con, "contact", ops, run_id, "crm_to_erp", stats)
 
 
 def _write_through(con: duckdb.DuckDBPyConnection, table: str, row: store.SnapshotRow) -> None:
-    """Put what Unleashed answered a write with into its snapshot.
+    """Put the record as written to Unleashed into its snapshot.
 
     A push run does not import Unleashed, so without this the snapshot still holds the value
     from before the write until the next import: a second CRM edit of the same field then looks
     like a conflict with Unleashed (which has not changed), and waits for that import (at night,
-    until the morning). A contact's answer carries no modified time of its own (the import takes
-    its customer's): the snapshot's is kept. The upsert stays monotonic, so an import that has
-    already seen a later version is not overwritten."""
+    until the morning). The data is what was sent: the record just read, with the changes (a
+    full replace), not the response, whose shape is not documented. The modified time is the
+    response's when it has one; a contact has none of its own (the import takes its customer's),
+    so the snapshot's is kept. The upsert stays monotonic: an import that has already seen a
+    later version is not overwritten."""
     if row.modified is None:
         found = con.execute(f"SELECT modified FROM {table} WHERE id = ?", [row.id]).fetchone()
         if found is None:

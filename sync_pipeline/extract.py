@@ -149,20 +149,6 @@ def extract_crm(
     )
 
 
-def customer_row(customer: Any) -> tuple[store.SnapshotRow, list[dict[str, Any]]]:
-    """An Unleashed customer as `unleashed_customers` holds it (without its contacts), and the
-    contacts embedded in it."""
-    wire = customer.to_wire()
-    embedded = wire.pop("Contacts", None) or []
-    row = store.SnapshotRow(
-        id=str(customer.Guid),
-        modified=customer.LastModifiedOn,
-        active=not bool(customer.Obsolete),
-        data=wire,
-    )
-    return row, embedded
-
-
 def extract_unleashed_customers(
     con: duckdb.DuckDBPyConnection,
     client: UnleashedClient,
@@ -194,9 +180,17 @@ def extract_unleashed_customers(
     parents, present, parent_modified = [], [], {}
     big = 0
     for customer in result.items:
-        row, embedded = customer_row(customer)
-        guid = row.id
-        customers.append(row)
+        wire = customer.to_wire()
+        embedded = wire.pop("Contacts", None) or []
+        guid = str(customer.Guid)
+        customers.append(
+            store.SnapshotRow(
+                id=guid,
+                modified=customer.LastModifiedOn,
+                active=not bool(customer.Obsolete),
+                data=wire,
+            )
+        )
         if len(embedded) >= EMBEDDED_CONTACTS_LIMIT:
             big += 1
             embedded = [c.to_wire() for c in client.list_contacts(guid)]
