@@ -23,6 +23,7 @@ from sync_pipeline import baseline, store
 from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
 from sync_pipeline.clients.crm import CrmClient, crm_key
 from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.extract import customer_snapshot
 from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
@@ -262,11 +263,7 @@ def _push_customer(
     current.update(changes)
     saved = client.save_customer(current)
     hooks.wrote(list(ops["op_id"]))
-    sent = {k: v for k, v in current.items() if k != "Contacts"}
-    row = store.SnapshotRow(
-        id=str(guid), modified=saved.LastModifiedOn, active=not bool(sent.get("Obsolete")),
-        data=sent,
-    )  # fmt: skip
+    row = customer_snapshot(str(guid), current, saved.LastModifiedOn)  # as sent
     _write_through(con, "unleashed_customers", row)
     _complete_updates(con, "company", ops, run_id, "crm_to_erp", stats)
 

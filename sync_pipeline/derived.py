@@ -87,7 +87,7 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
             add(mapping.erp.table, key_column(key.name), "VARCHAR", key_expr(key, "erp"))
     # Every table above is read by link matching: what it reads there, as one hash.
     for table, cols in out.items():
-        keys = [expr for col, (_, expr) in sorted(cols.items())]
+        keys = [expr for _, (_, expr) in sorted(cols.items())]
         parent = "parent_id" if has_parent.get(table) else "NULL"
         cols[LINK_SIG] = ("UBIGINT", f"hash(active, {parent}, {', '.join(keys) or 'NULL'})")
     return out

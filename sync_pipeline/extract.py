@@ -149,6 +149,18 @@ def extract_crm(
     )
 
 
+def customer_snapshot(
+    guid: str, wire: dict[str, Any], modified: datetime | None
+) -> store.SnapshotRow:
+    """An Unleashed customer (wire form) as `unleashed_customers` holds it: without its
+    contacts (they have their own table), active unless obsolete. The import and apply's
+    write-through both store customers this way."""
+    data = {k: v for k, v in wire.items() if k != "Contacts"}
+    return store.SnapshotRow(
+        id=guid, modified=modified, active=not bool(data.get("Obsolete")), data=data
+    )
+
+
 def extract_unleashed_customers(
     con: duckdb.DuckDBPyConnection,
     client: UnleashedClient,
@@ -181,16 +193,9 @@ def extract_unleashed_customers(
     big = 0
     for customer in result.items:
         wire = customer.to_wire()
-        embedded = wire.pop("Contacts", None) or []
+        embedded = wire.get("Contacts") or []
         guid = str(customer.Guid)
-        customers.append(
-            store.SnapshotRow(
-                id=guid,
-                modified=customer.LastModifiedOn,
-                active=not bool(customer.Obsolete),
-                data=wire,
-            )
-        )
+        customers.append(customer_snapshot(guid, wire, customer.LastModifiedOn))
         if len(embedded) >= EMBEDDED_CONTACTS_LIMIT:
             big += 1
             embedded = [c.to_wire() for c in client.list_contacts(guid)]
