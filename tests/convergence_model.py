@@ -120,6 +120,8 @@ def report() -> str:
         ("crashes injected", "crashes"),
         ("crashes recovered", "crashes_recovered"),
         ("edits checked at quiescence", "edits_checked"),
+        ("edits checked right after a clean push", "pushed_checked"),
+        ("  of which not in Unleashed yet", "pushed_late"),
         ("conflicts recorded", "conflicts"),
         ("open rejections at quiescence", "open_rejections"),
         ("edits back to the agreed value before a sync saw them", "returned_unseen"),

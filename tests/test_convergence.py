@@ -204,6 +204,13 @@ class ConvergenceMachine(RuleBasedStateMachine):
         self.my_contact_posts = 0
         self.clean_jobs: list[tuple[str, int]] = []  # (run_id, writes the servers accepted)
         self.crashes = 0
+        # For the promptness check after each clean push (`_check_pushed`): a clock of rule
+        # steps, when each (record, field) was last written in Unleashed by a rule (even to a
+        # spelling that normalises the same), when the last clean cycle ran, and the settings.
+        self.tick = 0
+        self.erp_written: dict[tuple[int, str], int] = {}
+        self.last_clean_cycle = 0
+        self.settings_now = {"two_way_sync": True, "account_manager_sync": True}
         cm.TOTALS["scenarios"] += 1
         done = cm.TOTALS["scenarios"] - 1  # before this one
         if _SOAK and done and done % cm.PROGRESS_EVERY == 0:
@@ -252,6 +259,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
 
     def _edit(self, entity: str, pair: cm.Pair, side: str, field: str, value: Any) -> None:
         cm.TOTALS["steps"] += 1
+        self.tick += 1
         crm_col, erp_col, _ = cm.FIELDS[entity][field]
         state = cm.live(self.emu)
         if side == "crm":
@@ -298,6 +306,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 self.h.unleashed.update_contact(parent, pair.erp_id, {erp_col: value})
         except ApiError as exc:
             return self._refused(f"Unleashed {entity} {field}", exc)
+        self.erp_written[(id(pair), field)] = self.tick
         self._record(
             entity, pair, field, side, shown, before,
             self._other_value(state, entity, pair, side, field),
@@ -421,6 +430,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
     def set_setting(self, name, value):
         cm.TOTALS["steps"] += 1
         self.h.set_settings(**{name: value})
+        self.settings_now[name] = value
 
     @rule(
         job=st.sampled_from(["cycle", "push"]),
@@ -430,6 +440,36 @@ class ConvergenceMachine(RuleBasedStateMachine):
     def sync(self, job, fault, crash_after):
         cm.TOTALS["steps"] += 1
         self._run_job(job, fault, crash_after)
+
+    @rule()
+    def push(self):
+        """A push with no faults: what the CRM sensor starts seconds after most edits (and the
+        step after which `_check_pushed` asks whether the edits arrived)."""
+        cm.TOTALS["steps"] += 1
+        self._run_job("push")
+
+    @rule(pick=st.integers(0, 20))
+    def correct_last_crm_edit(self, pick):
+        """A person corrects what they just saved in the CRM: the sensor pushes the first value,
+        the person saves another in the same field, and the sensor pushes again (no import in
+        between). The second value must not wait for the next import."""
+        cm.TOTALS["steps"] += 1
+        mine = [e for e in self.edits if e.side == "crm"]
+        if not mine:
+            note("  no CRM edit to correct")
+            return
+        e = mine[-1]
+        self._run_job("push")
+        emails = [v.replace("{n}", self._tag(e.pair)) for v in EMAILS] if e.field == "email" else []
+        choices: dict[str, list[Any]] = {
+            "name": COMPANY_NAMES, "website": WEBSITES, "phone": PHONES, "mobile": PHONES,
+            "fax": PHONES, "first_name": PERSON_NAMES, "last_name": PERSON_NAMES,
+            "email": emails, "account_manager": [None, *self.base.users],
+        }  # fmt: skip
+        options = choices[e.field]
+        note(f"  correcting edit #{e.seq} ({e.entity} {e.field})")
+        self._edit(e.entity, e.pair, "crm", e.field, options[pick % len(options)])
+        self._run_job("push")
 
     def _run_job(self, job: str, fault: str = "none", crash_after: int | None = None) -> bool:
         systems: list[str] = []
@@ -462,11 +502,70 @@ class ConvergenceMachine(RuleBasedStateMachine):
             apply.TEST_HOOKS.after_write = None
             for system in systems:
                 self.emu.set_faults(system)
+        self.tick += 1
         if result is not None and not systems:
             # Writes the servers took (2xx): a write refused (HTTP 400) changed nothing, and its
             # operation is left refused or failed, visible in the outbox.
             self.clean_jobs.append((result.run_id, self._writes_seen() - before))
+            if job == "cycle":
+                self.last_clean_cycle = self.tick
+            else:
+                self._check_pushed()
         return result is not None
+
+    def _check_pushed(self) -> None:
+        """After a push with faults off that finished: every CRM edit (the last edit of its
+        record and field) is in Unleashed now, not at the next import. Unless the push could not
+        send it: two-way sync or the account-manager sync is off, Unleashed changed the field
+        since the last import (the push does not import, so it cannot see that change, and a
+        write over it would lose it), the record is not linked or gone, the value was refused
+        (an open rejection), or a conflict with the other side was recorded and Unleashed won.
+
+        The quiescence checks (teardown) say nothing about how soon an edit arrived: a second
+        edit of a record once waited for the next import without failing them."""
+        if not self.settings_now["two_way_sync"]:
+            return
+        last: dict[tuple[int, str], cm.Edit] = {}
+        for e in self.edits:
+            last[(id(e.pair), e.field)] = e
+        state = cm.live(self.emu)
+        rejections, conflicts = self._open_rejections(), None
+        problems = []
+        for (key, field), e in last.items():
+            p = e.pair
+            if e.side != "crm" or p.gone or p.crm_id is None or p.erp_id is None:
+                continue
+            if field == "account_manager" and not self.settings_now["account_manager_sync"]:
+                continue
+            if self.erp_written.get((key, field), -1) > self.last_clean_cycle:
+                continue
+            want = cm.norm(e.entity, field, e.value)
+            held = cm.erp_value(state, e.entity, p.erp_id, field)
+            cm.TOTALS["pushed_checked"] += 1
+            if cm.norm(e.entity, field, held) == want:
+                continue
+            if _rejected(rejections, e.entity, p.crm_id, p.erp_id, field):
+                continue
+            if conflicts is None:
+                conflicts = self.h.query(
+                    "SELECT entity, crm_id, erp_id, field, crm_value FROM conflicts "
+                    "WHERE winner = 'erp'"
+                )
+            if _recorded_conflict(conflicts, e.entity, p, field, "crm_value", want):
+                continue  # Unleashed changed it too, and won
+            cm.TOTALS["pushed_late"] += 1
+            problems.append(
+                f"edit #{e.seq} not in Unleashed after a clean push: CRM {e.entity} {p.crm_id} / "
+                f"{p.erp_id} {field} := {e.value!r}; Unleashed holds {held!r}, no conflict or "
+                "rejection"
+            )
+        assert not problems, "\n".join(problems)
+
+    def _open_rejections(self):
+        return self.h.query(
+            "SELECT entity, crm_id, erp_id, field, value, reason FROM rejections "
+            "WHERE resolved_at IS NULL"
+        )
 
     def _writes_seen(self) -> int:
         """Writes the servers accepted (answered 2xx), over both systems."""
@@ -508,10 +607,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             "WHERE op <> 'reject'"
         )
         state = cm.live(self.emu)
-        rejections = self.h.query(
-            "SELECT entity, crm_id, erp_id, field, value, reason FROM rejections "
-            "WHERE resolved_at IS NULL"
-        )
+        rejections = self._open_rejections()
         conflicts = self.h.query(
             "SELECT entity, crm_id, erp_id, field, crm_value, erp_value FROM conflicts"
         )
@@ -527,9 +623,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
         problems: list[str] = []
 
         def rejected(entity: str, crm_id: Any, erp_id: Any, field: str | None) -> bool:
-            r = rejections[rejections["entity"] == entity]
-            ids = (r["crm_id"] == str(crm_id)) | (r["erp_id"] == str(erp_id))
-            return bool((ids & ((r["field"] == field) | r["field"].isna())).any())
+            return _rejected(rejections, entity, crm_id, erp_id, field)
 
         # 1. Quiet: the second cycle had nothing left to do.
         if len(last_plan) or len(unfinished):
@@ -596,12 +690,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
             )
             if any(cm.norm(e.entity, e.field, v) == want for v in audit[mine]["new_value"]):
                 continue  # it arrived, and a later edit moved the field on
-            c = conflicts[
-                (conflicts["entity"] == e.entity) & (conflicts["field"] == e.field)
-                & ((conflicts["crm_id"] == str(p.crm_id)) | (conflicts["erp_id"] == p.erp_id))
-            ]  # fmt: skip
             col = "crm_value" if e.side == "crm" else "erp_value"
-            if any(cm.norm(e.entity, e.field, v) == want for v in c[col]):
+            if _recorded_conflict(conflicts, e.entity, p, e.field, col, want):
                 continue
             if rejected(e.entity, p.crm_id, p.erp_id, e.field):
                 continue
@@ -698,6 +788,22 @@ class ConvergenceMachine(RuleBasedStateMachine):
 
         assert not problems, "\n".join(problems)
         cm.TOTALS["crashes_recovered"] += self.crashes
+
+
+def _rejected(rejections, entity: str, crm_id: Any, erp_id: Any, field: str | None) -> bool:
+    """An open rejection names this record (by either id) and this field, or the record."""
+    r = rejections[rejections["entity"] == entity]
+    ids = (r["crm_id"] == str(crm_id)) | (r["erp_id"] == str(erp_id))
+    return bool((ids & ((r["field"] == field) | r["field"].isna())).any())
+
+
+def _recorded_conflict(conflicts, entity: str, p: cm.Pair, field: str, col: str, want: str) -> bool:
+    """A conflict on this record and field was recorded with `want` as its `col` value."""
+    c = conflicts[
+        (conflicts["entity"] == entity) & (conflicts["field"] == field)
+        & ((conflicts["crm_id"] == str(p.crm_id)) | (conflicts["erp_id"] == p.erp_id))
+    ]  # fmt: skip
+    return any(cm.norm(entity, field, v) == want for v in c[col])
 
 
 # In CI the examples are split into two seeded halves, one per xdist worker (each half has its
