@@ -186,18 +186,19 @@ def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
 
 def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     """`_cand_fields` (a view): (record, field) rows of the candidate records (`_cand`) whose
-    raw values moved from the baseline, or that have no baseline yet.
+    raw values moved from the baseline, or that have no baseline yet, with the record's label
+    (how a rejection names it) and the rowid of its baseline row (the settle step merges into
+    it without searching `sync_baseline` again).
 
-    Each candidate's snapshot rows (by rowid) and baseline row are read once into `_w`; the
-    settle step merges into the baseline rows from there instead of searching `sync_baseline`
-    again."""
+    It is one query from the snapshot tables to the unpivoted rows, read once, by the
+    statement that normalises them (decide.py): DuckDB scans a temporary table made inside the
+    pass's transaction on one thread, so a table in between would serialise the normalisation
+    (1.6 s of 2 cores' work at 1M/3M records)."""
     names = list(mapping.fields)
     crm_paths = [s.crm for s in mapping.fields.values()]
     erp_paths = [s.erp for s in mapping.fields.values()]
     base_paths = ", ".join(json_path(n) for n in names)
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _w AS
-            WITH c AS (SELECT rowid AS r, data FROM {ident(mapping.crm.table)}
+    w = f"""WITH c AS (SELECT rowid AS r, data FROM {ident(mapping.crm.table)}
                        WHERE rowid IN (SELECT crm_row FROM _cand)),
                  e AS (SELECT rowid AS r, data FROM {ident(mapping.erp.table)}
                        WHERE rowid IN (SELECT erp_row FROM _cand)),
@@ -213,22 +214,26 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
             FROM _cand k JOIN c ON c.r = k.crm_row
                          JOIN e ON e.r = k.erp_row
                          LEFT JOIN b ON b.erp_id = k.erp_id"""
-    )
     # Only the positions whose raw values moved (or that have no baseline) are unpivoted: most
     # candidate records changed in one field of several.
     moved = (
         f"list_filter(range(1, {len(names) + 1}), "
         "lambda i: bc[i] IS NULL OR cv[i] <> bc[i] OR ev[i] <> be[i])"
     )
+    label = (
+        f"coalesce(nullif({_label_expr(mapping, 'cv')}, ''), "
+        f"nullif({_label_expr(mapping, 'ev')}, ''))"
+    )
     con.execute(
         f"""CREATE OR REPLACE TEMP VIEW _cand_fields AS
         WITH f AS (SELECT * FROM (VALUES {_field_order(mapping)}) f(pos, field)),
+        w AS ({w}),
         x AS (SELECT crm_id, erp_id, crm_parent_id, erp_parent_id, crm_modified, erp_modified,
-                     cv, ev, bc, be, unnest({moved}) AS pos
-              FROM _w)
+                     cv, ev, bc, be, base_row, {label} AS rec_label, unnest({moved}) AS pos
+              FROM w)
         SELECT x.crm_id, x.erp_id, x.crm_parent_id, x.erp_parent_id, x.crm_modified,
                x.erp_modified, f.field, x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
-               x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp
+               x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp, x.base_row, x.rec_label
         FROM x JOIN f ON f.pos = x.pos"""
     )
 
@@ -252,7 +257,7 @@ def _write_settles(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> No
             agreed,
             existing_sql="""SELECT erp_id, rowid AS base_row, crm_values, erp_values
                             FROM sync_baseline WHERE rowid IN (
-                                SELECT base_row FROM _w WHERE base_row IS NOT NULL
+                                SELECT base_row FROM _cf WHERE base_row IS NOT NULL
                                   AND erp_id IN (SELECT erp_id FROM _merge_new))""",
         )
 
@@ -485,9 +490,7 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
         policy_of=lambda name: ctx.policy(mapping, name),
         active=mapping.active_fields(account_manager_sync=ctx.account_manager_sync),
         problem=_problem(mapping, ctx),
-        labels_sql=f"""SELECT erp_id, coalesce(nullif({_label_expr(mapping, "cv")}, ''),
-                                               nullif({_label_expr(mapping, "ev")}, '')) AS label
-                       FROM _w""",
+        labels_sql="SELECT erp_id, any_value(rec_label) AS label FROM _cf GROUP BY erp_id",
     )
     cols = ", ".join(PLAN_COLUMNS)
     con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _planned")
@@ -495,7 +498,7 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
     _keep_pending(con, mapping, looked=True)
     for view in ("_planned", "_decided", "_cand_fields"):
         con.execute(f"DROP VIEW {view}")
-    for table in ("_refused", "_prior", "_fields", "_cf", "_w", "_cand"):
+    for table in ("_refused", "_prior", "_fields", "_cf", "_cand"):
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
