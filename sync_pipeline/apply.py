@@ -251,9 +251,14 @@ def _push_customer(
     stats: ApplyStats,
     hooks: Hooks,
 ) -> None:
-    current = client.get_customer(guid).to_wire()
+    record = client.get_customer(guid)
+    current = record.to_wire()
     ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:
+        # Nothing to send: Unleashed already held the values (a run died after writing them)
+        # or changed since planning. Either way the snapshot is behind what was just read.
+        row = customer_snapshot(str(guid), current, record.LastModifiedOn)
+        _write_through(con, "unleashed_customers", row)
         return
     changes = {}
     for op in ops.to_dict("records"):
@@ -287,7 +292,12 @@ def _push_contact(
         stats.deferred += len(ops)
         return
     ops = _drop_stale(con, ops, current, mapping, stats, run_id)
-    if ops.empty:
+    if ops.empty:  # nothing to send; the snapshot is behind what was just read (as above)
+        row = store.SnapshotRow(
+            id=str(contact_guid), parent_id=str(customer_guid), modified=None, active=True,
+            data=current,
+        )  # fmt: skip
+        _write_through(con, "unleashed_contacts", row)
         return
     changes = {
         mapping.fields[op["field"]].erp: _text(op["new_value"]) for op in ops.to_dict("records")
@@ -304,7 +314,8 @@ def _push_contact(
 
 
 def _write_through(con: duckdb.DuckDBPyConnection, table: str, row: store.SnapshotRow) -> None:
-    """Put the record as written to Unleashed into its snapshot.
+    """Put the record as written to Unleashed (or as just read, when nothing was written) into
+    its snapshot.
 
     A push run does not import Unleashed, so without this the snapshot still holds the value
     from before the write until the next import: a second CRM edit of the same field then looks

@@ -455,6 +455,43 @@ def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
     assert stuck.empty
 
 
+def test_a_crm_edit_after_a_recovered_push_is_pushed_at_once(harness):
+    """A push dies right after Unleashed took the values, before recording them; the next push
+    finds them there and completes the operations without writing. A person then edits the same
+    fields again: the new values must go at once, not wait for the next import (found by the
+    soak's check after every clean push)."""
+    h = harness
+    h.cycle()
+    h.cycle()  # the CRM records the first cycle created are linked
+    pair = h.linked_company()
+    contact = h.query(
+        "SELECT crm_id, erp_id FROM contact_links WHERE erp_parent_id = ? ORDER BY crm_id LIMIT 1",
+        [pair["erp_id"]],
+    ).iloc[0]
+
+    def mobile() -> str:
+        found = {str(c.Guid): c.MobilePhone for c in h.unleashed.list_contacts(pair["erp_id"])}
+        return found[contact["erp_id"]]
+
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0301"})
+    h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": "07700 900301"})
+    # The first push dies after writing the customer; the second completes the customer's
+    # operation from what Unleashed holds, then dies after writing the contact.
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - the crash is the point
+            _run_with_crash(h, "crm_push_job")
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0301"
+    assert mobile() == "07700 900301"
+    h.push()  # completes the contact's operation without writing
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0302"})
+    h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": "07700 900302"})
+    h.push()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0302"
+    assert mobile() == "07700 900302"
+    assert h.query("SELECT * FROM conflicts").empty
+    assert h.query("SELECT * FROM outbox WHERE status <> 'applied'").empty
+
+
 def test_write_recovered_after_a_crash_does_not_overwrite_a_later_crm_edit(harness):
     """A run dies right after writing an Unleashed phone to the CRM; then a person changes that
     phone in the CRM. The next run must not send the old write again over the person's edit."""
