@@ -356,7 +356,8 @@ def _drop_stale(
         ops = ops[~ops["op_id"].isin(done)]
     target, source = ("Unleashed", "the CRM") if side == "erp" else ("the CRM", "Unleashed")
     why = (
-        "Unleashed changed this field after planning; it is re-planned after the next import"
+        "Unleashed changed this field after planning; the next run plans it again from what "
+        "Unleashed holds now"
         if side == "erp"
         else "the CRM changed this field after planning; it is re-planned in the next cycle"
     )

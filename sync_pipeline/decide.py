@@ -1,7 +1,7 @@
 """The per-field decisions of the three-way diff, made in DuckDB over the candidate rows.
 
 Input: `_cand_fields` (diff.py), one row per candidate (record, field) with the two current raw
-values and the two baseline raw values. Output:
+values and the two baseline raw values (and the record's label and baseline rowid). Output:
 
 - `_cf`: those rows with the normal forms the decision needs; the rows where `AGREE` holds
   (the two sides agree after normalisation) are written to the baseline by diff.py;

@@ -492,6 +492,37 @@ def test_a_crm_edit_after_a_recovered_push_is_pushed_at_once(harness):
     assert h.query("SELECT * FROM outbox WHERE status <> 'applied'").empty
 
 
+def test_an_unleashed_change_found_by_a_push_is_never_written_over(harness):
+    """Both sides change a phone before any import. The push plans the CRM value against the
+    old Unleashed one, reads the customer, finds Unleashed changed, and sends nothing. The next
+    push sees that change (the push put what it read into the snapshot) and decides the conflict
+    by policy: Unleashed's change is later, so it wins, and no push writes over it."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0401"})
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0402"})
+    h.push()
+    deferred = h.query(
+        "SELECT status, last_error FROM outbox WHERE erp_id = ? AND op = 'update_erp'",
+        [pair["erp_id"]],
+    )
+    assert list(deferred["status"]) == ["deferred"]
+    assert "Unleashed changed this field after planning" in deferred["last_error"].iloc[0]
+    h.push()
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0402"
+    conflicts = h.query(
+        "SELECT crm_value, erp_value, winner FROM conflicts WHERE erp_id = ? AND field = 'phone'",
+        [pair["erp_id"]],
+    )
+    assert conflicts.to_dict("records") == [
+        {"crm_value": "0161 496 0401", "erp_value": "0161 496 0402", "winner": "erp"}
+    ]
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0402"
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0402"
+
+
 def test_write_recovered_after_a_crash_does_not_overwrite_a_later_crm_edit(harness):
     """A run dies right after writing an Unleashed phone to the CRM; then a person changes that
     phone in the CRM. The next run must not send the old write again over the person's edit."""
