@@ -23,7 +23,7 @@ from sync_pipeline import baseline, store
 from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
 from sync_pipeline.clients.crm import CrmClient, crm_key
 from sync_pipeline.clients.unleashed import UnleashedClient
-from sync_pipeline.extract import customer_snapshot
+from sync_pipeline.extract import contact_snapshot, customer_snapshot
 from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
@@ -293,10 +293,7 @@ def _push_contact(
         return
     ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:  # nothing to send; the snapshot is behind what was just read (as above)
-        row = store.SnapshotRow(
-            id=str(contact_guid), parent_id=str(customer_guid), modified=None, active=True,
-            data=current,
-        )  # fmt: skip
+        row = contact_snapshot(str(contact_guid), str(customer_guid), current, None)
         _write_through(con, "unleashed_contacts", row)
         return
     changes = {
@@ -305,10 +302,7 @@ def _push_contact(
     _mark_in_flight(con, ops)
     client.update_contact(customer_guid, contact_guid, changes, current=current)
     hooks.wrote(list(ops["op_id"]))
-    row = store.SnapshotRow(
-        id=str(contact_guid), parent_id=str(customer_guid), modified=None, active=True,
-        data={**current, **changes},
-    )  # fmt: skip
+    row = contact_snapshot(str(contact_guid), str(customer_guid), {**current, **changes}, None)
     _write_through(con, "unleashed_contacts", row)
     _complete_updates(con, "contact", ops, run_id, "crm_to_erp", stats)
 

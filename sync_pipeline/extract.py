@@ -161,6 +161,17 @@ def customer_snapshot(
     )
 
 
+def contact_snapshot(
+    guid: str, customer_guid: str, wire: dict[str, Any], modified: datetime | None
+) -> store.SnapshotRow:
+    """An Unleashed contact (wire form) as `unleashed_contacts` holds it: under its customer,
+    with the customer's modified time (a contact has none of its own; None keeps the stored
+    one). The import and apply's write-through both store contacts this way."""
+    return store.SnapshotRow(
+        id=guid, parent_id=customer_guid, modified=modified, active=True, data=wire
+    )
+
+
 def extract_unleashed_customers(
     con: duckdb.DuckDBPyConnection,
     client: UnleashedClient,
@@ -205,15 +216,7 @@ def extract_unleashed_customers(
             if not c.get("Guid"):
                 continue
             present.append(str(c["Guid"]))
-            contacts.append(
-                store.SnapshotRow(
-                    id=str(c["Guid"]),
-                    parent_id=guid,
-                    modified=customer.LastModifiedOn,
-                    active=True,
-                    data=c,
-                )
-            )
+            contacts.append(contact_snapshot(str(c["Guid"]), guid, c, customer.LastModifiedOn))
     up_customers = store.upsert_snapshot(con, "unleashed_customers", customers)
     up_contacts = store.upsert_snapshot(con, "unleashed_contacts", contacts)
     # A customer with a contact set aside as malformed has an incomplete list: a contact missing
