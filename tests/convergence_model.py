@@ -123,6 +123,7 @@ def report() -> str:
         ("edits checked right after a clean push", "pushed_checked"),
         ("  of which not in Unleashed yet", "pushed_late"),
         ("conflicts recorded", "conflicts"),
+        ("  of which on a field not changed on both sides", "phantom_conflicts"),
         ("open rejections at quiescence", "open_rejections"),
         ("edits back to the agreed value before a sync saw them", "returned_unseen"),
         ("lost edits", "lost"),
@@ -167,6 +168,7 @@ class Baseline:
     salespersons: list[dict[str, Any]]  # Guid, Email, Obsolete, user (bool)
     dup_email_groups: set[tuple[str, Any, str]] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)  # audit/conflict rows after capture
+    conflict_keys: set[str] = field(default_factory=set)  # conflicts recorded before the model
 
 
 def _servers(emu: Any) -> tuple[Any, Any]:
@@ -229,6 +231,7 @@ def capture(emu: Any, workdir: Path) -> Baseline:
         t: int(h.query(f"SELECT count(*) AS n FROM {t}").iloc[0]["n"])  # noqa: S608
         for t in ("audit_log", "conflicts")
     }
+    base.conflict_keys = set(h.query("SELECT op_key FROM conflicts")["op_key"])
     return base
 
 

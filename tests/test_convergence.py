@@ -609,7 +609,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
         state = cm.live(self.emu)
         rejections = self._open_rejections()
         conflicts = self.h.query(
-            "SELECT entity, crm_id, erp_id, field, crm_value, erp_value FROM conflicts"
+            "SELECT entity, crm_id, erp_id, field, crm_value, erp_value, op_key FROM conflicts"
         )
         audit = self.h.query("SELECT * FROM audit_log")
         company_links = self.h.query("SELECT crm_id, erp_id FROM company_links")
@@ -785,6 +785,27 @@ class ConvergenceMachine(RuleBasedStateMachine):
                     f"run {run_id}: servers accepted {seen} writes, audit explains {groups_}"
                 )
         cm.TOTALS["unaudited"] += unaudited
+
+        # 8. A recorded conflict is about a field a person changed on both sides. The sync's own
+        # writes must never look like one: both late-edit bugs (a snapshot lagging the push's
+        # own write) recorded conflicts that never happened.
+        edited = {(id(e.pair), e.field, e.side) for e in self.edits}
+        pairs = {"company": self.companies, "contact": self.contacts}
+        for c in conflicts[~conflicts["op_key"].isin(self.base.conflict_keys)].itertuples():
+            p = next((x for x in pairs[c.entity] if x.erp_id == c.erp_id), None)
+            unedited = [
+                name
+                for side, name in (("crm", "the CRM"), ("erp", "Unleashed"))
+                if p is None or (id(p), c.field, side) not in edited
+            ]
+            if not unedited:
+                continue
+            cm.TOTALS["phantom_conflicts"] += 1
+            problems.append(
+                f"conflict recorded on {c.entity} CRM {c.crm_id} / {c.erp_id} {c.field} "
+                f"(CRM {c.crm_value!r}, Unleashed {c.erp_value!r}), but no person changed that "
+                f"field on {' or '.join(unedited)}"
+            )
 
         assert not problems, "\n".join(problems)
         cm.TOTALS["crashes_recovered"] += self.crashes
