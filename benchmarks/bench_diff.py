@@ -13,9 +13,10 @@ its peak RSS is its own: `derived.refresh` (what the extract assets run after th
 derived columns of the ~1% changed rows, which also puts them on the planner's pending set), the
 bare DuckDB join of the tables a plan compares (links ⋈ crm ⋈ unleashed ⋈ baseline), then
 `plan_changes`.
-Then the push at this size: on the world as it was before the edits, one CRM contact's phone is
-edited (three times, one after the other) and the DuckDB steps of a push run are timed: the
-derived refresh, the link step and the plan.
+Then the push at this size: on the world as it was before the edits, a linked CRM contact's
+phone is edited (three contacts, one after the other), then a linked contact's email (a match
+key: three more), and the DuckDB steps of a push run are timed: the derived refresh, the link
+step and the plan.
 Medians are reported, with process CPU time (user+sys) next to wall time because the machine may
 be shared; the load average is printed per run.
 
@@ -434,12 +435,12 @@ def measure_push(db: str) -> dict:
     full_links = time.perf_counter() - t0
     plan_changes(con, mappings)  # the settled world: nothing pending
     out: dict = {"full_links_s": full_links, "steps": []}
-    for i in range(3):
+    for i, field in enumerate(["Phone"] * 3 + ["Email"] * 3):
         contact_id, modified, raw = con.execute(
             "SELECT id, modified, data FROM crm_contacts WHERE id = ?", [str(1000 + i)]
         ).fetchone()
         data = json.loads(raw)
-        data["Phone"] = f"020 7946 {i:04d}"
+        data[field] = f"020 7946 {i:04d}" if field == "Phone" else f"moved{i}@example.org"
         row = store.SnapshotRow(
             id=contact_id, parent_id=str(data["DivisionId"]), active=True, data=data,
             modified=modified + timedelta(days=1),
@@ -454,6 +455,7 @@ def measure_push(db: str) -> dict:
         t3 = time.perf_counter()
         out["steps"].append(
             {
+                "field": field.lower(),
                 "refresh_s": t1 - t0,
                 "links_s": t2 - t1,
                 "links_skipped": linked.skipped,
@@ -513,20 +515,21 @@ def run_size(n: int, workdir: Path) -> dict:
     base.unlink()
     push = _child("--push", str(settled))
     settled.unlink()
-    steps = push["steps"]
-    print(
-        f"   push (one CRM phone edit, settled world): link step's first pass "
-        f"{push['full_links_s']:.2f} s; then per edit: refresh "
-        + ", ".join(f"{x['refresh_s']:.2f}" for x in steps)
-        + " s; links "
-        + ", ".join(
-            f"{x['links_s']:.2f}{' (skipped)' if x['links_skipped'] else ''}" for x in steps
+    print(f"   push (settled world): link step's first pass {push['full_links_s']:.2f} s")
+    for what in ("phone", "email"):
+        steps = [x for x in push["steps"] if x["field"] == what]
+        print(
+            f"   then per CRM contact {what} edit: refresh "
+            + ", ".join(f"{x['refresh_s']:.2f}" for x in steps)
+            + " s; links "
+            + ", ".join(
+                f"{x['links_s']:.2f}{' (skipped)' if x['links_skipped'] else ''}" for x in steps
+            )
+            + " s; plan "
+            + ", ".join(f"{x['plan_s']:.2f}" for x in steps)
+            + f" s; last plan (nothing is applied in between): {steps[-1]['planned']}",
+            flush=True,
         )
-        + " s; plan "
-        + ", ".join(f"{x['plan_s']:.2f}" for x in steps)
-        + f" s; last plan (nothing is applied in between): {steps[-1]['planned']}",
-        flush=True,
-    )
     plan_s = statistics.median(p["seconds"] for p in plans)
     join_s = statistics.median(j["seconds"] for j in joins)
     return {
@@ -602,15 +605,16 @@ def main() -> None:
     for r in results:
         print(f"ops at {r['n']:,}: {r['ops']}")
     for r in results:
-        steps = r["push"]["steps"]
-        print(
-            f"push at {r['n']:,}: one CRM edit costs refresh "
-            f"{statistics.median(x['refresh_s'] for x in steps):.2f} s + links "
-            f"{statistics.median(x['links_s'] for x in steps):.2f} s + plan "
-            f"{statistics.median(x['plan_s'] for x in steps):.2f} s of DuckDB work (medians of "
-            f"{len(steps)}); a link pass that compares the tables: "
-            f"{r['push']['full_links_s']:.2f} s"
-        )
+        for what in ("phone", "email"):
+            steps = [x for x in r["push"]["steps"] if x["field"] == what]
+            print(
+                f"push at {r['n']:,}: one CRM contact {what} edit costs refresh "
+                f"{statistics.median(x['refresh_s'] for x in steps):.2f} s + links "
+                f"{statistics.median(x['links_s'] for x in steps):.2f} s + plan "
+                f"{statistics.median(x['plan_s'] for x in steps):.2f} s of DuckDB work (medians "
+                f"of {len(steps)})"
+            )
+        print(f"  (a link pass that compares the tables: {r['push']['full_links_s']:.2f} s)")
     big = max(results, key=lambda r: r["n"])
     print(f"\ntargets at {big['n']:,} / {3 * big['n']:,}:")
     for label, value, target, unit in (

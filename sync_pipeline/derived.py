@@ -6,11 +6,13 @@ from the JSON `data` of every row on each pass is what made that slow, so they a
 - `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_sales_ledgers._key_account_code`):
   the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
   matching join on these instead of extracting keys from every row.
-- `_link_sig UBIGINT` (every table link matching reads): a hash of what a link pass looks at
-  in the row (active, parent id, match keys). `refresh` compares it before and after, and counts
-  the rows where it moved in `derived_counters` ('link_inputs'): a pass with nothing new there
-  (a phone edit, a renamed contact) cannot link or unlink anything, so `links.update_links`
-  skips its whole-table work (4 s a pass at 1M / 3M records).
+- `_link_sig UBIGINT` (every table link matching reads): a hash of the row's status as a link
+  pass sees it (active, parent id). `refresh` counts in `derived_counters` ('link_inputs') the
+  rows where it moved, and the rows whose match keys moved while they are not linked (a new row
+  counts too). Nothing else can change what a pass does: it keeps a link while both records are
+  active (and a contact's two companies are linked to each other), and matches keys of unlinked
+  records only. So after a phone edit, or a linked contact's new email or name,
+  `links.update_links` skips its whole-table work (4 s a pass at 1M / 3M records).
 - `_derived_mod TIMESTAMP`: the row's `modified` when the columns above were computed; NULL means
   "to do". `store.upsert_snapshot` sets it NULL whenever it writes a row, and a row whose `modified`
   no longer equals it (a writer that bypassed the upsert) is recomputed too.
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from sync_pipeline import baseline
+from sync_pipeline import baseline, store
 from sync_pipeline.mapping.projection import ident
 from sync_pipeline.mapping.schema import EntityMapping
 
@@ -85,11 +87,26 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
             crm_table = key.crm_table or mapping.crm.table
             add(crm_table, key_column(key.name), "VARCHAR", key_expr(key, "crm"))
             add(mapping.erp.table, key_column(key.name), "VARCHAR", key_expr(key, "erp"))
-    # Every table above is read by link matching: what it reads there, as one hash.
+    # Every table above is read by link matching: the row's status there, as one hash.
     for table, cols in out.items():
-        keys = [expr for _, (_, expr) in sorted(cols.items())]
         parent = "parent_id" if has_parent.get(table) else "NULL"
-        cols[LINK_SIG] = ("UBIGINT", f"hash(active, {parent}, {', '.join(keys) or 'NULL'})")
+        cols[LINK_SIG] = ("UBIGINT", f"hash(active, {parent})")
+    return out
+
+
+def linked_sql(mappings: Mapping[str, EntityMapping]) -> dict[str, str]:
+    """table -> a condition on its row (`t`) that is true when the record is linked (for a key
+    table such as the sales ledgers: when the record it belongs to is)."""
+    from sync_pipeline.links import LINK_TABLES  # links imports this module
+
+    out: dict[str, str] = {}
+    for mapping in mappings.values():
+        links = LINK_TABLES[mapping.entity]
+        out[mapping.crm.table] = f"t.id IN (SELECT crm_id FROM {links})"
+        out[mapping.erp.table] = f"t.id IN (SELECT erp_id FROM {links})"
+        for key in mapping.match.keys:
+            if key.crm_table:
+                out[key.crm_table] = f"t.parent_id IN (SELECT crm_id FROM {links})"
     return out
 
 
@@ -139,6 +156,8 @@ def refresh(
         ).fetchall()
     }
     known = dict(con.execute("SELECT table_name, fingerprint FROM derived_state").fetchall())
+    # Before the first link pass there are no link tables: every record counts as unlinked.
+    has_links = {"company_links", "contact_links"} <= existing
     for table, cols in wanted.items():
         if (only is not None and table not in only) or table not in existing:
             continue
@@ -164,16 +183,17 @@ def refresh(
             continue
         exprs = "".join(f"{expr} AS {ident(c)}, " for c, (_, expr) in cols.items())
         sets = "".join(f"{ident(c)} = v.{ident(c)}, " for c in cols)
+        keys = [c for c in cols if c != LINK_SIG]
+        # The values before this refresh ride along, to tell what moved.
+        old = "".join(f"t.{ident(c)} AS {ident('_old' + c)}, " for c in [LINK_SIG, *keys])
+        parent = "t.parent_id" if store.RAW_TABLES.get(table) else "NULL::VARCHAR AS parent_id"
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
                 WITH s AS (SELECT rowid AS row_id FROM {t} WHERE {stale})
-                SELECT rowid AS row_id, id, {exprs}{_MOD} AS mark,
-                       {LINK_SIG} AS _old_link_sig FROM {t}
-                WHERE rowid IN (SELECT row_id FROM s)"""
+                SELECT t.rowid AS row_id, t.id, {parent}, {exprs}{old}{_MOD} AS mark
+                FROM {t} t WHERE t.rowid IN (SELECT row_id FROM s)"""
         )
-        (moved,) = con.execute(
-            f"SELECT count(*) FROM _derived_values WHERE {LINK_SIG} IS DISTINCT FROM _old_link_sig"
-        ).fetchone()
+        moved = _link_inputs_moved(con, table, keys, linked_sql(mappings) if has_links else {})
         if moved:
             stats.link_inputs += int(moved)
             _bump(con, LINK_INPUTS, int(moved))
@@ -186,6 +206,27 @@ def refresh(
         con.execute("DROP TABLE _derived_values")
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _link_inputs_moved(
+    con: duckdb.DuckDBPyConnection, table: str, keys: list[str], linked: Mapping[str, str]
+) -> int:
+    """Rows of `_derived_values` that can change what a link pass does: a moved status (active,
+    parent; a new row), or a moved match key on a record that is not linked. A linked record's
+    key is not read by matching, which only pairs unlinked records."""
+    sig, old_sig = ident(LINK_SIG), ident("_old" + LINK_SIG)
+    (status,) = con.execute(
+        f"SELECT count(*) FROM _derived_values WHERE {sig} IS DISTINCT FROM {old_sig}"
+    ).fetchone()
+    if not keys:
+        return int(status)
+    key_moved = " OR ".join(f"{ident(c)} IS DISTINCT FROM {ident('_old' + c)}" for c in keys)
+    only_keys = f"SELECT * FROM _derived_values t WHERE {sig} = {old_sig} AND ({key_moved})"
+    is_linked = linked.get(table)
+    if is_linked is not None:
+        only_keys = f"SELECT * FROM ({only_keys}) t WHERE NOT ({is_linked})"
+    (unlinked_keys,) = con.execute(f"SELECT count(*) FROM ({only_keys})").fetchone()
+    return int(status) + int(unlinked_keys)
 
 
 def _bump(con: duckdb.DuckDBPyConnection, name: str, by: int) -> None:

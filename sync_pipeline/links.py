@@ -277,8 +277,8 @@ def _link_by_key(
 
 
 def _pass_marker(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> str:
-    """What a link pass depends on: the version of its input rows (`derived._link_sig`) and
-    the matching rules (tables, keys and their order)."""
+    """What a link pass depends on: the version of its inputs (`derived.link_inputs_version`)
+    and the matching rules (tables, keys and their order)."""
     used = {"crm", "erp", "match"}
     rules = json.dumps(
         {e: m.model_dump(mode="json", include=used) for e, m in mappings.items()}, sort_keys=True
@@ -309,8 +309,9 @@ def update_links(
     """Keep valid links, drop links to inactive or missing records, add new unambiguous ones.
 
     Companies are linked before contacts (contacts pair only within linked companies). When no
-    row link matching reads has changed status, parent or match key since the last pass (and the
-    rules are the same), the pass would change nothing, and the tables are not compared."""
+    record has changed status or parent, and no unlinked record its match key, since the last
+    pass (and the rules are the same), the pass would change nothing, and the tables are not
+    compared (derived.py)."""
     ensure_schema(con)
     baseline.ensure_schema(con)
     derived.refresh(con, mappings)  # the match keys are read from derived columns
@@ -392,7 +393,8 @@ def one_to_one_violations(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 def link_metadata(result: LinkResult) -> dict[str, Any]:
     """Plain values (ints, text) describing a pass, for run metadata."""
     meta: dict[str, Any] = {
-        "pass": "skipped: no record's status, parent or match key changed since the last pass"
+        "pass": "skipped: no record's status or parent, and no unlinked record's match key, "
+        "changed since the last pass"
         if result.skipped
         else "full"
     }
