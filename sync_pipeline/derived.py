@@ -94,19 +94,20 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
     return out
 
 
-def linked_sql(mappings: Mapping[str, EntityMapping]) -> dict[str, str]:
-    """table -> a condition on its row (`t`) that is true when the record is linked (for a key
-    table such as the sales ledgers: when the record it belongs to is)."""
+def linked_by(mappings: Mapping[str, EntityMapping]) -> dict[str, tuple[str, str, str]]:
+    """table -> (column of its row, link table, link column): the row's record is linked when
+    its column's value is in the link column (for a key table such as the sales ledgers, the
+    record it belongs to, by `parent_id`)."""
     from sync_pipeline.links import LINK_TABLES  # links imports this module
 
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str, str]] = {}
     for mapping in mappings.values():
         links = LINK_TABLES[mapping.entity]
-        out[mapping.crm.table] = f"t.id IN (SELECT crm_id FROM {links})"
-        out[mapping.erp.table] = f"t.id IN (SELECT erp_id FROM {links})"
+        out[mapping.crm.table] = ("id", links, "crm_id")
+        out[mapping.erp.table] = ("id", links, "erp_id")
         for key in mapping.match.keys:
             if key.crm_table:
-                out[key.crm_table] = f"t.parent_id IN (SELECT crm_id FROM {links})"
+                out[key.crm_table] = ("parent_id", links, "crm_id")
     return out
 
 
@@ -193,7 +194,9 @@ def refresh(
                 SELECT t.rowid AS row_id, t.id, {parent}, {exprs}{old}{_MOD} AS mark
                 FROM {t} t WHERE t.rowid IN (SELECT row_id FROM s)"""
         )
-        moved = _link_inputs_moved(con, table, keys, linked_sql(mappings) if has_links else {})
+        moved = _link_inputs_moved(
+            con, table, keys, linked_by(mappings).get(table) if has_links else None
+        )
         if moved:
             stats.link_inputs += int(moved)
             _bump(con, LINK_INPUTS, int(moved))
@@ -209,11 +212,15 @@ def refresh(
 
 
 def _link_inputs_moved(
-    con: duckdb.DuckDBPyConnection, table: str, keys: list[str], linked: Mapping[str, str]
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    keys: list[str],
+    linked: tuple[str, str, str] | None,
 ) -> int:
     """Rows of `_derived_values` that can change what a link pass does: a moved status (active,
-    parent; a new row), or a moved match key on a record that is not linked. A linked record's
-    key is not read by matching, which only pairs unlinked records."""
+    parent; a new row), or a moved match key on a record that is not linked (`linked`: how to
+    tell, None before any link exists). A linked record's key is not read by matching, which
+    only pairs unlinked records."""
     sig, old_sig = ident(LINK_SIG), ident("_old" + LINK_SIG)
     (status,) = con.execute(
         f"SELECT count(*) FROM _derived_values WHERE {sig} IS DISTINCT FROM {old_sig}"
@@ -221,12 +228,23 @@ def _link_inputs_moved(
     if not keys:
         return int(status)
     key_moved = " OR ".join(f"{ident(c)} IS DISTINCT FROM {ident('_old' + c)}" for c in keys)
-    only_keys = f"SELECT * FROM _derived_values t WHERE {sig} = {old_sig} AND ({key_moved})"
-    is_linked = linked.get(table)
-    if is_linked is not None:
-        only_keys = f"SELECT * FROM ({only_keys}) t WHERE NOT ({is_linked})"
-    (unlinked_keys,) = con.execute(f"SELECT count(*) FROM ({only_keys})").fetchone()
-    return int(status) + int(unlinked_keys)
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _keys_moved AS SELECT id, parent_id
+            FROM _derived_values WHERE {sig} = {old_sig} AND ({key_moved})"""
+    )
+    (moved,) = con.execute("SELECT count(*) FROM _keys_moved").fetchone()
+    if moved and linked is not None:
+        col, links, link_col = linked
+        # The link table is read only for these records (a semi-join built on the few rows
+        # here, not a hash table of millions of links).
+        (linked_n,) = con.execute(
+            f"""SELECT count(*) FROM _keys_moved WHERE {col} IN (
+                    SELECT {link_col} FROM {links}
+                    WHERE {link_col} IN (SELECT {col} FROM _keys_moved))"""
+        ).fetchone()
+        moved -= linked_n
+    con.execute("DROP TABLE _keys_moved")
+    return int(status) + int(moved)
 
 
 def _bump(con: duckdb.DuckDBPyConnection, name: str, by: int) -> None:
