@@ -89,6 +89,27 @@ def test_a_second_crm_edit_before_the_next_import_is_pushed_at_once(harness):
     assert h.query("SELECT * FROM outbox WHERE status <> 'applied'").empty
 
 
+def test_a_linked_contacts_new_email_is_pushed_without_a_full_link_pass(harness):
+    """An email is a match key, but matching pairs unlinked records only: the push after a linked
+    contact's new email keeps the link and skips the whole-table link pass (4 s at 1M/3M
+    records), and the email arrives."""
+    h = harness
+    h.cycle()
+    h.cycle()  # the CRM records the first cycle created are linked
+    pair = h.linked_company()
+    contact = h.query(
+        "SELECT crm_id, erp_id FROM contact_links WHERE erp_parent_id = ? ORDER BY crm_id LIMIT 1",
+        [pair["erp_id"]],
+    ).iloc[0]
+    h.crm.patch("Contacts", int(contact["crm_id"]), {"Email": "moved.on@example.org"})
+    result = h.push()
+    emails = {str(c.Guid): c.EmailAddress for c in h.unleashed.list_contacts(pair["erp_id"])}
+    assert emails[contact["erp_id"]] == "moved.on@example.org"
+    assert h.materialization_metadata(result, ["sync", "links"])["pass"].startswith("skipped")
+    linked = h.query("SELECT erp_id FROM contact_links WHERE crm_id = ?", [contact["crm_id"]])
+    assert list(linked["erp_id"]) == [contact["erp_id"]]
+
+
 def test_unleashed_edit_reaches_crm(harness):
     h = harness
     h.cycle()
