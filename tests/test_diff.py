@@ -7,6 +7,8 @@ from datetime import datetime
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sync_pipeline import baseline, derived, diff, links, store
 from tests.diff_fixtures import World, one, rows
@@ -410,6 +412,45 @@ def test_operation_keys_computed_column_wise_equal_the_per_row_key(w):
     )  # fmt: skip
     frame = pd.concat([p, extra], ignore_index=True)
     assert len(frame) >= 4
+    assert store.op_keys(frame) == [store.op_key(r) for r in frame.to_dict("records")]
+
+
+_KEY_TEXT = st.one_of(
+    st.none(),
+    st.sampled_from(["", "Acme", "g-1", "name", "0161 496 0000", "a\\b", 'say "hi"', "Zoë"]),
+    st.text(max_size=12),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {
+                "entity": st.sampled_from(["company", "contact"]),
+                "op": st.sampled_from(
+                    ["update_erp", "update_crm", "create_crm_contact", "reject", None]
+                ),
+                **{
+                    c: _KEY_TEXT
+                    for c in ("crm_id", "erp_id", "field", "crm_value", "erp_value", "new_value",
+                              "baseline_value")
+                },
+            }
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    as_text=st.booleans(),
+)  # fmt: skip
+def test_operation_keys_in_sql_equal_the_python_key_for_any_text(rows, as_text):
+    """`op_keys` builds the key's JSON text in SQL for plain values and leaves the rest to
+    Python: for any text (unicode, quotes, backslashes, control characters, missing values),
+    in text or object columns, it must give `op_key`'s key, or a change would be queued twice."""
+    frame = pd.DataFrame(rows)
+    if as_text:
+        frame = frame.astype("str").where(frame.notna())
+        frame = frame.astype({c: "str" for c in frame.columns})
     assert store.op_keys(frame) == [store.op_key(r) for r in frame.to_dict("records")]
 
 
