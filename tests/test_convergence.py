@@ -695,11 +695,17 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 continue
             if rejected(e.entity, p.crm_id, p.erp_id, e.field):
                 continue
-            if e.agreed and any(
-                x.seq > e.seq and x.pair is p and x.field == e.field and x.side != e.side
+            later = [
+                x
                 for x in self.edits
-            ):
+                if x.seq > e.seq and x.pair is p and x.field == e.field and x.side != e.side
+            ]
+            if e.agreed and later:
                 continue  # nothing to send (the other side held it), then moved on over there
+            if any(cm.norm(e.entity, e.field, x.value) == want for x in later):
+                # A person typed the same value on the other side later (the two agreed by
+                # hand), and that side moved on after: its later edits are checked themselves.
+                continue
             held = agreed_before.get((e.entity, p.erp_id), ({}, {}))[e.side == "erp"].get(e.field)
             if held is not None and cm.norm(e.entity, e.field, held) == want:
                 # Back to the last agreed value before any sync saw the change (A -> B -> A):
