@@ -65,19 +65,25 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     assert links_meta["pass"].startswith("skipped: no record's status or parent")
 
 
+def _linked_company_and_contact(h):
+    """After two cycles (the CRM records the first one created are linked by the second): a
+    linked company and its first linked contact."""
+    h.cycle()
+    h.cycle()
+    pair = h.linked_company()
+    contact = h.query(
+        "SELECT crm_id, erp_id FROM contact_links WHERE erp_parent_id = ? ORDER BY crm_id LIMIT 1",
+        [pair["erp_id"]],
+    ).iloc[0]
+    return pair, contact
+
+
 def test_a_second_crm_edit_before_the_next_import_is_pushed_at_once(harness):
     """A push does not import Unleashed. A person who corrects a field they just saved (or
     edits the record again) must not wait for the next import, and no conflict may be invented:
     Unleashed has not changed, only the sync wrote to it."""
     h = harness
-    h.cycle()
-    h.cycle()  # the CRM records the first cycle created are linked
-    pair = h.linked_company()
-    contact = h.query(
-        "SELECT crm_id, erp_id, erp_parent_id FROM contact_links WHERE erp_parent_id = ? "
-        "ORDER BY crm_id LIMIT 1",
-        [pair["erp_id"]],
-    ).iloc[0]
+    pair, contact = _linked_company_and_contact(h)
     for phone, mobile in (("0161 496 0201", "07700 900201"), ("0161 496 0202", "07700 900202")):
         h.crm.patch("Divisions", pair["crm_id"], {"Phone": phone})
         h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": mobile})
@@ -94,13 +100,7 @@ def test_a_linked_contacts_new_email_is_pushed_without_a_full_link_pass(harness)
     contact's new email keeps the link and skips the whole-table link pass (4 s at 1M/3M
     records), and the email arrives."""
     h = harness
-    h.cycle()
-    h.cycle()  # the CRM records the first cycle created are linked
-    pair = h.linked_company()
-    contact = h.query(
-        "SELECT crm_id, erp_id FROM contact_links WHERE erp_parent_id = ? ORDER BY crm_id LIMIT 1",
-        [pair["erp_id"]],
-    ).iloc[0]
+    pair, contact = _linked_company_and_contact(h)
     h.crm.patch("Contacts", int(contact["crm_id"]), {"Email": "moved.on@example.org"})
     result = h.push()
     emails = {str(c.Guid): c.EmailAddress for c in h.unleashed.list_contacts(pair["erp_id"])}
@@ -482,13 +482,7 @@ def test_a_crm_edit_after_a_recovered_push_is_pushed_at_once(harness):
     fields again: the new values must go at once, not wait for the next import (found by the
     soak's check after every clean push)."""
     h = harness
-    h.cycle()
-    h.cycle()  # the CRM records the first cycle created are linked
-    pair = h.linked_company()
-    contact = h.query(
-        "SELECT crm_id, erp_id FROM contact_links WHERE erp_parent_id = ? ORDER BY crm_id LIMIT 1",
-        [pair["erp_id"]],
-    ).iloc[0]
+    pair, contact = _linked_company_and_contact(h)
 
     def mobile() -> str:
         found = {str(c.Guid): c.MobilePhone for c in h.unleashed.list_contacts(pair["erp_id"])}
