@@ -158,7 +158,7 @@ def refresh(
     }
     known = dict(con.execute("SELECT table_name, fingerprint FROM derived_state").fetchall())
     # Before the first link pass there are no link tables: every record counts as unlinked.
-    has_links = {"company_links", "contact_links"} <= existing
+    linked = {t: spec for t, spec in linked_by(mappings).items() if spec[1] in existing}
     for table, cols in wanted.items():
         if (only is not None and table not in only) or table not in existing:
             continue
@@ -194,9 +194,7 @@ def refresh(
                 SELECT t.rowid AS row_id, t.id, {parent}, {exprs}{old}{_MOD} AS mark
                 FROM {t} t WHERE t.rowid IN (SELECT row_id FROM s)"""
         )
-        moved = _link_inputs_moved(
-            con, table, keys, linked_by(mappings).get(table) if has_links else None
-        )
+        moved = _link_inputs_moved(con, table, keys, linked.get(table))
         if moved:
             stats.link_inputs += int(moved)
             _bump(con, LINK_INPUTS, int(moved))

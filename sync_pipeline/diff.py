@@ -23,9 +23,8 @@ from typing import Any
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
 
-from sync_pipeline import baseline, decide, derived, links
+from sync_pipeline import baseline, decide, derived, links, store
 from sync_pipeline.clients.crm import crm_key
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, values_list_expr
@@ -602,12 +601,7 @@ def write_plan(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, *, replace: b
         con.execute(PLAN_DDL)
     if plan.empty:
         return
-    try:
-        # Through Arrow: registering the pandas frame directly is ~3x slower for a wide plan.
-        rows: Any = pa.Table.from_pandas(plan[PLAN_COLUMNS], preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        rows = plan  # mixed types in an object column: let DuckDB convert it
-    con.register("_plan_rows", rows)
+    con.register("_plan_rows", store.for_register(plan[PLAN_COLUMNS]))
     try:
         cols = ", ".join(PLAN_COLUMNS)
         con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _plan_rows")
