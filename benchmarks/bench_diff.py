@@ -16,7 +16,8 @@ bare DuckDB join of the tables a plan compares (links ⋈ crm ⋈ unleashed ⋈ 
 Then the push at this size: on the world as it was before the edits, a linked CRM contact's
 phone is edited (three contacts, one after the other), then a linked contact's email (a match
 key: three more), and the DuckDB steps of a push run are timed: the derived refresh, the link
-step and the plan.
+step and the plan. Last, a link pass that finds 200 ambiguous emails (new contacts sharing
+them), timed.
 Medians are reported, with process CPU time (user+sys) next to wall time because the machine may
 be shared; the load average is printed per run.
 
@@ -47,6 +48,7 @@ TARGET_RATIO = 2.0
 MEMORY_LIMIT = "1536MB"  # DuckDB buffer pool cap for the planner process
 THREADS = 2
 RUNS = 3
+AMBIGUOUS = 200  # ambiguous emails in the push world's last link pass
 
 
 def _guid(expr: str) -> str:
@@ -463,6 +465,29 @@ def measure_push(db: str) -> dict:
                 "planned": [f"{r.op} {r.field} {r.new_value}" for r in plan.itertuples()],
             }
         )
+    # Then a pass that finds ambiguous keys: under each of the first AMBIGUOUS linked companies,
+    # two new CRM contacts and a new Unleashed contact share an email (each key is reported).
+    for k in (0, 1):
+        con.execute(
+            f"""INSERT INTO crm_contacts (id, parent_id, modified, active, data, extracted_at)
+                SELECT 'dup{k}-' || i, i::VARCHAR, TIMESTAMP '2026-02-01', true,
+                  json_object('ContactId', 0, 'DivisionId', i, 'Forename', 'Dup{k}',
+                              'Surname', 'X' || i, 'Email', 'shared' || i || '@example.com',
+                              'UnleashedGuid', NULL), TIMESTAMP '2026-02-01'
+                FROM range({AMBIGUOUS}) t(i)"""
+        )
+    con.execute(
+        f"""INSERT INTO unleashed_contacts (id, parent_id, modified, active, data, extracted_at)
+            SELECT 'dup-' || i, {_guid("i")}, TIMESTAMP '2026-02-01', true,
+              json_object('Guid', 'dup-' || i, 'FirstName', 'Other', 'LastName', 'Y' || i,
+                          'EmailAddress', 'shared' || i || '@example.com'),
+              TIMESTAMP '2026-02-01' FROM range({AMBIGUOUS}) t(i)"""
+    )
+    derived.refresh(con, mappings)
+    t0 = time.perf_counter()
+    result = links.update_links(con, mappings)
+    out["ambiguous_links_s"] = time.perf_counter() - t0
+    out["ambiguous_reported"] = len(result.ambiguous)
     con.close()
     return out
 
@@ -530,6 +555,11 @@ def run_size(n: int, workdir: Path) -> dict:
             + f" s; last plan (nothing is applied in between): {steps[-1]['planned']}",
             flush=True,
         )
+    print(
+        f"   then a link pass finding {push['ambiguous_reported']} ambiguous emails (new "
+        f"contacts sharing them): {push['ambiguous_links_s']:.2f} s",
+        flush=True,
+    )
     plan_s = statistics.median(p["seconds"] for p in plans)
     join_s = statistics.median(j["seconds"] for j in joins)
     return {

@@ -282,3 +282,27 @@ def test_changed_matching_rules_make_a_full_pass():
     )
     assert not links.update_links(w.con, reordered).skipped
     assert links.update_links(w.con, reordered).skipped
+
+
+def test_an_ambiguity_a_later_rule_settles_is_linked_in_the_same_pass():
+    """Two CRM contacts share an email that one Unleashed contact has: ambiguous by email. The
+    name rule then links one of them elsewhere, so the email is held by one unlinked record on
+    each side and links them, in this pass: no ambiguity is left to report, and a later pass
+    over the same records has nothing to add (a pass is skipped when its inputs are unchanged)."""
+    w = World()
+    w.crm_company(1, "Acme", code="ACME")
+    w.customer("g-acme", "ACME", "Acme")
+    w.crm_contact(10, 1, "Ann", "A", email="shared@acme.com")
+    w.crm_contact(11, 1, "Bob", "B", email="shared@acme.com")
+    w.erp_contact("c-ann", "g-acme", "Ann", "Alder", email="shared@acme.com")
+    w.erp_contact("c-bob", "g-acme", "Bob", "B", email="bob@acme.com")
+    result = links.update_links(w.con, w.mappings)
+    assert _links(w, "contact_links") == {("11", "c-bob", "full_name"), ("10", "c-ann", "email")}
+    assert result.linked["contact"] == {"unleashed_guid": 0, "email": 1, "full_name": 1}
+    assert result.ambiguous.empty
+    assert w.con.execute("SELECT count(*) FROM link_issues").fetchone() == (0,)
+    companies, contacts, issues = _full_pass_result(w)
+    assert contacts == _links(w, "contact_links") and issues == []
+    # Nothing is left for the planner to refuse as "matches but could not be linked".
+    plan = diff.plan_changes(w.con, w.mappings)
+    assert "reject" not in set(plan["op"])
