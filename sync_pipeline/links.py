@@ -146,12 +146,10 @@ def erp_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = T
     )
 
 
-def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, *, unlinked_only: bool) -> str:
-    """Distinct (crm_id, erp_id, key_value) pairs agreeing on `key`, with how many partners
-    each side has (n_crm: CRM records for this erp_id; n_erp: the reverse)."""
-    links = LINK_TABLES[mapping.entity]
-    c_filter = f"WHERE crm_id NOT IN (SELECT crm_id FROM {links})" if unlinked_only else ""
-    e_filter = f"WHERE erp_id NOT IN (SELECT erp_id FROM {links})" if unlinked_only else ""
+def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey) -> str:
+    """Distinct (crm_id, erp_id, key_value) pairs of unlinked records (`_link_pool_crm`,
+    `_link_pool_erp`: see `_pools`) agreeing on `key`, with how many partners each side has
+    (n_crm: CRM records for this erp_id; n_erp: the reverse)."""
     if mapping.match.within_linked_parent:
         join = (
             "JOIN company_links pl ON pl.crm_id = c.crm_parent_id "
@@ -160,8 +158,10 @@ def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, *, unlinked_only:
     else:
         join = "JOIN e ON e.key_value = c.key_value"
     return f"""
-        WITH c AS (SELECT * FROM ({crm_keys_sql(mapping, key)}) {c_filter}),
-             e AS (SELECT * FROM ({erp_keys_sql(mapping, key)}) {e_filter}),
+        WITH c AS (SELECT * FROM ({crm_keys_sql(mapping, key)})
+                   WHERE crm_id IN (SELECT id FROM _link_pool_crm)),
+             e AS (SELECT * FROM ({erp_keys_sql(mapping, key)})
+                   WHERE erp_id IN (SELECT id FROM _link_pool_erp)),
              pairs AS (
                 SELECT DISTINCT c.crm_id, c.crm_parent_id, e.erp_id, e.erp_parent_id, c.key_value
                 FROM c {join})
@@ -170,34 +170,67 @@ def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, *, unlinked_only:
         FROM pairs"""
 
 
+def _pools(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+    """`_link_pool_crm(id)`, `_link_pool_erp(id)`: the active records of each side that are not
+    linked, the only ones matching reads. Found once a pass (each is a whole-table anti-join
+    with the links) and kept as records get linked, so each rule (three for contacts) reads
+    the keys of these few records instead of comparing whole tables again."""
+    links = LINK_TABLES[mapping.entity]
+    for side, table in (("crm", mapping.crm.table), ("erp", mapping.erp.table)):
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _link_pool_{side} AS
+                SELECT id FROM {ident(table)}
+                WHERE active AND id NOT IN (SELECT {side}_id FROM {links})"""
+        )
+
+
 # Update ----------------------------------------------------------------------------------
 
 
 def _unlink(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFrame:
+    """Remove the links whose records are gone or inactive (for contacts: whose companies are
+    no longer linked to each other) and report them; for contacts, also bring the kept links'
+    parent ids up to date. One read of the links and both tables does both."""
     entity = mapping.entity
     links = LINK_TABLES[entity]
     crm_t, erp_t = ident(mapping.crm.table), ident(mapping.erp.table)
     crm_label = "CRM company" if entity == "company" else "CRM contact"
     erp_label = "Unleashed customer" if entity == "company" else "Unleashed contact"
-    parent_check = ""
+    parent_check, parents, moved = "", "", ""
     if entity == "contact":
         parent_check = """
             WHEN NOT EXISTS (SELECT 1 FROM company_links pl
                              WHERE pl.crm_id = c.parent_id AND pl.erp_id = e.parent_id)
               THEN 'its companies are no longer linked to each other'"""
-    gone = con.execute(
-        f"""SELECT l.crm_id, l.erp_id,
+        parents = ", c.parent_id AS crm_parent_id, e.parent_id AS erp_parent_id"
+        moved = """OR l.crm_parent_id IS DISTINCT FROM c.parent_id
+                   OR l.erp_parent_id IS DISTINCT FROM e.parent_id"""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _link_check AS
+            SELECT l.crm_id, l.erp_id,
                 CASE WHEN c.id IS NULL THEN '{crm_label} ' || l.crm_id || ' is no longer in the CRM'
                      WHEN NOT c.active THEN '{crm_label} ' || l.crm_id || ' is inactive'
                      WHEN e.id IS NULL THEN '{erp_label} ' || l.erp_id || ' is gone from Unleashed'
                      WHEN NOT e.active THEN '{erp_label} ' || l.erp_id || ' is obsolete or removed'
                      {parent_check}
-                END AS detail
+                END AS detail {parents}
             FROM {links} l
             LEFT JOIN {crm_t} c ON c.id = l.crm_id
             LEFT JOIN {erp_t} e ON e.id = l.erp_id
-            WHERE detail IS NOT NULL"""
+            WHERE detail IS NOT NULL {moved}"""
+    )
+    if entity == "contact":
+        # A contact moved to another company whose pair is linked too: its link stays.
+        con.execute(
+            """UPDATE contact_links l
+               SET crm_parent_id = k.crm_parent_id, erp_parent_id = k.erp_parent_id
+               FROM _link_check k
+               WHERE k.detail IS NULL AND l.crm_id = k.crm_id AND l.erp_id = k.erp_id"""
+        )
+    gone = con.execute(
+        "SELECT crm_id, erp_id, detail FROM _link_check WHERE detail IS NOT NULL"
     ).df()
+    con.execute("DROP TABLE _link_check")
     if gone.empty:
         return pd.DataFrame(columns=ISSUE_COLUMNS)
     con.execute(
@@ -217,24 +250,13 @@ def _unlink(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFr
     )
 
 
-def _refresh_contact_parents(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
-    con.execute(
-        f"""UPDATE contact_links l SET crm_parent_id = c.parent_id, erp_parent_id = e.parent_id
-            FROM {ident(mapping.crm.table)} c, {ident(mapping.erp.table)} e
-            WHERE c.id = l.crm_id AND e.id = l.erp_id
-              AND (l.crm_parent_id IS DISTINCT FROM c.parent_id
-                   OR l.erp_parent_id IS DISTINCT FROM e.parent_id)"""
-    )
-
-
 def _link_by_key(
     con: duckdb.DuckDBPyConnection, mapping: EntityMapping, key: MatchKey
 ) -> tuple[int, pd.DataFrame]:
     entity = mapping.entity
     links = LINK_TABLES[entity]
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _link_candidates AS "
-        + candidate_pairs_sql(mapping, key, unlinked_only=True)
+        "CREATE OR REPLACE TEMP TABLE _link_candidates AS " + candidate_pairs_sql(mapping, key)
     )
     if entity == "contact":
         inserted = con.execute(
@@ -254,6 +276,11 @@ def _link_by_key(
     baseline.mark_pending(
         con, entity, "erp", "SELECT erp_id FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1"
     )
+    for side in ("crm", "erp"):
+        con.execute(
+            f"""DELETE FROM _link_pool_{side} WHERE id IN (
+                    SELECT {side}_id FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1)"""
+        )
     ambiguous = con.execute(
         """SELECT key_value, list(DISTINCT crm_id ORDER BY crm_id) AS crm_ids,
                   list(DISTINCT erp_id ORDER BY erp_id) AS erp_ids
@@ -342,11 +369,10 @@ def update_links(
     for entity in ("company", "contact"):
         mapping = mappings[entity]
         unlinked.append(_unlink(con, mapping))
-        if entity == "contact":
-            _refresh_contact_parents(con, mapping)
         (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
         result.kept[entity] = int(kept)
         result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
+        _pools(con, mapping)
         while True:
             found = []
             for key in mapping.match.keys:
@@ -362,6 +388,8 @@ def update_links(
             if not _any_linked(con, entity, amb):
                 break
         ambiguous.append(amb)
+        con.execute("DROP TABLE _link_pool_crm")
+        con.execute("DROP TABLE _link_pool_erp")
     result.unlinked = pd.concat(unlinked, ignore_index=True)
     result.ambiguous = pd.concat(ambiguous, ignore_index=True)
     issues = pd.concat([result.unlinked, result.ambiguous], ignore_index=True)
