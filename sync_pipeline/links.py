@@ -250,6 +250,23 @@ def _unlink(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFr
     )
 
 
+# How many record ids a report names (link_issues keeps them all in crm_ids / erp_ids): a
+# placeholder email shared by thousands of contacts must not make a report of megabytes.
+SHOWN_IDS = 10
+
+
+def _some(ids: Any) -> str:
+    ids = [str(i) for i in ids]
+    if len(ids) <= SHOWN_IDS:
+        return ", ".join(ids)
+    return f"{', '.join(ids[:SHOWN_IDS])} and {len(ids) - SHOWN_IDS:,} more"
+
+
+def _shown_key(value: str) -> str:
+    """A key as a person reads it: a name key's parts joined by a space, not chr(31)."""
+    return value.replace(chr(31), " ")
+
+
 def _link_by_key(
     con: duckdb.DuckDBPyConnection, mapping: EntityMapping, key: MatchKey
 ) -> tuple[int, pd.DataFrame]:
@@ -294,8 +311,8 @@ def _link_by_key(
     ambiguous.insert(0, "kind", "ambiguous")
     ambiguous.insert(0, "entity", entity)
     ambiguous["detail"] = [
-        f"{entity} {key.name} {kv!r} is shared by CRM {', '.join(c)} and "
-        f"Unleashed {', '.join(e)}; not linked: make the key unique on each side"
+        f"{entity} {key.name} {_shown_key(kv)!r} is shared by CRM {_some(c)} and "
+        f"Unleashed {_some(e)}; not linked: make the key unique on each side"
         for kv, c, e in zip(
             ambiguous["key_value"], ambiguous["crm_ids"], ambiguous["erp_ids"], strict=True
         )

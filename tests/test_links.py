@@ -79,6 +79,31 @@ def test_ambiguous_key_is_not_linked_and_is_reported():
     assert list(plan["op"]) == ["reject"]
 
 
+def test_a_key_shared_by_many_records_names_ten_and_counts_the_rest():
+    """A placeholder email on many contacts: the report stays short and readable, and
+    link_issues keeps every id. A name key reads as the name."""
+    w = World()
+    w.crm_company(1, "Acme", code="ACME")
+    w.customer("g-acme", "ACME", "Acme")
+    for i in range(12):
+        w.crm_contact(100 + i, 1, f"P{i}", "X", email="none@acme.com")
+    w.erp_contact("c-none", "g-acme", "Q", "Y", email="none@acme.com")
+    w.crm_contact(20, 1, "Ann", "Lee")
+    w.crm_contact(21, 1, "Ann", "Lee")
+    w.erp_contact("c-ann", "g-acme", "Ann", "Lee")
+    result = links.update_links(w.con, w.mappings)
+    by_method = {r.method: r for r in result.ambiguous.itertuples(index=False)}
+    email = by_method["email"]
+    assert email.detail == (
+        "contact email 'none@acme.com' is shared by CRM 100, 101, 102, 103, 104, 105, 106, 107, "
+        "108, 109 and 2 more and Unleashed c-none; not linked: make the key unique on each side"
+    )
+    assert len(email.crm_ids) == 12
+    stored = w.con.execute("SELECT len(crm_ids) FROM link_issues WHERE method = 'email'").fetchone()
+    assert stored == (12,)
+    assert "contact full_name 'Ann Lee' is shared by CRM 20, 21" in by_method["full_name"].detail
+
+
 def test_inactive_record_is_unlinked_and_reported_and_nothing_planned():
     w = World()
     w.crm_company(1, "Acme", code="ACME")
