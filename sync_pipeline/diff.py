@@ -393,7 +393,7 @@ def _creations(
                         "op": "reject",
                         "reason": (
                             f"{what} {quote(label)} (Unleashed {rec.erp_id}) is not created in the "
-                            f"CRM: CRM {entity} {', '.join(block.crm_ids)} matches it by "
+                            f"CRM: CRM {entity} {links.some_ids(block.crm_ids)} matches it by "
                             f"{', '.join(sorted(block.methods))} but could not be linked "
                             "(ambiguous or already linked to another record); link them by hand"
                         ),

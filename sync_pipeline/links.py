@@ -255,7 +255,8 @@ def _unlink(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> pd.DataFr
 SHOWN_IDS = 10
 
 
-def _some(ids: Any) -> str:
+def some_ids(ids: Any) -> str:
+    """Ids as a report names them: all of them up to SHOWN_IDS, then the first ones and a count."""
     ids = [str(i) for i in ids]
     if len(ids) <= SHOWN_IDS:
         return ", ".join(ids)
@@ -311,8 +312,8 @@ def _link_by_key(
     ambiguous.insert(0, "kind", "ambiguous")
     ambiguous.insert(0, "entity", entity)
     ambiguous["detail"] = [
-        f"{entity} {key.name} {_shown_key(kv)!r} is shared by CRM {_some(c)} and "
-        f"Unleashed {_some(e)}; not linked: make the key unique on each side"
+        f"{entity} {key.name} {_shown_key(kv)!r} is shared by CRM {some_ids(c)} and "
+        f"Unleashed {some_ids(e)}; not linked: make the key unique on each side"
         for kv, c, e in zip(
             ambiguous["key_value"], ambiguous["crm_ids"], ambiguous["erp_ids"], strict=True
         )

@@ -102,6 +102,12 @@ def test_a_key_shared_by_many_records_names_ten_and_counts_the_rest():
     stored = w.con.execute("SELECT len(crm_ids) FROM link_issues WHERE method = 'email'").fetchone()
     assert stored == (12,)
     assert "contact full_name 'Ann Lee' is shared by CRM 20, 21" in by_method["full_name"].detail
+    # The planner's refusal to create the Unleashed contact in the CRM names them the same way.
+    plan = diff.plan_changes(w.con, w.mappings)
+    reason = plan.loc[plan["erp_id"] == "c-none", "reason"].item()
+    assert (
+        "CRM contact 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 2 more matches" in reason
+    )
 
 
 def test_inactive_record_is_unlinked_and_reported_and_nothing_planned():
