@@ -392,18 +392,19 @@ def update_links(
         result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
         _pools(con, mapping)
         while True:
-            found = []
+            found, round_linked = [], 0
             for key in mapping.match.keys:
                 n, amb = _link_by_key(con, mapping, key)
                 result.linked[entity][key.name] += n
+                round_linked += n
                 found.append(amb)
             amb = pd.concat(found, ignore_index=True)
             # A record of a key found ambiguous was linked by a later rule of this round: the
             # key may now be held by one unlinked record on each side, which another round
-            # links. The pass ends when a round links none of them, so a pass over the same
-            # records would link nothing more, and every key it reports has unlinked records
-            # on both sides.
-            if not _any_linked(con, entity, amb):
+            # links. The pass ends when a round links none of them (each further round needs a
+            # new link, so it ends), so a pass over the same records would link nothing more,
+            # and every key it reports has unlinked records on both sides.
+            if not round_linked or not _any_linked(con, entity, amb):
                 break
         ambiguous.append(amb)
         con.execute("DROP TABLE _link_pool_crm")
