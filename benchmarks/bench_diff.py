@@ -17,7 +17,7 @@ Then the push at this size: on the world as it was before the edits, a linked CR
 phone is edited (three contacts, one after the other), then a linked contact's email (a match
 key: three more), and the DuckDB steps of a push run are timed: the derived refresh, the link
 step and the plan. Last, a link pass that finds 200 ambiguous emails (new contacts sharing
-them), timed.
+them), and a first sync's pass (every link removed), timed.
 Medians are reported, with process CPU time (user+sys) next to wall time because the machine may
 be shared; the load average is printed per run.
 
@@ -488,6 +488,14 @@ def measure_push(db: str) -> dict:
     result = links.update_links(con, mappings)
     out["ambiguous_links_s"] = time.perf_counter() - t0
     out["ambiguous_reported"] = len(result.ambiguous)
+    # And a first sync's pass: nothing linked yet, every record unlinked.
+    con.execute("DELETE FROM company_links")
+    con.execute("DELETE FROM contact_links")
+    con.execute("DELETE FROM link_state")
+    t0 = time.perf_counter()
+    result = links.update_links(con, mappings)
+    out["first_sync_links_s"] = time.perf_counter() - t0
+    out["first_sync_linked"] = sum(result.total_linked(e) for e in ("company", "contact"))
     con.close()
     return out
 
@@ -557,7 +565,9 @@ def run_size(n: int, workdir: Path) -> dict:
         )
     print(
         f"   then a link pass finding {push['ambiguous_reported']} ambiguous emails (new "
-        f"contacts sharing them): {push['ambiguous_links_s']:.2f} s",
+        f"contacts sharing them): {push['ambiguous_links_s']:.2f} s; a first sync's pass "
+        f"(no links yet): {push['first_sync_links_s']:.2f} s, "
+        f"{push['first_sync_linked']:,} pairs linked",
         flush=True,
     )
     plan_s = statistics.median(p["seconds"] for p in plans)

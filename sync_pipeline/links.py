@@ -146,10 +146,19 @@ def erp_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = T
     )
 
 
-def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey) -> str:
-    """Distinct (crm_id, erp_id, key_value) pairs of unlinked records (`_link_pool_crm`,
-    `_link_pool_erp`: see `_pools`) agreeing on `key`, with how many partners each side has
-    (n_crm: CRM records for this erp_id; n_erp: the reverse)."""
+def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, pooled: set[str]) -> str:
+    """Distinct (crm_id, erp_id, key_value) pairs of unlinked records agreeing on `key`, with
+    how many partners each side has (n_crm: CRM records for this erp_id; n_erp: the reverse).
+
+    A side in `pooled` ('crm', 'erp') reads its unlinked records from its pool (`_pools`);
+    another side finds them by an anti-join with the link table."""
+    links = LINK_TABLES[mapping.entity]
+
+    def unlinked(side: str) -> str:
+        if side in pooled:
+            return f"WHERE {side}_id IN (SELECT id FROM _link_pool_{side})"
+        return f"WHERE {side}_id NOT IN (SELECT {side}_id FROM {links})"
+
     if mapping.match.within_linked_parent:
         join = (
             "JOIN company_links pl ON pl.crm_id = c.crm_parent_id "
@@ -158,10 +167,8 @@ def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey) -> str:
     else:
         join = "JOIN e ON e.key_value = c.key_value"
     return f"""
-        WITH c AS (SELECT * FROM ({crm_keys_sql(mapping, key)})
-                   WHERE crm_id IN (SELECT id FROM _link_pool_crm)),
-             e AS (SELECT * FROM ({erp_keys_sql(mapping, key)})
-                   WHERE erp_id IN (SELECT id FROM _link_pool_erp)),
+        WITH c AS (SELECT * FROM ({crm_keys_sql(mapping, key)}) {unlinked("crm")}),
+             e AS (SELECT * FROM ({erp_keys_sql(mapping, key)}) {unlinked("erp")}),
              pairs AS (
                 SELECT DISTINCT c.crm_id, c.crm_parent_id, e.erp_id, e.erp_parent_id, c.key_value
                 FROM c {join})
@@ -170,18 +177,28 @@ def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey) -> str:
         FROM pairs"""
 
 
-def _pools(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+def _pools(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> set[str]:
     """`_link_pool_crm(id)`, `_link_pool_erp(id)`: the active records of each side that are not
     linked, the only ones matching reads. Found once a pass (each is a whole-table anti-join
     with the links) and kept as records get linked, so each rule (three for contacts) reads
-    the keys of these few records instead of comparing whole tables again."""
+    the keys of these few records instead of comparing whole tables again. Returns the sides
+    whose pool is kept: a pool larger than the link table (a first sync, when nothing is linked
+    yet) would cost more to read and keep than the anti-join it saves, so it is dropped."""
     links = LINK_TABLES[mapping.entity]
+    (n_links,) = con.execute(f"SELECT count(*) FROM {links}").fetchone()
+    pooled = set()
     for side, table in (("crm", mapping.crm.table), ("erp", mapping.erp.table)):
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _link_pool_{side} AS
                 SELECT id FROM {ident(table)}
                 WHERE active AND id NOT IN (SELECT {side}_id FROM {links})"""
         )
+        (n_pool,) = con.execute(f"SELECT count(*) FROM _link_pool_{side}").fetchone()
+        if n_pool <= n_links:
+            pooled.add(side)
+        else:
+            con.execute(f"DROP TABLE _link_pool_{side}")
+    return pooled
 
 
 # Update ----------------------------------------------------------------------------------
@@ -269,12 +286,13 @@ def _shown_key(value: str) -> str:
 
 
 def _link_by_key(
-    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, key: MatchKey
+    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, key: MatchKey, pooled: set[str]
 ) -> tuple[int, pd.DataFrame]:
     entity = mapping.entity
     links = LINK_TABLES[entity]
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _link_candidates AS " + candidate_pairs_sql(mapping, key)
+        "CREATE OR REPLACE TEMP TABLE _link_candidates AS "
+        + candidate_pairs_sql(mapping, key, pooled)
     )
     if entity == "contact":
         inserted = con.execute(
@@ -294,7 +312,7 @@ def _link_by_key(
     baseline.mark_pending(
         con, entity, "erp", "SELECT erp_id FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1"
     )
-    for side in ("crm", "erp"):
+    for side in sorted(pooled):
         con.execute(
             f"""DELETE FROM _link_pool_{side} WHERE id IN (
                     SELECT {side}_id FROM _link_candidates WHERE n_crm = 1 AND n_erp = 1)"""
@@ -390,11 +408,11 @@ def update_links(
         (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
         result.kept[entity] = int(kept)
         result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
-        _pools(con, mapping)
+        pooled = _pools(con, mapping)
         while True:
             found, round_linked = [], 0
             for key in mapping.match.keys:
-                n, amb = _link_by_key(con, mapping, key)
+                n, amb = _link_by_key(con, mapping, key, pooled)
                 result.linked[entity][key.name] += n
                 round_linked += n
                 found.append(amb)
@@ -407,8 +425,8 @@ def update_links(
             if not round_linked or not _any_linked(con, entity, amb):
                 break
         ambiguous.append(amb)
-        con.execute("DROP TABLE _link_pool_crm")
-        con.execute("DROP TABLE _link_pool_erp")
+        for side in pooled:
+            con.execute(f"DROP TABLE _link_pool_{side}")
     result.unlinked = pd.concat(unlinked, ignore_index=True)
     result.ambiguous = pd.concat(ambiguous, ignore_index=True)
     issues = pd.concat([result.unlinked, result.ambiguous], ignore_index=True)
