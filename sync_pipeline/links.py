@@ -177,27 +177,27 @@ def candidate_pairs_sql(mapping: EntityMapping, key: MatchKey, pooled: set[str])
         FROM pairs"""
 
 
-def _pools(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> set[str]:
+def _pools(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, n_links: int) -> set[str]:
     """`_link_pool_crm(id)`, `_link_pool_erp(id)`: the active records of each side that are not
     linked, the only ones matching reads. Found once a pass (each is a whole-table anti-join
     with the links) and kept as records get linked, so each rule (three for contacts) reads
     the keys of these few records instead of comparing whole tables again. Returns the sides
-    whose pool is kept: a pool larger than the link table (a first sync, when nothing is linked
-    yet) would cost more to read and keep than the anti-join it saves, so it is dropped."""
+    that have a pool: one larger than the link table (a first sync, when nothing is linked yet)
+    would cost more to read and keep than the anti-join it saves, so it is not made. Its size
+    is known without making it: after `_unlink` every one of the `n_links` links joins two
+    active records, one on each side."""
     links = LINK_TABLES[mapping.entity]
-    (n_links,) = con.execute(f"SELECT count(*) FROM {links}").fetchone()
     pooled = set()
     for side, table in (("crm", mapping.crm.table), ("erp", mapping.erp.table)):
+        (n_active,) = con.execute(f"SELECT count(*) FROM {ident(table)} WHERE active").fetchone()
+        if n_active - n_links > n_links:
+            continue
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _link_pool_{side} AS
                 SELECT id FROM {ident(table)}
                 WHERE active AND id NOT IN (SELECT {side}_id FROM {links})"""
         )
-        (n_pool,) = con.execute(f"SELECT count(*) FROM _link_pool_{side}").fetchone()
-        if n_pool <= n_links:
-            pooled.add(side)
-        else:
-            con.execute(f"DROP TABLE _link_pool_{side}")
+        pooled.add(side)
     return pooled
 
 
@@ -408,7 +408,7 @@ def update_links(
         (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
         result.kept[entity] = int(kept)
         result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
-        pooled = _pools(con, mapping)
+        pooled = _pools(con, mapping, result.kept[entity])
         while True:
             found, round_linked = [], 0
             for key in mapping.match.keys:
