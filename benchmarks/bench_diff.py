@@ -191,6 +191,7 @@ def generate(db: str, n: int, settled: str | None = None) -> dict:
                    'history-' || i
             FROM range({2 * n}) t(i)"""
     )
+    store.decisions_from_log(con)  # the planner reads each field's last decision
     # That cycle looked at every record and left nothing pending.
     con.execute("DELETE FROM sync_pending")
     con.execute("INSERT INTO sync_pending_state SELECT unnest(?::VARCHAR[])", [list(mappings)])

@@ -369,16 +369,15 @@ def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     not happen yet, it keeps its first winner: the sync's own write to another field of the
     record moves the record's modified time, and must not turn the decision round. A new value on
     either side is a new conflict, decided afresh."""
-    (has_log,) = con.execute(
-        """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'conflicts'
+    (has_table,) = con.execute(
+        """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'conflict_decisions'
            AND NOT temporary AND database_name = current_database()"""
     ).fetchone()
     source = (
         f"""SELECT erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
-            FROM conflicts WHERE entity = '{entity}' AND policy = 'newest'
-              AND erp_id IN (SELECT erp_id FROM _cf)
-            QUALIFY row_number() OVER (PARTITION BY erp_id, field ORDER BY seen_at DESC) = 1"""
-        if has_log
+            FROM conflict_decisions WHERE entity = '{entity}'
+              AND erp_id IN (SELECT erp_id FROM _cf)"""
+        if has_table
         else """SELECT NULL::VARCHAR AS erp_id, NULL::VARCHAR AS field,
                        NULL::VARCHAR AS crm_value, NULL::VARCHAR AS erp_value,
                        NULL::VARCHAR AS baseline_value, NULL::VARCHAR AS winner,

@@ -93,6 +93,15 @@ SCHEMA = [
         winner VARCHAR, policy VARCHAR, crm_modified TIMESTAMP, erp_modified TIMESTAMP,
         op_key VARCHAR PRIMARY KEY
     )""",
+    # The decision the planner keeps for each field's current `newest` conflict (see
+    # `record_conflicts`): one row per (record, field), so the planner's lookup does not grow
+    # with the history in `conflicts`, which may be pruned.
+    """CREATE TABLE IF NOT EXISTS conflict_decisions (
+        entity VARCHAR, erp_id VARCHAR, field VARCHAR,
+        crm_value VARCHAR, erp_value VARCHAR, baseline_value VARCHAR,
+        winner VARCHAR, seen_at TIMESTAMP,
+        PRIMARY KEY (entity, erp_id, field)
+    )""",
 ]
 
 
@@ -117,8 +126,23 @@ DERIVED_MARK = "_derived_mod"
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     if dbschema.complete(con, dbschema.tables_of(SCHEMA), {t: [DERIVED_MARK] for t in RAW_TABLES}):
         return
+    had_decisions = dbschema.complete(con, ["conflict_decisions"])
     for ddl in SCHEMA:
         con.execute(ddl)
+    if not had_decisions:
+        decisions_from_log(con)  # a database from before the table
+
+
+def decisions_from_log(con: duckdb.DuckDBPyConnection) -> None:
+    """Fill `conflict_decisions` from the `conflicts` log: each field's last `newest` decision
+    (what the planner read from the log before the table existed)."""
+    con.execute(
+        """INSERT OR REPLACE INTO conflict_decisions
+           SELECT entity, erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
+           FROM conflicts WHERE policy = 'newest' AND erp_id IS NOT NULL
+           QUALIFY row_number() OVER (
+               PARTITION BY entity, erp_id, field ORDER BY seen_at DESC) = 1"""
+    )
     for table in RAW_TABLES:
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
 
@@ -734,7 +758,11 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
     """Keep every conflict decision with both values (once per distinct conflict), including one
     whose winning value is refused (a `reject` row: the winner is the side whose value it is);
     returns how many are new. The planner keeps a `newest` decision while neither value
-    changes (`decide._prior_decisions`), so `winner` must say who won, not what was sent."""
+    changes (`decide._prior_decisions`), so `winner` must say who won, not what was sent.
+
+    `conflicts` is the history. The decision the planner reads is also kept per field in
+    `conflict_decisions`, replaced only by a different conflict (other values), so that a
+    conflict seen again keeps the winner and the time of its first sighting."""
     if plan.empty or "conflict" not in plan:
         return 0
     mask = plan["conflict"].fillna(False).astype(bool).to_numpy()
@@ -762,6 +790,8 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
             "op_key": op_keys(rows),
         }
     ).drop_duplicates("op_key")
+    frame = frame.drop_duplicates(["entity", "erp_id", "field"], keep="last")
+    now = utcnow()
     con.register("_conflict_rows", frame)
     try:
         res = con.execute(
@@ -770,8 +800,21 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
                       winner, policy, crm_modified, erp_modified, op_key
                FROM _conflict_rows
                ON CONFLICT (op_key) DO NOTHING""",
-            [utcnow(), run_id],
+            [now, run_id],
         ).fetchone()
+        con.execute(
+            """INSERT INTO conflict_decisions
+               SELECT entity, erp_id, field, crm_value, erp_value, baseline_value, winner, ?
+               FROM _conflict_rows WHERE policy = 'newest' AND erp_id IS NOT NULL
+               ON CONFLICT (entity, erp_id, field) DO UPDATE
+               SET crm_value = excluded.crm_value, erp_value = excluded.erp_value,
+                   baseline_value = excluded.baseline_value, winner = excluded.winner,
+                   seen_at = excluded.seen_at
+               WHERE conflict_decisions.crm_value IS DISTINCT FROM excluded.crm_value
+                  OR conflict_decisions.erp_value IS DISTINCT FROM excluded.erp_value
+                  OR conflict_decisions.baseline_value IS DISTINCT FROM excluded.baseline_value""",
+            [now],
+        )
     finally:
         con.unregister("_conflict_rows")
     return int(res[0]) if res else 0

@@ -176,6 +176,51 @@ def test_newest_conflict_keeps_its_winner_while_neither_value_changes(w):
     assert "Unleashed wins by policy newest (Unleashed record modified later" in fresh["reason"]
 
 
+def _refused_website_conflict_won_by_crm(w: World) -> None:
+    """The CRM wins a `newest` website conflict with a value Unleashed refuses; recorded."""
+    store.ensure_schema(w.con)
+    w.edit("unleashed_customers", "g-acme", Website="https://acme.org",
+           modified=datetime(2026, 3, 1, 11))  # fmt: skip
+    w.edit("crm_companies", "12", Website="acme .org", modified=datetime(2026, 3, 1, 12))
+    store.record_conflicts(w.con, plan(w), "run-1")
+
+
+KEPT = "CRM wins by policy newest (as decided when this conflict was first seen"
+
+
+def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):
+    """The conflicts log is history an operator may prune; the decision the planner keeps for
+    a conflict still open is not in it."""
+    _refused_website_conflict_won_by_crm(w)
+    w.con.execute("DELETE FROM conflicts")
+    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
+    again = one(plan(w), field="website")
+    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
+    assert KEPT in again["reason"]
+
+
+def test_a_database_from_before_the_decisions_table_keeps_its_decisions(w):
+    """Upgrading: the decisions a database's log holds are read into the new table once."""
+    _refused_website_conflict_won_by_crm(w)
+    w.con.execute("DROP TABLE conflict_decisions")
+    store.ensure_schema(w.con)
+    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
+    again = one(plan(w), field="website")
+    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
+    assert KEPT in again["reason"]
+
+
+def test_a_conflict_seen_again_keeps_the_time_it_was_first_seen(w):
+    _refused_website_conflict_won_by_crm(w)
+    (first,) = w.con.execute("SELECT seen_at FROM conflict_decisions").fetchone()
+    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
+    store.record_conflicts(w.con, plan(w), "run-2")
+    assert w.con.execute("SELECT seen_at, winner FROM conflict_decisions").fetchall() == [
+        (first, "crm")
+    ]
+    assert f"first seen, {first}" in one(plan(w), field="website")["reason"]
+
+
 def test_both_sides_changed_to_the_same_value_is_not_a_conflict(w):
     w.edit("crm_companies", "12", Phone="020 7946 5555")
     w.edit("unleashed_customers", "g-acme", PhoneNumber="+44 20 7946 5555")
