@@ -163,6 +163,9 @@ def connect(
     try:
         con = duckdb.connect(database)
         try:
+            # DuckDB draws a progress bar on stdout for statements over 2 s (a first sync's link
+            # pass, an upgrade); in a Dagster run that is carriage-return noise in the compute log.
+            con.execute("SET enable_progress_bar = false")
             ensure_schema(con)
             yield con
         finally:

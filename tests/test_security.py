@@ -7,6 +7,8 @@ from __future__ import annotations
 import inspect
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -166,6 +168,25 @@ def test_no_secret_in_output_logs_events_or_tables(tmp_path, caplog, capfd, monk
 # ------------------------------------------------------------------------------------------------
 # The local servers refuse missing or wrong credentials (deeper tests live with each API)
 # ------------------------------------------------------------------------------------------------
+def test_the_product_connection_draws_no_progress_bar_in_run_logs(tmp_path):
+    """DuckDB draws a progress bar on stdout for statements over 2 s (a first sync's link pass);
+    in a Dagster run's compute log that is carriage-return noise. Checked in a process of its
+    own with stdout a pipe, as a run worker has it (under pytest's capture DuckDB has it off
+    anyway), and as the setting: drawing one on demand needs `SET progress_bar_time`, which
+    turns the bar back on."""
+    code = (
+        "import sys\n"
+        "from sync_pipeline import store\n"
+        "with store.connect(sys.argv[1]) as con:\n"
+        "    print(con.execute(\"SELECT current_setting('enable_progress_bar')\").fetchone()[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "sync.duckdb")],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert out.stdout.strip() == "False"
+
+
 def test_local_servers_refuse_missing_or_wrong_credentials(emulators):
     url = f"{emulators.unleashed_url}/Customers/1"
     assert httpx.get(url).status_code in (401, 403)
