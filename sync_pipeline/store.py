@@ -129,6 +129,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     had_decisions = dbschema.complete(con, ["conflict_decisions"])
     for ddl in SCHEMA:
         con.execute(ddl)
+    for table in RAW_TABLES:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
     if not had_decisions:
         decisions_from_log(con)  # a database from before the table
 
@@ -143,8 +145,6 @@ def decisions_from_log(con: duckdb.DuckDBPyConnection) -> None:
            QUALIFY row_number() OVER (
                PARTITION BY entity, erp_id, field ORDER BY seen_at DESC) = 1"""
     )
-    for table in RAW_TABLES:
-        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
 
 
 @contextmanager
@@ -793,9 +793,10 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
             "op_key": op_keys(rows),
         }
     ).drop_duplicates("op_key")
-    frame = frame.drop_duplicates(["entity", "erp_id", "field"], keep="last")
     now = utcnow()
     con.register("_conflict_rows", frame)
+    decisions = frame.drop_duplicates(["entity", "erp_id", "field"], keep="last")
+    con.register("_decision_rows", decisions)
     try:
         res = con.execute(
             """INSERT INTO conflicts
@@ -808,7 +809,7 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
         con.execute(
             """INSERT INTO conflict_decisions
                SELECT entity, erp_id, field, crm_value, erp_value, baseline_value, winner, ?
-               FROM _conflict_rows WHERE policy = 'newest' AND erp_id IS NOT NULL
+               FROM _decision_rows WHERE policy = 'newest' AND erp_id IS NOT NULL
                ON CONFLICT (entity, erp_id, field) DO UPDATE
                SET crm_value = excluded.crm_value, erp_value = excluded.erp_value,
                    baseline_value = excluded.baseline_value, winner = excluded.winner,
@@ -820,6 +821,7 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
         )
     finally:
         con.unregister("_conflict_rows")
+        con.unregister("_decision_rows")
     return int(res[0]) if res else 0
 
 
