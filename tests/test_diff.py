@@ -185,7 +185,14 @@ def _refused_website_conflict_won_by_crm(w: World) -> None:
     store.record_conflicts(w.con, plan(w), "run-1")
 
 
-KEPT = "CRM wins by policy newest (as decided when this conflict was first seen"
+def _assert_crm_still_wins_after_our_own_write(w: World) -> None:
+    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
+    again = one(plan(w), field="website")
+    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
+    assert (
+        "CRM wins by policy newest (as decided when this conflict was first seen"
+        in (again["reason"])
+    )
 
 
 def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):
@@ -193,10 +200,7 @@ def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):
     a conflict still open is not in it."""
     _refused_website_conflict_won_by_crm(w)
     w.con.execute("DELETE FROM conflicts")
-    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
-    again = one(plan(w), field="website")
-    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
-    assert KEPT in again["reason"]
+    _assert_crm_still_wins_after_our_own_write(w)
 
 
 def test_a_database_from_before_the_decisions_table_keeps_its_decisions(w):
@@ -204,10 +208,7 @@ def test_a_database_from_before_the_decisions_table_keeps_its_decisions(w):
     _refused_website_conflict_won_by_crm(w)
     w.con.execute("DROP TABLE conflict_decisions")
     store.ensure_schema(w.con)
-    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
-    again = one(plan(w), field="website")
-    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
-    assert KEPT in again["reason"]
+    _assert_crm_still_wins_after_our_own_write(w)
 
 
 def test_a_conflict_seen_again_keeps_the_time_it_was_first_seen(w):
