@@ -7,12 +7,14 @@ from the JSON `data` of every row on each pass is what made that slow, so they a
   the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
   matching join on these instead of extracting keys from every row.
 - `_link_sig UBIGINT` (every table link matching reads): a hash of the row's status as a link
-  pass sees it (active, parent id). `refresh` counts in `derived_counters` ('link_inputs') the
-  rows where it moved, and the rows whose match keys moved while they are not linked (a new row
-  counts too). Nothing else can change what a pass does: it keeps a link while both records are
-  active (and a contact's two companies are linked to each other), and matches keys of unlinked
-  records only. So after a phone edit, or a linked contact's new email or name,
-  `links.update_links` skips its whole-table work (4 s a pass at 1M / 3M records).
+  pass sees it (active, parent id). `refresh` counts in `derived_counters`
+  ('link_inputs:<entity>', for each entity whose link pass reads the table) the rows where it
+  moved, and the rows whose match keys moved while they are not linked (a new row counts too).
+  Nothing else can change what a pass does: it keeps a link while both records are active (and a
+  contact's two companies are linked to each other), and matches keys of unlinked records only.
+  So after a phone edit, or a linked contact's new email or name, `links.update_links` skips its
+  whole-table work (4 s a pass at 1M / 3M records), and after a contact-only change, the
+  companies' part of it.
 - `_derived_mod TIMESTAMP`: the row's `modified` when the columns above were computed; NULL means
   "to do". `store.upsert_snapshot` sets it NULL whenever it writes a row, and a row whose `modified`
   no longer equals it (a writer that bypassed the upsert) is recomputed too.
@@ -94,6 +96,18 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
     return out
 
 
+def link_readers(mappings: Mapping[str, EntityMapping]) -> dict[str, set[str]]:
+    """table -> the entities whose link pass reads it (its CRM and Unleashed tables, and the
+    tables its match keys read, e.g. the sales ledgers for companies)."""
+    out: dict[str, set[str]] = {}
+    for mapping in mappings.values():
+        tables = [mapping.crm.table, mapping.erp.table]
+        tables += [key.crm_table for key in mapping.match.keys if key.crm_table]
+        for table in tables:
+            out.setdefault(table, set()).add(mapping.entity)
+    return out
+
+
 def linked_by(mappings: Mapping[str, EntityMapping]) -> dict[str, tuple[str, str, str]]:
     """table -> (column of its row, link table, link column): the row's record is linked when
     its column's value is in the link column (for a key table such as the sales ledgers, the
@@ -159,6 +173,7 @@ def refresh(
     known = dict(con.execute("SELECT table_name, fingerprint FROM derived_state").fetchall())
     # Before the first link pass there are no link tables: every record counts as unlinked.
     linked = {t: spec for t, spec in linked_by(mappings).items() if spec[1] in existing}
+    readers = link_readers(mappings)
     for table, cols in wanted.items():
         if (only is not None and table not in only) or table not in existing:
             continue
@@ -197,7 +212,8 @@ def refresh(
         moved = _link_inputs_moved(con, table, keys, linked.get(table))
         if moved:
             stats.link_inputs += int(moved)
-            _bump(con, LINK_INPUTS, int(moved))
+            for entity in sorted(readers.get(table, ())):
+                _bump(con, f"{LINK_INPUTS}:{entity}", int(moved))
         con.execute(
             f"""UPDATE {t} SET {sets}{MARK} = v.mark
                 FROM _derived_values v WHERE {t}.rowid = v.row_id"""
@@ -253,9 +269,11 @@ def _bump(con: duckdb.DuckDBPyConnection, name: str, by: int) -> None:
     )
 
 
-def link_inputs_version(con: duckdb.DuckDBPyConnection) -> int:
-    """How many times a row link matching reads has changed what matching sees (a count that
-    only grows): equal before and after means nothing a link pass reads has changed."""
+def link_inputs_version(con: duckdb.DuckDBPyConnection, entity: str) -> int:
+    """How many times a row the entity's link pass reads has changed what it sees (a count that
+    only grows): equal before and after means nothing that pass reads has changed."""
     con.execute(COUNTERS_DDL)
-    row = con.execute("SELECT value FROM derived_counters WHERE name = ?", [LINK_INPUTS]).fetchone()
+    row = con.execute(
+        "SELECT value FROM derived_counters WHERE name = ?", [f"{LINK_INPUTS}:{entity}"]
+    ).fetchone()
     return int(row[0]) if row else 0

@@ -7,8 +7,8 @@ Tables (created by `ensure_schema`):
 - `link_issues(entity, kind, method, key_value, crm_ids, erp_ids, detail, seen_at)`: what the
   last `update_links` could not do (ambiguous keys) or undid (unlinked records); replaced on
   every run.
-- `link_state(name, value)`: 'last_pass' = what the last complete pass read (see
-  `_pass_marker`); a pass over the same inputs is skipped.
+- `link_state(name, value)`: 'last_pass:<entity>' = what the entity's last complete pass read
+  (see `_pass_markers`); an entity's pass over the same inputs is skipped.
 
 Uniqueness on each side is kept by `update_links` (a record only ever joins a link when it is in
 none) and verified by `one_to_one_violations` (an asset check); there is no DuckDB UNIQUE index
@@ -64,9 +64,14 @@ class LinkResult:
     linked: dict[str, dict[str, int]] = field(default_factory=dict)  # entity -> method -> n
     unlinked: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
     ambiguous: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ISSUE_COLUMNS))
-    # True when nothing link matching reads had changed since the last pass, so the pass did
-    # not compare the tables again (its result would have been the same).
-    skipped: bool = False
+    # The entities for which nothing their link pass reads had changed since their last pass,
+    # so the tables were not compared again (the result would have been the same).
+    skipped_entities: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> bool:
+        """Both entities' passes were skipped."""
+        return set(self.skipped_entities) >= set(LINK_TABLES)
 
     def total_linked(self, entity: str) -> int:
         return sum(self.linked.get(entity, {}).values())
@@ -357,31 +362,44 @@ def _any_linked(con: duckdb.DuckDBPyConnection, entity: str, amb: pd.DataFrame) 
     return n > 0
 
 
-def _pass_marker(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> str:
-    """What a link pass depends on: the version of its inputs (`derived.link_inputs_version`)
-    and the matching rules (tables, keys and their order)."""
+def _rules_digest(mapping: EntityMapping) -> str:
     used = {"crm", "erp", "match"}
-    rules = json.dumps(
-        {e: m.model_dump(mode="json", include=used) for e, m in mappings.items()}, sort_keys=True
+    rules = json.dumps(mapping.model_dump(mode="json", include=used), sort_keys=True)
+    return hashlib.sha256(rules.encode()).hexdigest()[:16]
+
+
+def _pass_markers(
+    con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]
+) -> dict[str, str]:
+    """What each entity's pass depends on: the version of its inputs
+    (`derived.link_inputs_version`) and its matching rules (tables, keys and their order). A
+    contact pass also depends on the company links, which only the company pass writes: its
+    marker includes the company marker, so it runs whenever the company pass does."""
+    company = f"{derived.link_inputs_version(con, 'company')}:{_rules_digest(mappings['company'])}"
+    contact = (
+        f"{derived.link_inputs_version(con, 'contact')}:{_rules_digest(mappings['contact'])}"
+        f"|{company}"
     )
-    digest = hashlib.sha256(rules.encode()).hexdigest()[:16]
-    return f"{derived.link_inputs_version(con)}:{digest}"
+    return {"company": company, "contact": contact}
 
 
-def _unchanged(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> LinkResult:
-    """The result of a pass over unchanged inputs, without comparing the tables: the links as
-    they are, nothing new linked or unlinked, the ambiguous keys still reported."""
-    result = LinkResult(skipped=True)
-    for entity, table in LINK_TABLES.items():
-        (kept,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()
-        result.kept[entity] = int(kept)
-        result.linked[entity] = {k.name: 0 for k in mappings[entity].match.keys}
+def _unchanged(
+    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, result: LinkResult
+) -> pd.DataFrame:
+    """An entity's pass over unchanged inputs, without comparing the tables: its links as they
+    are, nothing new linked or unlinked; returns its ambiguous keys, still reported."""
+    entity = mapping.entity
+    (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchone()
+    result.kept[entity] = int(kept)
+    result.linked[entity] = {k.name: 0 for k in mapping.match.keys}
+    result.skipped_entities.append(entity)
     # Unlinking is reported by the pass that did it; ambiguity stays until the data changes.
-    con.execute("DELETE FROM link_issues WHERE kind <> 'ambiguous'")
-    result.ambiguous = con.execute(
-        f"SELECT {', '.join(ISSUE_COLUMNS)} FROM link_issues ORDER BY entity, method, key_value"
+    con.execute("DELETE FROM link_issues WHERE entity = ? AND kind <> 'ambiguous'", [entity])
+    return con.execute(
+        f"""SELECT {", ".join(ISSUE_COLUMNS)} FROM link_issues WHERE entity = ?
+            ORDER BY method, key_value""",
+        [entity],
     ).df()
-    return result
 
 
 def update_links(
@@ -390,21 +408,25 @@ def update_links(
     """Keep valid links, drop links to inactive or missing records, add new unambiguous ones.
 
     Companies are linked before contacts (contacts pair only within linked companies). When no
-    record has changed status or parent, and no unlinked record its match key, since the last
-    pass (and the rules are the same), the pass would change nothing, and the tables are not
-    compared (derived.py)."""
+    record an entity's pass reads has changed status or parent, and no unlinked one its match
+    key, since that entity's last pass (and its rules are the same), its pass would change
+    nothing, and its tables are not compared (derived.py). A contact pass runs whenever the
+    company pass does (it reads the company links)."""
     ensure_schema(con)
     baseline.ensure_schema(con)
     derived.refresh(con, mappings)  # the match keys are read from derived columns
-    marker = _pass_marker(con, mappings)
-    row = con.execute("SELECT value FROM link_state WHERE name = 'last_pass'").fetchone()
-    if row is not None and row[0] == marker:
-        return _unchanged(con, mappings)
+    markers = _pass_markers(con, mappings)
+    done = dict(
+        con.execute("SELECT name, value FROM link_state WHERE name LIKE 'last_pass:%'").fetchall()
+    )
     result = LinkResult()
     unlinked, ambiguous = [], []
     for entity in ("company", "contact"):
         mapping = mappings[entity]
-        unlinked.append(_unlink(con, mapping))
+        if done.get(f"last_pass:{entity}") == markers[entity]:
+            ambiguous.append(_unchanged(con, mapping, result))
+            continue
+        gone = _unlink(con, mapping)
         (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
         result.kept[entity] = int(kept)
         result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
@@ -424,26 +446,36 @@ def update_links(
             # and every key it reports has unlinked records on both sides.
             if not round_linked or not _any_linked(con, entity, amb):
                 break
-        ambiguous.append(amb)
         for side in pooled:
             con.execute(f"DROP TABLE _link_pool_{side}")
-    result.unlinked = pd.concat(unlinked, ignore_index=True)
-    result.ambiguous = pd.concat(ambiguous, ignore_index=True)
-    issues = pd.concat([result.unlinked, result.ambiguous], ignore_index=True)
-    con.execute("DELETE FROM link_issues")
-    if not issues.empty:
+        unlinked.append(gone)
+        ambiguous.append(amb)
+        issues = pd.concat([gone, amb], ignore_index=True)
+        con.execute("DELETE FROM link_issues WHERE entity = ?", [entity])
+        if not issues.empty:
+            con.execute(
+                """INSERT INTO link_issues
+                   SELECT entity, kind, method, key_value, crm_ids, erp_ids, detail,
+                          now()::TIMESTAMP
+                   FROM issues"""
+            )
+        # This pass's own writes (new links) do not change the rows matching reads.
         con.execute(
-            """INSERT INTO link_issues
-               SELECT entity, kind, method, key_value, crm_ids, erp_ids, detail, now()::TIMESTAMP
-               FROM issues"""
+            """INSERT INTO link_state VALUES (?, ?)
+               ON CONFLICT (name) DO UPDATE SET value = excluded.value""",
+            [f"last_pass:{entity}", markers[entity]],
         )
-    # This pass's own writes (new links) do not change the rows matching reads.
-    con.execute(
-        """INSERT INTO link_state VALUES ('last_pass', ?)
-           ON CONFLICT (name) DO UPDATE SET value = excluded.value""",
-        [marker],
-    )
+    con.execute("DELETE FROM link_state WHERE name = 'last_pass'")  # before per-entity markers
+    result.unlinked = _concat(unlinked)
+    result.ambiguous = _concat(ambiguous)
     return result
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=ISSUE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[ISSUE_COLUMNS]
 
 
 # Verification and reporting -------------------------------------------------------------
@@ -469,12 +501,22 @@ def one_to_one_violations(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 def link_metadata(result: LinkResult) -> dict[str, Any]:
     """Plain values (ints, text) describing a pass, for run metadata."""
-    meta: dict[str, Any] = {
-        "pass": "skipped: no record's status or parent, and no unlinked record's match key, "
-        "changed since the last pass"
-        if result.skipped
-        else "full"
-    }
+    why = (
+        "no record's status or parent, and no unlinked record's match key, changed since "
+        "the last pass"
+    )
+    ran = [e for e in LINK_TABLES if e not in result.skipped_entities]
+    if not ran:
+        described = f"skipped: {why}"
+    elif result.skipped_entities:
+        plural = {"company": "companies", "contact": "contacts"}
+        described = (
+            f"full for {', '.join(plural[e] for e in ran)}; skipped for "
+            f"{', '.join(plural[e] for e in result.skipped_entities)}: {why}"
+        )
+    else:
+        described = "full"
+    meta: dict[str, Any] = {"pass": described}
     for entity in ("company", "contact"):
         meta[f"{entity}: links kept"] = result.kept.get(entity, 0)
         for method, n in result.linked.get(entity, {}).items():
