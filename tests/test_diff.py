@@ -146,43 +146,16 @@ def test_conflict_fixed_policies_ignore_timestamps(w, policy, op, value):
         assert (r["op"], r["new_value"], r["conflict"], r["policy"]) == (op, value, True, policy)
 
 
-def test_newest_conflict_keeps_its_winner_while_neither_value_changes(w):
-    """The soak's flip: the CRM wins a `newest` conflict with a website Unleashed refuses; the
-    sync's own write to another field then makes the Unleashed record newer. The same conflict
-    must not now be won by Unleashed (overwriting the CRM and hiding the rejection). A new
-    Unleashed value is a new conflict, decided afresh."""
+def _refused_website_conflict_won_by_crm(w: World) -> pd.Series:
+    """The CRM wins a `newest` website conflict with a value Unleashed refuses; recorded.
+    Returns the plan row."""
     store.ensure_schema(w.con)
     w.edit("unleashed_customers", "g-acme", Website="https://acme.org",
            modified=datetime(2026, 3, 1, 11))  # fmt: skip
     w.edit("crm_companies", "12", Website="acme .org", modified=datetime(2026, 3, 1, 12))
-    first = one(plan(w), field="website")
-    assert (first["op"], first["conflict"], first["new_value"]) == ("reject", True, "acme .org")
-    store.record_conflicts(w.con, plan(w), "run-1")
-    winners = w.con.execute("SELECT winner FROM conflicts WHERE field = 'website'").fetchall()
-    assert winners == [("crm",)]  # who won, though nothing was sent
-
-    w.edit("unleashed_customers", "g-acme", modified=datetime(2026, 3, 1, 13))  # our own write
-    again = one(plan(w), field="website")
-    assert (again["op"], again["new_value"]) == ("reject", "acme .org")
-    assert (
-        "CRM wins by policy newest (as decided when this conflict was first seen"
-        in (again["reason"])
-    )
-
-    w.edit("unleashed_customers", "g-acme", Website="https://acme.net",
-           modified=datetime(2026, 3, 1, 14))  # fmt: skip
-    fresh = one(plan(w), field="website")
-    assert (fresh["op"], fresh["new_value"]) == ("update_crm", "https://acme.net")
-    assert "Unleashed wins by policy newest (Unleashed record modified later" in fresh["reason"]
-
-
-def _refused_website_conflict_won_by_crm(w: World) -> None:
-    """The CRM wins a `newest` website conflict with a value Unleashed refuses; recorded."""
-    store.ensure_schema(w.con)
-    w.edit("unleashed_customers", "g-acme", Website="https://acme.org",
-           modified=datetime(2026, 3, 1, 11))  # fmt: skip
-    w.edit("crm_companies", "12", Website="acme .org", modified=datetime(2026, 3, 1, 12))
-    store.record_conflicts(w.con, plan(w), "run-1")
+    planned = plan(w)
+    store.record_conflicts(w.con, planned, "run-1")
+    return one(planned, field="website")
 
 
 def _assert_crm_still_wins_after_our_own_write(w: World) -> None:
@@ -193,6 +166,25 @@ def _assert_crm_still_wins_after_our_own_write(w: World) -> None:
         "CRM wins by policy newest (as decided when this conflict was first seen"
         in (again["reason"])
     )
+
+
+def test_newest_conflict_keeps_its_winner_while_neither_value_changes(w):
+    """The soak's flip: the CRM wins a `newest` conflict with a website Unleashed refuses; the
+    sync's own write to another field then makes the Unleashed record newer. The same conflict
+    must not now be won by Unleashed (overwriting the CRM and hiding the rejection). A new
+    Unleashed value is a new conflict, decided afresh."""
+    first = _refused_website_conflict_won_by_crm(w)
+    assert (first["op"], first["conflict"], first["new_value"]) == ("reject", True, "acme .org")
+    winners = w.con.execute("SELECT winner FROM conflicts WHERE field = 'website'").fetchall()
+    assert winners == [("crm",)]  # who won, though nothing was sent
+
+    _assert_crm_still_wins_after_our_own_write(w)
+
+    w.edit("unleashed_customers", "g-acme", Website="https://acme.net",
+           modified=datetime(2026, 3, 1, 14))  # fmt: skip
+    fresh = one(plan(w), field="website")
+    assert (fresh["op"], fresh["new_value"]) == ("update_crm", "https://acme.net")
+    assert "Unleashed wins by policy newest (Unleashed record modified later" in fresh["reason"]
 
 
 def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):
