@@ -383,15 +383,21 @@ def _pass_markers(
     return {"company": company, "contact": contact}
 
 
+def _count_kept(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, result: LinkResult) -> None:
+    """The entity's links now (kept), and no new ones yet."""
+    entity = mapping.entity
+    (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchone()
+    result.kept[entity] = int(kept)
+    result.linked[entity] = {k.name: 0 for k in mapping.match.keys}
+
+
 def _unchanged(
     con: duckdb.DuckDBPyConnection, mapping: EntityMapping, result: LinkResult
 ) -> pd.DataFrame:
     """An entity's pass over unchanged inputs, without comparing the tables: its links as they
     are, nothing new linked or unlinked; returns its ambiguous keys, still reported."""
     entity = mapping.entity
-    (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchone()
-    result.kept[entity] = int(kept)
-    result.linked[entity] = {k.name: 0 for k in mapping.match.keys}
+    _count_kept(con, mapping, result)
     result.skipped_entities.append(entity)
     # Unlinking is reported by the pass that did it; ambiguity stays until the data changes.
     con.execute("DELETE FROM link_issues WHERE entity = ? AND kind <> 'ambiguous'", [entity])
@@ -426,28 +432,7 @@ def update_links(
         if done.get(f"last_pass:{entity}") == markers[entity]:
             ambiguous.append(_unchanged(con, mapping, result))
             continue
-        gone = _unlink(con, mapping)
-        (kept,) = con.execute(f"SELECT count(*) FROM {LINK_TABLES[entity]}").fetchall()[0]
-        result.kept[entity] = int(kept)
-        result.linked[entity] = {key.name: 0 for key in mapping.match.keys}
-        pooled = _pools(con, mapping, result.kept[entity])
-        while True:
-            found, round_linked = [], 0
-            for key in mapping.match.keys:
-                n, amb = _link_by_key(con, mapping, key, pooled)
-                result.linked[entity][key.name] += n
-                round_linked += n
-                found.append(amb)
-            amb = pd.concat(found, ignore_index=True)
-            # A record of a key found ambiguous was linked by a later rule of this round: the
-            # key may now be held by one unlinked record on each side, which another round
-            # links. The pass ends when a round links none of them (each further round needs a
-            # new link, so it ends), so a pass over the same records would link nothing more,
-            # and every key it reports has unlinked records on both sides.
-            if not round_linked or not _any_linked(con, entity, amb):
-                break
-        for side in pooled:
-            con.execute(f"DROP TABLE _link_pool_{side}")
+        gone, amb = _entity_pass(con, mapping, result)
         unlinked.append(gone)
         ambiguous.append(amb)
         issues = pd.concat([gone, amb], ignore_index=True)
@@ -469,6 +454,35 @@ def update_links(
     result.unlinked = _concat(unlinked)
     result.ambiguous = _concat(ambiguous)
     return result
+
+
+def _entity_pass(
+    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, result: LinkResult
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One entity's pass over the tables: unlink what is no longer valid, then link by each
+    rule in order, in rounds. Returns the unlinked and the ambiguous issues."""
+    entity = mapping.entity
+    gone = _unlink(con, mapping)
+    _count_kept(con, mapping, result)
+    pooled = _pools(con, mapping, result.kept[entity])
+    while True:
+        found, round_linked = [], 0
+        for key in mapping.match.keys:
+            n, amb = _link_by_key(con, mapping, key, pooled)
+            result.linked[entity][key.name] += n
+            round_linked += n
+            found.append(amb)
+        amb = pd.concat(found, ignore_index=True)
+        # A record of a key found ambiguous was linked by a later rule of this round: the key
+        # may now be held by one unlinked record on each side, which another round links. The
+        # pass ends when a round links none of them (each further round needs a new link, so it
+        # ends), so a pass over the same records would link nothing more, and every key it
+        # reports has unlinked records on both sides.
+        if not round_linked or not _any_linked(con, entity, amb):
+            break
+    for side in pooled:
+        con.execute(f"DROP TABLE _link_pool_{side}")
+    return gone, amb
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
