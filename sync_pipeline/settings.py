@@ -80,6 +80,14 @@ class Settings(BaseModel):
     )
     default_phone_region: str = Field("GB", min_length=2, max_length=2)
     extract_overlap_seconds: int = Field(120, ge=0, le=86400)
+    keep_history_days: int = Field(
+        365,
+        ge=0,
+        le=36500,
+        description="Days of finished history kept (audit log, conflict log, applied operations, "
+        "resolved rejections and bad records); pruned nightly; 0 keeps everything",
+    )
+    history_pruning_at: time = time(3, 0)
 
     @field_validator("timezone")
     @classmethod
@@ -106,6 +114,9 @@ class Settings(BaseModel):
                 f"{self.imports.end:%H:%M} every {self.imports.every_minutes} min"
             ),
             "overnight_fix_at": f"{self.overnight_fix_at:%H:%M}",
+            "keep_history_days": str(self.keep_history_days)
+            + (" (keep everything)" if self.keep_history_days == 0 else ""),
+            "history_pruning_at": f"{self.history_pruning_at:%H:%M}",
             "initial_policy": self.initial_policy,
             "conflict_policies": ", ".join(f"{k}={v}" for k, v in self.conflict_policies.items())
             or "(mapping defaults)",

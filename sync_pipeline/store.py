@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -569,7 +569,11 @@ def enqueue(
                           WHERE status <> 'applied'
                             AND op_key IN (SELECT op_key FROM _enq_rows)
                           GROUP BY op_key) x ON x.op_key = e.op_key
-               LEFT JOIN (SELECT op_key, count(*) AS n FROM outbox
+               -- The next occurrence's number: one past the highest kept (not a count: a
+               -- pruned early occurrence would make a count reuse a kept row's id).
+               LEFT JOIN (SELECT op_key,
+                                 max(CAST(substr(op_id, length(op_key) + 2) AS BIGINT)) + 1 AS n
+                          FROM outbox
                           WHERE op_key IN (SELECT op_key FROM _enq_rows)
                           GROUP BY op_key) c ON c.op_key = e.op_key"""
         )
@@ -831,3 +835,57 @@ def _naive_utc_column(frame: pd.DataFrame, name: str) -> pd.Series:
         return pd.Series([pd.NaT] * len(frame), dtype="datetime64[us]")
     values = pd.to_datetime(frame[name], utc=True).dt.tz_localize(None)
     return values.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# History retention
+# ------------------------------------------------------------------------------------------------
+# The tables that only grow, each with the time a row became history and which rows are finished:
+# anything a run still acts on (an operation waiting, failed, in flight or refused, a rejection or
+# a bad record not yet resolved) is kept whatever its age.
+HISTORY = (
+    ("audit_log", "logged_at", "TRUE"),
+    ("conflicts", "seen_at", "TRUE"),
+    ("outbox", "coalesce(applied_at, created_at)", "status IN ('applied', 'superseded')"),
+    ("rejections", "resolved_at", "resolved_at IS NOT NULL"),
+    ("bad_records", "resolved_at", "resolved_at IS NOT NULL"),
+)
+
+
+@dataclass
+class PruneResult:
+    cutoff: datetime | None  # None: retention is off (keep_days 0)
+    deleted: dict[str, int]
+    kept: dict[str, int]
+
+
+def prune_history(
+    con: duckdb.DuckDBPyConnection, keep_days: int, *, now: datetime | None = None
+) -> PruneResult:
+    """Delete finished history older than `keep_days` days (0 keeps everything), in one
+    transaction. Neither the planner nor apply reads these rows: a `newest` conflict's kept
+    decision is in `conflict_decisions`, and an operation is numbered past the occurrences still
+    kept (`enqueue`)."""
+    if keep_days < 0:
+        raise ValueError(f"keep_days must be 0 (keep everything) or more, not {keep_days}")
+    cutoff = None if keep_days == 0 else (now or utcnow()) - timedelta(days=keep_days)
+    deleted = {}
+    con.begin()
+    try:
+        for table, when, finished in HISTORY:
+            if cutoff is None:
+                deleted[table] = 0
+                continue
+            (n,) = con.execute(
+                f"DELETE FROM {table} WHERE {finished} AND {when} < ?", [cutoff]
+            ).fetchone()
+            deleted[table] = int(n)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    kept = {
+        table: int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        for table, _, _ in HISTORY
+    }
+    return PruneResult(cutoff, deleted, kept)

@@ -57,7 +57,7 @@ class Harness:
     # -- running ----------------------------------------------------------------------------------
     def run(self, job: str, partition_key: str | None = None, **kwargs: Any):
         job_def = self.defs.resolve_job_def(job)
-        if partition_key is None and job != "crm_push_job":
+        if partition_key is None and job_def.partitions_def is not None:
             partition_key = current_partition()
         result = job_def.execute_in_process(
             instance=self.instance, partition_key=partition_key, raise_on_error=True, **kwargs

@@ -20,13 +20,17 @@ def test_definitions_are_loadable_and_complete():
         "crm/companies", "crm/contacts", "crm/users", "crm/sales_ledgers",
         "unleashed/customers", "unleashed/contacts", "unleashed/salespersons",
         "sync/links", "sync/plan", "sync/push_to_unleashed", "sync/pull_to_crm",
-        "sync/account_manager_fix", "crm/account_manager_candidates",
+        "sync/account_manager_fix", "crm/account_manager_candidates", "sync/history",
     } <= keys  # fmt: skip
-    for job in ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job"):
+    jobs = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job",
+            "history_pruning_job")  # fmt: skip
+    for job in jobs:
         defs.resolve_job_def(job)
     sensor = defs.resolve_sensor_def("crm_change_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    for name in ("daytime_import_schedule", "overnight_account_manager_fix_schedule"):
+    schedules = ("daytime_import_schedule", "overnight_account_manager_fix_schedule",
+                 "history_pruning_schedule")  # fmt: skip
+    for name in schedules:
         assert defs.resolve_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
 
 

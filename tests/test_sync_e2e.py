@@ -17,6 +17,7 @@ from sync_pipeline.clients.base import ApiError
 from sync_pipeline.defs.automation import (
     crm_change_sensor,
     daytime_import_schedule,
+    history_pruning_schedule,
     overnight_account_manager_fix_schedule,
 )
 from sync_pipeline.report import cycle_report
@@ -861,3 +862,141 @@ def test_an_edit_held_back_while_two_way_sync_was_off_is_sent_when_it_is_back_on
     h.set_settings(two_way_sync=True)
     h.cycle()
     assert _customer(h, pair["erp_id"])["CustomerName"] == "Held Back Ltd"
+
+
+# ------------------------------------------------------------------------------------------------
+# History retention
+def test_pruning_deletes_old_finished_history_and_keeps_what_runs_still_act_on(tmp_path):
+    now = datetime(2026, 11, 27, 3, 0)
+    old, recent = now - timedelta(days=400), now - timedelta(days=10)
+    with store.connect(tmp_path / "sync.duckdb") as con:
+        for i, (when, status) in enumerate(
+            [(old, "applied"), (old, "superseded"), (old, "failed"), (old, "pending"),
+             (old, "in_flight"), (old, "in_doubt"), (old, "refused"), (old, "deferred"),
+             (recent, "applied")]
+        ):  # fmt: skip
+            applied = when if status == "applied" else None
+            con.execute(
+                """INSERT INTO outbox (op_id, op_key, created_at, entity, op, status, applied_at)
+                   VALUES (?, ?, ?, 'company', 'update_erp', ?, ?)""",
+                [f"k{i}-0", f"k{i}", when, status, applied],
+            )
+        for when in (old, recent):
+            con.execute(
+                "INSERT INTO audit_log (logged_at, entity, field) VALUES (?, 'company', 'phone')",
+                [when],
+            )
+            con.execute(
+                """INSERT INTO conflicts (seen_at, entity, erp_id, field, op_key)
+                   VALUES (?, 'company', 'e1', 'phone', ?)""",
+                [when, f"c{when:%Y}"],
+            )
+        for i, resolved in enumerate((old, recent, None)):  # an old unresolved one stays open
+            con.execute(
+                """INSERT INTO rejections (entity, erp_id, reason, first_seen, resolved_at)
+                   VALUES ('company', ?, 'why', ?, ?)""",
+                [f"e{i}", old, resolved],
+            )
+            con.execute(
+                """INSERT INTO bad_records (system, endpoint, record_id, reason, first_seen,
+                                           resolved_at)
+                   VALUES ('crm', 'Contacts', ?, 'why', ?, ?)""",
+                [f"r{i}", old, resolved],
+            )
+        decisions = con.execute("SELECT count(*) FROM conflict_decisions").fetchone()
+
+        kept_all = store.prune_history(con, 0, now=now)
+        assert kept_all.cutoff is None and sum(kept_all.deleted.values()) == 0
+        assert kept_all.kept["outbox"] == 9
+
+        result = store.prune_history(con, 365, now=now)
+        assert result.cutoff == now - timedelta(days=365)
+        assert result.deleted == {
+            "audit_log": 1, "conflicts": 1, "outbox": 2, "rejections": 1, "bad_records": 1,
+        }  # fmt: skip
+        left = dict(con.execute("SELECT op_key, status FROM outbox").fetchall())
+        assert sorted(left.values()) == sorted(
+            ["failed", "pending", "in_flight", "in_doubt", "refused", "deferred", "applied"]
+        )
+        assert con.execute("SELECT min(logged_at) FROM audit_log").fetchone()[0] == recent
+        assert con.execute("SELECT min(seen_at) FROM conflicts").fetchone()[0] == recent
+        for table in ("rejections", "bad_records"):
+            rows = con.execute(f"SELECT resolved_at FROM {table} ORDER BY 1").fetchall()
+            assert rows == [(recent,), (None,)]
+        assert con.execute("SELECT count(*) FROM conflict_decisions").fetchone() == decisions
+        with pytest.raises(ValueError, match="keep_days"):
+            store.prune_history(con, -1, now=now)
+
+
+def _age_history(h, before: datetime, days: int) -> None:
+    """Move every history row written before `before` `days` days into the past."""
+    back = f"INTERVAL {days} DAY"
+    with store.connect(h.db) as con:
+        con.execute(f"UPDATE audit_log SET logged_at = logged_at - {back} WHERE logged_at < ?",
+                    [before])  # fmt: skip
+        con.execute(
+            f"""UPDATE outbox SET created_at = created_at - {back},
+                                  applied_at = applied_at - {back}
+                WHERE created_at < ?""",
+            [before],
+        )
+
+
+def test_nightly_pruning_through_dagster_and_the_same_change_queued_again(harness):
+    """The pruning job deletes a year-old push from the outbox and the audit log; the same
+    change made again afterwards is queued and sent (its outbox row is numbered past the
+    occurrence still kept, not after a count that pruning made smaller)."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    original = _customer(h, pair["erp_id"])["PhoneNumber"]
+    edited = "+44 161 496 0777"
+
+    def edit(phone):
+        h.crm.patch("Divisions", pair["crm_id"], {"Phone": phone})
+        h.push()
+        assert _customer(h, pair["erp_id"])["PhoneNumber"] == phone
+
+    edit(edited)  # the first occurrence of this change
+    key = h.query("SELECT op_key FROM outbox WHERE new_value = ?", [edited]).iloc[0]["op_key"]
+    _age_history(h, datetime.now(UTC).replace(tzinfo=None), 400)
+    edit(original)
+    edit(edited)  # the same change again: its second occurrence, kept by the pruning
+    result = h.run("history_pruning_job")
+    meta = h.materialization_metadata(result, ["sync", "history"])
+    assert meta["rows_deleted"] >= 2  # the first push's outbox and audit rows at least
+    assert "outbox" in meta["tables"] and "audit_log" in meta["tables"]
+    occurrences = h.query("SELECT op_id FROM outbox WHERE op_key = ? ORDER BY op_id", [key])
+    assert list(occurrences["op_id"]) == [f"{key}-1"]
+    assert (
+        h.query("SELECT count(*) AS n FROM audit_log WHERE new_value = ?", [edited]).iloc[0]["n"]
+        == 1
+    )
+    edit(original)
+    edit(edited)  # a third occurrence after the pruning
+    occurrences = h.query("SELECT op_id, status FROM outbox WHERE op_key = ? ORDER BY op_id", [key])
+    assert list(occurrences.itertuples(index=False, name=None)) == [
+        (f"{key}-1", "applied"),
+        (f"{key}-2", "applied"),
+    ]
+
+
+def test_history_pruning_schedule_fires_once_at_its_time_and_not_when_keeping_all(harness):
+    h = harness
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo("Europe/London")
+
+    def tick(hhmm):
+        when = datetime.fromisoformat(f"2026-11-24 {hhmm}").replace(tzinfo=tz)
+        with dg.build_schedule_context(
+            instance=h.instance, scheduled_execution_time=when, resources=h.resources
+        ) as context:
+            return history_pruning_schedule(context)
+
+    results = [tick(t) for t in ("02:55", "03:00", "03:05")]
+    assert [isinstance(r, dg.RunRequest) for r in results] == [False, True, False]
+    assert results[1].run_key == "history-pruning:2026-11-24"
+    h.set_settings(keep_history_days=0)
+    off = tick("03:00")
+    assert isinstance(off, dg.SkipReason) and "keep_history_days: 0" in off.skip_message

@@ -2,7 +2,7 @@
 operator's change takes effect on the next tick, and a tick that does nothing says why."""
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 import dagster as dg
 
@@ -22,6 +22,7 @@ from sync_pipeline.defs.sync import (
     account_manager_fix,
     pull_to_crm,
     push_to_unleashed,
+    sync_history,
     sync_links,
     sync_plan,
 )
@@ -86,11 +87,26 @@ account_manager_fix_job = dg.define_asset_job(
     description="Nightly: CRM account managers set to the Unleashed salespersons.",
 )
 
-JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job]
+history_pruning_job = dg.define_asset_job(
+    "history_pruning_job",
+    selection=dg.AssetSelection.assets(sync_history),
+    description="Nightly: finished history older than keep_history_days deleted.",
+    tags={"sync/trigger": "history-pruning"},
+)
+
+JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job, history_pruning_job]
 
 
 def _hour_partition(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
+
+
+def _not_at(at: time, local: datetime, zone: str) -> dg.SkipReason | None:
+    """A nightly schedule ticks every 5 minutes and runs on the tick at its set local time."""
+    minutes = local.hour * 60 + local.minute - (at.hour * 60 + at.minute)
+    if 0 <= minutes < 5:
+        return None
+    return dg.SkipReason(f"Runs at {at:%H:%M} {zone}; now {local:%H:%M}.")
 
 
 @dg.sensor(
@@ -181,10 +197,9 @@ def overnight_account_manager_fix_schedule(
             "The overnight account-manager fix is off in the settings "
             "(overnight_account_manager_fix: false)."
         )
-    at = settings.overnight_fix_at
-    minutes = local.hour * 60 + local.minute - (at.hour * 60 + at.minute)
-    if not 0 <= minutes < 5:
-        return dg.SkipReason(f"Runs at {at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
+    not_yet = _not_at(settings.overnight_fix_at, local, settings.timezone)
+    if not_yet:
+        return not_yet
     return dg.RunRequest(
         run_key=f"account-manager-fix:{local:%Y-%m-%d}",
         partition_key=_hour_partition(when),
@@ -192,5 +207,29 @@ def overnight_account_manager_fix_schedule(
     )
 
 
+@dg.schedule(
+    job=history_pruning_job,
+    cron_schedule="*/5 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Nightly pruning of finished history at the time set in the settings file.",
+)
+def history_pruning_schedule(
+    context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource
+):
+    settings = sync_config.settings()
+    when = context.scheduled_execution_time or datetime.now(UTC)
+    local = when.astimezone(settings.zone)
+    if settings.keep_history_days == 0:
+        return dg.SkipReason("All history is kept (keep_history_days: 0 in the settings).")
+    not_yet = _not_at(settings.history_pruning_at, local, settings.timezone)
+    if not_yet:
+        return not_yet
+    return dg.RunRequest(run_key=f"history-pruning:{local:%Y-%m-%d}")
+
+
 SENSORS = [crm_change_sensor]
-SCHEDULES = [daytime_import_schedule, overnight_account_manager_fix_schedule]
+SCHEDULES = [
+    daytime_import_schedule,
+    overnight_account_manager_fix_schedule,
+    history_pruning_schedule,
+]

@@ -291,6 +291,45 @@ def account_manager_fix(
     return result
 
 
+@dg.asset(
+    key=["sync", "history"],
+    group_name="maintenance",
+    kinds={"duckdb"},
+    pool="duckdb",
+    description="Finished history older than keep_history_days deleted (audit and conflict logs, "
+    "applied operations, resolved rejections and bad records); what a run still acts on is kept.",
+)
+def sync_history(
+    context: dg.AssetExecutionContext, duckdb: SyncDuckDB, sync_config: SyncConfigResource
+) -> dg.MaterializeResult:
+    days = sync_config.settings().keep_history_days
+    with duckdb.get_connection() as con:
+        result = store.prune_history(con, days)
+    if result.cutoff is None:
+        context.log.info("keep_history_days is 0 in the settings: all history is kept.")
+    else:
+        context.log.info(
+            "Deleted history older than %s (%d days): %s",
+            f"{result.cutoff:%Y-%m-%d %H:%M} UTC",
+            days,
+            ", ".join(f"{t} {n:,}" for t, n in result.deleted.items()),
+        )
+    rows = [
+        {"table": t, "deleted": f"{result.deleted[t]:,}", "kept": f"{result.kept[t]:,}"}
+        for t in result.kept
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "cutoff": "none (keep_history_days: 0)"
+            if result.cutoff is None
+            else f"{result.cutoff:%Y-%m-%d %H:%M} UTC",
+            "rows_deleted": sum(result.deleted.values()),
+            "tables": dg.MetadataValue.md(md_table(rows, ["table", "deleted", "kept"])),
+            **_settings_metadata(sync_config),
+        }
+    )
+
+
 SYNC_ASSETS = [
     sync_links,
     sync_plan,
@@ -298,4 +337,5 @@ SYNC_ASSETS = [
     pull_to_crm,
     account_manager_candidates,
     account_manager_fix,
+    sync_history,
 ]
