@@ -131,6 +131,8 @@ def report() -> str:
         ("divergent fields", "divergent"),
         ("contacts POSTed to Unleashed by the sync", "sync_contact_posts"),
         ("writes not in the audit log", "unaudited"),
+        ("history prunes (every finished row)", "history_prunes"),
+        ("  rows they deleted", "history_rows_pruned"),
     ]
     width = max(len(k) for k, _ in keys)
     lines = ["", "convergence: " + ", ".join(f"{k}={TOTALS[k]}" for k in ("scenarios",))]

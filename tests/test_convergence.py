@@ -22,14 +22,22 @@ import json
 import os
 import shutil
 import sys
+from datetime import timedelta
 from typing import Any
 
+import duckdb
+import pandas as pd
 import pytest
 from hypothesis import note, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from sync_pipeline import apply
+from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.settings import Settings, save_settings
@@ -211,6 +219,13 @@ class ConvergenceMachine(RuleBasedStateMachine):
         self.erp_written: dict[tuple[int, str], int] = {}
         self.last_clean_cycle = 0
         self.settings_now = {"two_way_sync": True, "account_manager_sync": True}
+        # History rows the pruning rule deleted: the invariants read the whole history.
+        self.pruned: dict[str, list[pd.DataFrame]] = {
+            "audit_log": [],
+            "conflicts": [],
+            "outbox": [],
+        }
+        self.jobs_run = self.jobs_at_prune = 0
         cm.TOTALS["scenarios"] += 1
         done = cm.TOTALS["scenarios"] - 1  # before this one
         if _SOAK and done and done % cm.PROGRESS_EVERY == 0:
@@ -448,6 +463,39 @@ class ConvergenceMachine(RuleBasedStateMachine):
         cm.TOTALS["steps"] += 1
         self._run_job("push")
 
+    # Only after a run since the last pruning (before it there is nothing new to prune): a rule
+    # without arguments is drawn far more often than one in the number of rules.
+    @precondition(lambda self: self.jobs_run > self.jobs_at_prune)
+    @rule()
+    def prune_history(self):
+        """The nightly pruning at any point between runs, as if every finished row were older
+        than keep_history_days: applied and superseded operations, the audit and conflict logs.
+        Nothing a later run needs may go with them (an operation planned again after its
+        earlier occurrences went is queued anew). The deleted rows are kept aside for the
+        invariants, their operation ids marked so a reused id is not taken for a duplicate."""
+        cm.TOTALS["steps"] += 1
+        cm.TOTALS["history_prunes"] += 1
+        self.jobs_at_prune = self.jobs_run
+        later = store.utcnow() + timedelta(days=2)
+        cutoff = later - timedelta(days=1)
+        with store.connect(self.h.db) as con:
+            for table, when, finished in store.HISTORY:
+                if table not in self.pruned:
+                    continue
+                rows = con.execute(
+                    f"SELECT * FROM {table} WHERE {finished} AND {when} < ?", [cutoff]
+                ).df()
+                if "op_id" in rows:
+                    rows["op_id"] = rows["op_id"] + f"#pruned{cm.TOTALS['history_prunes']}"
+                self.pruned[table].append(rows)
+            result = store.prune_history(con, 1, now=later)
+        cm.TOTALS["history_rows_pruned"] += sum(result.deleted.values())
+
+    def _history(self, table: str) -> pd.DataFrame:
+        """Every row of a history table, the pruned ones included."""
+        live = self.h.query(f"SELECT * FROM {table}")
+        return pd.concat([live, *self.pruned[table]], ignore_index=True)
+
     @rule(pick=st.integers(0, 20))
     def correct_last_crm_edit(self, pick):
         """A person corrects what they just saved in the CRM: the sensor pushes the first value,
@@ -490,6 +538,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
         before = self._writes_seen()
         apply.TEST_HOOKS.after_write = hook
         cm.TOTALS["jobs"] += 1
+        self.jobs_run += 1
         result = None
         try:
             name = "crm_push_job" if job == "push" else "sync_cycle_job"
@@ -547,10 +596,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
             if _rejected(rejections, e.entity, p.crm_id, p.erp_id, field):
                 continue
             if conflicts is None:
-                conflicts = self.h.query(
-                    "SELECT entity, crm_id, erp_id, field, crm_value FROM conflicts "
-                    "WHERE winner = 'erp'"
-                )
+                conflicts = self._history("conflicts")
+                conflicts = conflicts[conflicts["winner"] == "erp"]
             if _recorded_conflict(conflicts, e.entity, p, field, "crm_value", want):
                 continue  # Unleashed changed it too, and won
             cm.TOTALS["pushed_late"] += 1
@@ -608,10 +655,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
         )
         state = cm.live(self.emu)
         rejections = self._open_rejections()
-        conflicts = self.h.query(
-            "SELECT entity, crm_id, erp_id, field, crm_value, erp_value, op_key FROM conflicts"
-        )
-        audit = self.h.query("SELECT * FROM audit_log")
+        conflicts = self._history("conflicts")
+        audit = self._history("audit_log")
         company_links = self.h.query("SELECT crm_id, erp_id FROM company_links")
         contact_links = self.h.query("SELECT crm_id, erp_id FROM contact_links")
         cm.TOTALS["conflicts"] += len(conflicts) - self.base.counts["conflicts"]
@@ -761,7 +806,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             )
 
         # 7. Every write is in the audit log.
-        outbox = self.h.query("SELECT op_id, status FROM outbox")
+        outbox = self._history("outbox")
         applied = set(outbox[outbox["status"] == "applied"]["op_id"])
         audited = set(audit["op_id"])
         unaudited = len(applied - audited) + len(audited - applied)
@@ -777,14 +822,20 @@ class ConvergenceMachine(RuleBasedStateMachine):
             if n > 1:
                 unaudited += 1
                 problems.append(f"operation {op_id} audited {n} times")
+        # Per clean run: the writes the audit explains (one per record and direction, plus
+        # created customers), over the whole history, pruned rows included.
+        with duckdb.connect() as audit_db:
+            audit_db.register("audit_log", audit)
+            explained = dict(
+                audit_db.execute(
+                    """SELECT run_id, count(DISTINCT direction || entity || coalesce(CASE
+                              WHEN direction = 'crm_to_erp' THEN erp_id ELSE crm_id END, '')) +
+                              count(*) FILTER (WHERE reason LIKE 'customer created%')
+                       FROM audit_log GROUP BY run_id"""
+                ).fetchall()
+            )
         for run_id, seen in self.clean_jobs:
-            groups_ = self.h.query(
-                """SELECT count(DISTINCT direction || entity || coalesce(CASE WHEN direction =
-                       'crm_to_erp' THEN erp_id ELSE crm_id END, '')) +
-                          count(*) FILTER (WHERE reason LIKE 'customer created%') AS n
-                   FROM audit_log WHERE run_id = ?""",
-                [run_id],
-            ).iloc[0]["n"]
+            groups_ = explained.get(run_id, 0)
             if seen > int(groups_):
                 unaudited += seen - int(groups_)
                 problems.append(
