@@ -646,6 +646,73 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
         assert _customer(h, erp_id)["PhoneNumber"] == f"0113 496 07{n:02d}"
 
 
+def _check_results(h, result) -> dict[str, tuple[bool, dict]]:
+    """'asset:check' -> (passed, metadata) of a run's asset check evaluations."""
+    return {
+        f"{e.asset_key.to_user_string()}:{e.check_name}": (
+            e.passed,
+            {k: v.value for k, v in e.metadata.items()},
+        )
+        for e in result.get_asset_check_evaluations()
+    }
+
+
+def _run_sync_checks(h):
+    """The sync checks alone, as an operator runs them from the UI (no extract, no apply)."""
+    from sync_pipeline.defs.checks import sync_checks
+
+    job = dg.define_asset_job("sync_checks_only", selection=dg.AssetSelection.checks(sync_checks))
+    defs = dg.Definitions.merge(h.defs, dg.Definitions(jobs=[job]))
+    result = defs.resolve_job_def("sync_checks_only").execute_in_process(instance=h.instance)
+    assert result.success
+    return _check_results(h, result)
+
+
+def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_day(harness):
+    """The cycle's checks pass on a healthy sync; a rejection nobody fixed and a push Unleashed
+    kept failing both show as warnings a day later, naming the record, the field and why."""
+    h = harness
+    waiting = {
+        "sync/push_to_unleashed:no_operation_waiting_over_a_day",
+        "sync/pull_to_crm:no_operation_waiting_over_a_day",
+    }
+    checks = _check_results(h, h.cycle())
+    assert waiting | {"sync/plan:no_stale_rejections", "sync/links:links_are_one_to_one"} <= set(
+        checks
+    )
+    assert all(passed for passed, _ in checks.values()), checks
+    rejected, failing = h.query(
+        "SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 2"
+    ).itertuples(index=False)
+    h.crm.patch("Divisions", int(rejected.crm_id), {"Website": "www.acme .com"})
+    h.push()
+    h.crm.patch("Divisions", int(failing.crm_id), {"Phone": "0113 496 0555"})
+    h.emu.set_faults("unleashed", error_rate=1.0)
+    h.push()
+    h.emu.set_faults("unleashed")
+    checks = _run_sync_checks(h)
+    assert all(checks[k][0] for k in waiting) and checks["sync/plan:no_stale_rejections"][0]
+
+    with store.connect(h.db) as con:  # a day and a bit later, nothing changed
+        con.execute("UPDATE rejections SET first_seen = first_seen - INTERVAL 26 HOUR")
+        con.execute("UPDATE outbox SET created_at = created_at - INTERVAL 26 HOUR")
+    checks = _run_sync_checks(h)
+    passed, meta = checks["sync/push_to_unleashed:no_operation_waiting_over_a_day"]
+    assert not passed and meta["operations_waiting_over_a_day"] == 1
+    assert failing.erp_id[:8] in meta["preview"] and "phone" in meta["preview"]
+    assert "Unleashed GET /Customers/{guid} failed (HTTP 50" in meta["preview"]
+    assert checks["sync/pull_to_crm:no_operation_waiting_over_a_day"][0]
+    passed, meta = checks["sync/plan:no_stale_rejections"]
+    assert not passed and meta["rejections_older_than_a_day"] == 1
+    assert "| website | www.acme .com |" in meta["preview"]
+    assert "is not accepted by Unleashed" in meta["preview"]  # the reason, not cut off before it
+
+    checks = _check_results(h, h.cycle())  # Unleashed answers again: the push goes through
+    assert checks["sync/push_to_unleashed:no_operation_waiting_over_a_day"][0]
+    assert _customer(h, failing.erp_id)["PhoneNumber"] == "0113 496 0555"
+    assert not checks["sync/plan:no_stale_rejections"][0]  # still not fixed
+
+
 def _run_with_crash(h, job):
     def crash(op_ids):
         raise apply.CrashForTest(f"simulated crash after writing {op_ids}")

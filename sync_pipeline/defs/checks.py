@@ -1,10 +1,11 @@
-"""Asset checks: one-to-one links, snapshots hold what the APIs reported, rejections get seen.
+"""Asset checks: one-to-one links, snapshots hold what the APIs reported, rejections and
+operations that keep waiting get seen.
 
 The checks are grouped into two steps, each opening the database once: the extract counts (one
-check per extract asset) and the sync checks (links, rejections). Each is still its own asset check
-in the UI, on its own asset; a job selecting only some of those assets runs only their checks.
-Eight separate steps cost a cycle about 90 ms of step overhead and database opens for what is
-eight one-row queries.
+check per extract asset) and the sync checks (links, rejections, waiting operations). Each is
+still its own asset check in the UI, on its own asset; a job selecting only some of those assets
+runs only their checks. Separate steps cost a cycle about 90 ms of step overhead and database
+opens for what are one-row queries.
 """
 
 import dagster as dg
@@ -18,7 +19,7 @@ from sync_pipeline.defs.extract import (
     unleashed_salespersons,
 )
 from sync_pipeline.defs.resources import SyncDuckDB
-from sync_pipeline.defs.sync import sync_links, sync_plan
+from sync_pipeline.defs.sync import pull_to_crm, push_to_unleashed, sync_links, sync_plan
 from sync_pipeline.report import md_table
 
 RECEIVED = "received_what_the_api_reported"
@@ -83,6 +84,15 @@ def extract_counts(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
 
 ONE_TO_ONE = dg.AssetCheckKey(sync_links.key, "links_are_one_to_one")
 STALE_REJECTIONS = dg.AssetCheckKey(sync_plan.key, "no_stale_rejections")
+# Operations still not written a day after they were queued (waiting, failed or unresolved after
+# an interrupted write), per apply asset: which operations it writes.
+WAITING = "no_operation_waiting_over_a_day"
+WAITING_OPS = {
+    dg.AssetCheckKey(push_to_unleashed.key, WAITING): ("update_erp",),
+    dg.AssetCheckKey(pull_to_crm.key, WAITING): (
+        "update_crm", "create_crm_contact", "create_crm_company",
+    ),
+}  # fmt: skip
 
 
 @dg.multi_asset_check(
@@ -100,6 +110,18 @@ STALE_REJECTIONS = dg.AssetCheckKey(sync_plan.key, "no_stale_rejections")
                 "Warns about rejections open for more than a day: someone needs to fix the value."
             ),
         ),
+        *(
+            dg.AssetCheckSpec(
+                key.name,
+                asset=key.asset_key,
+                description=(
+                    "Warns about operations not yet written a day after they were queued (the "
+                    "target system kept failing, or a write was interrupted): the change has not "
+                    "arrived. Held-back (settings) and refused changes are not counted."
+                ),
+            )
+            for key in WAITING_OPS
+        ),
     ],
     can_subset=True,
 )
@@ -110,6 +132,9 @@ def sync_checks(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
             yield _links_are_one_to_one(con)
         if STALE_REJECTIONS in selected:
             yield _no_stale_rejections(con)
+        for key, ops in WAITING_OPS.items():
+            if key in selected:
+                yield _no_operation_waiting(con, key, ops)
 
 
 def _links_are_one_to_one(con) -> dg.AssetCheckResult:
@@ -142,7 +167,48 @@ def _no_stale_rejections(con) -> dg.AssetCheckResult:
             "rejections_older_than_a_day": len(stale),
             "preview": dg.MetadataValue.md(
                 md_table(
-                    stale.to_dict("records"), ["entity", "crm_id", "field", "reason", "first_seen"]
+                    stale.to_dict("records"),
+                    ["entity", "crm_id", "erp_id", "field", "value", "reason", "first_seen"],
+                    widths={"value": 80, "reason": 240},
+                )
+            ),
+        },
+    )
+
+
+def _no_operation_waiting(con, key: dg.AssetCheckKey, ops: tuple[str, ...]) -> dg.AssetCheckResult:
+    waiting = con.execute(
+        """SELECT op, entity, crm_id, erp_id, field, new_value, status, attempts, last_error,
+                  created_at AS queued_at
+           FROM outbox
+           WHERE status IN ('pending', 'failed', 'in_flight', 'in_doubt')
+             AND op IN (SELECT unnest(?::VARCHAR[]))
+             AND created_at < now()::TIMESTAMP - INTERVAL 1 DAY
+           ORDER BY created_at""",
+        [list(ops)],
+    ).df()
+    return dg.AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
+        passed=waiting.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "operations_waiting_over_a_day": len(waiting),
+            "preview": dg.MetadataValue.md(
+                md_table(
+                    waiting.to_dict("records"),
+                    [
+                        "op",
+                        "entity",
+                        "crm_id",
+                        "erp_id",
+                        "field",
+                        "status",
+                        "attempts",
+                        "last_error",
+                        "queued_at",
+                    ],
+                    widths={"last_error": 120},
                 )
             ),
         },
