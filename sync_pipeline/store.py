@@ -841,8 +841,8 @@ def _naive_utc_column(frame: pd.DataFrame, name: str) -> pd.Series:
 # History retention
 # ------------------------------------------------------------------------------------------------
 # The tables that only grow, each with the time a row became history and which rows are finished:
-# anything a run still acts on (an operation waiting, failed, in flight or refused, a rejection or
-# a bad record not yet resolved) is kept whatever its age.
+# anything a run still acts on (an operation pending, deferred, failed, in flight, in doubt or
+# refused; a rejection or a bad record not yet resolved) is kept whatever its age.
 HISTORY = (
     ("audit_log", "logged_at", "TRUE"),
     ("conflicts", "seen_at", "TRUE"),
@@ -863,9 +863,10 @@ def prune_history(
     con: duckdb.DuckDBPyConnection, keep_days: int, *, now: datetime | None = None
 ) -> PruneResult:
     """Delete finished history older than `keep_days` days (0 keeps everything), in one
-    transaction. Neither the planner nor apply reads these rows: a `newest` conflict's kept
-    decision is in `conflict_decisions`, and an operation is numbered past the occurrences still
-    kept (`enqueue`)."""
+    transaction. No run needs these rows: the planner reads a `newest` conflict's kept decision
+    from `conflict_decisions`, apply reads an applied creation only until the next cycle's link
+    step links the created record, and `enqueue` numbers a new occurrence past the ones still
+    kept."""
     if keep_days < 0:
         raise ValueError(f"keep_days must be 0 (keep everything) or more, not {keep_days}")
     cutoff = None if keep_days == 0 else (now or utcnow()) - timedelta(days=keep_days)
