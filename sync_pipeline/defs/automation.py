@@ -2,7 +2,9 @@
 operator's change takes effect on the next tick, and a tick that does nothing says why."""
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 import dagster as dg
 
@@ -27,6 +29,7 @@ from sync_pipeline.defs.sync import (
     sync_plan,
 )
 from sync_pipeline.guards import two_way_refusal
+from sync_pipeline.settings import Settings
 
 GUARD_RECHECK = timedelta(minutes=10)
 WATCHED_SETS = ("Divisions", "Contacts")
@@ -101,14 +104,6 @@ def _hour_partition(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
 
 
-def _not_at(at: time, local: datetime, zone: str) -> dg.SkipReason | None:
-    """A nightly schedule ticks every 5 minutes and runs on the tick at its set local time."""
-    minutes = local.hour * 60 + local.minute - (at.hour * 60 + at.minute)
-    if 0 <= minutes < 5:
-        return None
-    return dg.SkipReason(f"Runs at {at:%H:%M} {zone}; now {local:%H:%M}.")
-
-
 @dg.sensor(
     job=crm_push_job,
     minimum_interval_seconds=5,
@@ -180,51 +175,71 @@ def daytime_import_schedule(context: dg.ScheduleEvaluationContext, sync_config: 
     )
 
 
-@dg.schedule(
-    job=account_manager_fix_job,
-    cron_schedule="*/5 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Overnight account-manager fix at the time set in the settings file.",
-)
-def overnight_account_manager_fix_schedule(
-    context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource
-):
-    settings = sync_config.settings()
-    when = context.scheduled_execution_time or datetime.now(UTC)
-    local = when.astimezone(settings.zone)
-    if not settings.overnight_account_manager_fix:
-        return dg.SkipReason(
-            "The overnight account-manager fix is off in the settings "
-            "(overnight_account_manager_fix: false)."
-        )
-    not_yet = _not_at(settings.overnight_fix_at, local, settings.timezone)
-    if not_yet:
-        return not_yet
-    return dg.RunRequest(
+def _nightly_schedule(
+    job: Any,
+    name: str,
+    description: str,
+    off: Callable[[Settings], str | None],
+    at: Callable[[Settings], time],
+    request: Callable[[datetime, datetime], dg.RunRequest],
+) -> dg.ScheduleDefinition:
+    """A nightly schedule: it ticks every 5 minutes and runs on the tick at its set local time
+    (`at`), unless the settings switch it off (`off` says why). `request(when, local)` is the
+    run to launch."""
+
+    @dg.schedule(
+        name=name,
+        job=job,
+        cron_schedule="*/5 * * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource):
+        settings = sync_config.settings()
+        why = off(settings)
+        if why:
+            return dg.SkipReason(why)
+        when = context.scheduled_execution_time or datetime.now(UTC)
+        local = when.astimezone(settings.zone)
+        run_at = at(settings)
+        minutes = local.hour * 60 + local.minute - (run_at.hour * 60 + run_at.minute)
+        if not 0 <= minutes < 5:
+            return dg.SkipReason(f"Runs at {run_at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
+        return request(when, local)
+
+    return _schedule
+
+
+overnight_account_manager_fix_schedule = _nightly_schedule(
+    account_manager_fix_job,
+    "overnight_account_manager_fix_schedule",
+    "Overnight account-manager fix at the time set in the settings file.",
+    off=lambda s: (
+        None
+        if s.overnight_account_manager_fix
+        else "The overnight account-manager fix is off in the settings "
+        "(overnight_account_manager_fix: false)."
+    ),
+    at=lambda s: s.overnight_fix_at,
+    request=lambda when, local: dg.RunRequest(
         run_key=f"account-manager-fix:{local:%Y-%m-%d}",
         partition_key=_hour_partition(when),
         tags={"sync/trigger": "overnight-fix"},
-    )
-
-
-@dg.schedule(
-    job=history_pruning_job,
-    cron_schedule="*/5 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Nightly pruning of finished history at the time set in the settings file.",
+    ),
 )
-def history_pruning_schedule(
-    context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource
-):
-    settings = sync_config.settings()
-    when = context.scheduled_execution_time or datetime.now(UTC)
-    local = when.astimezone(settings.zone)
-    if settings.keep_history_days == 0:
-        return dg.SkipReason("All history is kept (keep_history_days: 0 in the settings).")
-    not_yet = _not_at(settings.history_pruning_at, local, settings.timezone)
-    if not_yet:
-        return not_yet
-    return dg.RunRequest(run_key=f"history-pruning:{local:%Y-%m-%d}")
+
+history_pruning_schedule = _nightly_schedule(
+    history_pruning_job,
+    "history_pruning_schedule",
+    "Nightly pruning of finished history at the time set in the settings file.",
+    off=lambda s: (
+        "All history is kept (keep_history_days: 0 in the settings)."
+        if s.keep_history_days == 0
+        else None
+    ),
+    at=lambda s: s.history_pruning_at,
+    request=lambda when, local: dg.RunRequest(run_key=f"history-pruning:{local:%Y-%m-%d}"),
+)
 
 
 SENSORS = [crm_change_sensor]

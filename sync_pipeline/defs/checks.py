@@ -11,6 +11,7 @@ opens for what are one-row queries.
 from datetime import datetime, timedelta
 
 import dagster as dg
+import pandas as pd
 
 from sync_pipeline import links, store
 from sync_pipeline.defs.extract import (
@@ -167,21 +168,12 @@ def _no_stale_rejections(con) -> dg.AssetCheckResult:
            ORDER BY first_seen""",
         [_a_day_ago()],
     ).df()
-    return dg.AssetCheckResult(
-        asset_key=sync_plan.key,
-        check_name=STALE_REJECTIONS.name,
-        passed=stale.empty,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "rejections_older_than_a_day": len(stale),
-            "preview": dg.MetadataValue.md(
-                md_table(
-                    stale.to_dict("records"),
-                    ["entity", "crm_id", "erp_id", "field", "value", "reason", "first_seen"],
-                    widths={"value": 80, "reason": 240},
-                )
-            ),
-        },
+    return _warning(
+        STALE_REJECTIONS,
+        stale,
+        "rejections_older_than_a_day",
+        ["entity", "crm_id", "erp_id", "field", "value", "reason", "first_seen"],
+        {"value": 80, "reason": 240},
     )
 
 
@@ -196,29 +188,29 @@ def _no_operation_waiting(con, key: dg.AssetCheckKey, ops: tuple[str, ...]) -> d
            ORDER BY created_at""",
         [list(ops), _a_day_ago()],
     ).df()
+    columns = ["op", "entity", "crm_id", "erp_id", "field", "status", "attempts", "last_error"]
+    return _warning(
+        key, waiting, "operations_waiting_over_a_day", [*columns, "queued_at"], {"last_error": 120}
+    )
+
+
+def _warning(
+    key: dg.AssetCheckKey,
+    found: pd.DataFrame,
+    count_label: str,
+    columns: list[str],
+    widths: dict[str, int],
+) -> dg.AssetCheckResult:
+    """A WARN check that passes when `found` is empty, with its rows previewed."""
     return dg.AssetCheckResult(
         asset_key=key.asset_key,
         check_name=key.name,
-        passed=waiting.empty,
+        passed=found.empty,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "operations_waiting_over_a_day": len(waiting),
+            count_label: len(found),
             "preview": dg.MetadataValue.md(
-                md_table(
-                    waiting.to_dict("records"),
-                    [
-                        "op",
-                        "entity",
-                        "crm_id",
-                        "erp_id",
-                        "field",
-                        "status",
-                        "attempts",
-                        "last_error",
-                        "queued_at",
-                    ],
-                    widths={"last_error": 120},
-                )
+                md_table(found.to_dict("records"), columns, widths=widths)
             ),
         },
     )
