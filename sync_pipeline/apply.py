@@ -688,6 +688,17 @@ def _fail(
     retry_later = isinstance(exc, TransientApiError)
     message = str(exc)
     refused = _refused(ops, exc, mapping)
+    # Which of them may have been written, by this run or an earlier one: every write is
+    # preceded by marking its operations in flight. A request that fails before that (the read
+    # of read-merge-write) wrote nothing, whatever the failure may mean for that request.
+    sent = {
+        r[0]
+        for r in con.execute(
+            """SELECT op_id FROM outbox WHERE status IN ('in_flight', 'in_doubt')
+               AND op_id IN (SELECT unnest(?::VARCHAR[]))""",
+            [list(ops["op_id"])],
+        ).fetchall()
+    }
     for op_id in ops["op_id"]:
         # A value the server refused (400/409/422) is not resent while it is the same change:
         # the plan reports it as a rejection. A transient failure after an ambiguous write stays
@@ -695,8 +706,10 @@ def _fail(
         # on the next run (other fields of a refused record then go without the refused one).
         if op_id in refused:
             status = "refused"
+        elif retry_later and exc.maybe_applied and op_id in sent:
+            status = "in_flight"
         else:
-            status = "in_flight" if retry_later and exc.maybe_applied else "failed"
+            status = "failed"
         store.mark(con, op_id, status, message)
     stats.failed += len(ops)
     stats.errors.append(message)

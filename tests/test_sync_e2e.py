@@ -573,7 +573,8 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     before = _customer(h, pair["erp_id"])["PhoneNumber"]
     original = h.crm.get("Divisions", pair["crm_id"])["Phone"]
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0555"})
-    h.emu.set_faults("unleashed", error_rate=1.0)  # every request fails: was it written?
+    # Reads answer, every write fails with a 5xx: was it written? (It was not; nobody knows.)
+    h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])
     h.push()
     h.emu.set_faults("unleashed")
     held = h.query("SELECT op_id, status FROM outbox WHERE new_value = '0113 496 0555'")
@@ -603,9 +604,11 @@ def test_a_push_left_in_doubt_that_did_land_is_recorded_once(harness):
     h.cycle()
     pair = h.linked_company()
     h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0666"})
-    h.emu.set_faults("unleashed", error_rate=1.0)
+    h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])  # the write fails with a 5xx
     h.push()
     h.emu.set_faults("unleashed")
+    held = h.query("SELECT status FROM outbox WHERE new_value = '0113 496 0666'")
+    assert list(held["status"]) == ["in_flight"]
     # What a lost answer looks like: Unleashed has the value, the outbox does not know.
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0113 496 0666"})
     h.cycle()
@@ -637,8 +640,14 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
     assert "2 operations wait for the next run" in stopped, stopped
     ops = h.query("SELECT status, attempts FROM outbox WHERE op = 'update_erp' ORDER BY op_id")
     assert len(ops) == 4
-    untried = ops[ops["attempts"] == 0]
-    assert len(untried) == 2 and set(untried["status"]) == {"pending"}, ops.to_string()
+    assert sorted(ops["status"]) == ["failed", "failed", "pending", "pending"], ops.to_string()
+    # The two tried failed on the read of read-merge-write: no write was sent (attempts 0), so
+    # they are failed, not in flight (which would say a write may have landed).
+    tried_ops = h.query(
+        "SELECT attempts, last_error FROM outbox WHERE op = 'update_erp' AND status = 'failed'"
+    )
+    assert list(tried_ops["attempts"]) == [0, 0]
+    assert all("GET /Customers/{guid} failed" in e for e in tried_ops["last_error"])
     per_record = tried / 2  # both tried records cost the same (the client's retries)
     assert per_record >= 2 and tried == 2 * per_record
     h.push()
@@ -711,6 +720,40 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     assert checks["sync/push_to_unleashed:no_operation_waiting_over_a_day"][0]
     assert _customer(h, failing.erp_id)["PhoneNumber"] == "0113 496 0555"
     assert not checks["sync/plan:no_stale_rejections"][0]  # still not fixed
+
+
+def test_a_write_that_timed_out_after_landing_is_checked_not_sent_again(harness):
+    """Unleashed applied the write but the answer never came (a timeout): the operation stays in
+    flight, and the next run finds the value there and records it without writing again."""
+    from sync_pipeline.clients.base import TransientApiError
+
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0321"})
+
+    def lost_answer(op_ids):
+        raise TransientApiError(
+            "Unleashed", "POST", "/Customers/{guid}", None, "timed out (ReadTimeout)"
+        )
+
+    apply.TEST_HOOKS.after_write = lost_answer
+    try:
+        h.push()
+    finally:
+        apply.TEST_HOOKS.after_write = None
+    held = h.query("SELECT status, last_error FROM outbox WHERE op = 'update_erp'")
+    assert list(held["status"]) == ["in_flight"] and "timed out" in held["last_error"].iloc[0]
+    h.emu.reset_stats("unleashed")
+    h.push()
+    assert _requests_by_endpoint(h, "unleashed") == {"GET /Customers/{guid}": 1}  # no rewrite
+    assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0113 496 0321"
+    done = h.query("SELECT status FROM outbox WHERE op = 'update_erp'")
+    assert list(done["status"]) == ["applied"]
+    audit = h.query(
+        "SELECT * FROM audit_log WHERE erp_id = ? AND field = 'phone'", [pair["erp_id"]]
+    )
+    assert len(audit) == 1
 
 
 def _run_with_crash(h, job):

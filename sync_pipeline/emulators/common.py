@@ -144,6 +144,11 @@ class FaultConfig(BaseModel):
     latency_ms: int = Field(0, ge=0)
     drop_rate: float = Field(0.0, ge=0, le=1)
     malformed_rate: float = Field(0.0, ge=0, le=1)
+    methods: list[str] | None = Field(
+        None,
+        description="only requests with these HTTP methods get faults (e.g. ['POST']: "
+        "reads answer, writes fail); None: every request",
+    )
     seed: int | None = None
 
 
@@ -163,10 +168,12 @@ class FaultState:
             self.config = config
             self._rng = random.Random(config.seed)
 
-    def draw(self) -> str | None:
+    def draw(self, method: str = "GET") -> str | None:
         """Which fault (if any) hits the next request."""
         with self._lock:
             c = self.config
+            if c.methods is not None and method.upper() not in {m.upper() for m in c.methods}:
+                return None
             if c.burst_429 > 0:
                 c.burst_429 -= 1
                 return "429"
@@ -228,7 +235,7 @@ class FaultMiddleware:
         if scope["type"] != "http" or scope["path"].startswith(ADMIN_PREFIX):
             await self.app(scope, receive, send)
             return
-        fault = self.faults.draw()
+        fault = self.faults.draw(scope["method"])
         key = self.endpoint_key(scope)
         self.faults.count(key, fault)
         latency = self.faults.config.latency_ms
