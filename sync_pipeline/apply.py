@@ -710,7 +710,7 @@ def _fail(
             status = "in_flight"
         else:
             status = "failed"
-        store.mark(con, op_id, status, message)
+        store.mark(con, op_id, status, message, sending=False)
     stats.failed += len(ops)
     stats.errors.append(message)
     log.warning("%s", message)

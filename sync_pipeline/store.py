@@ -644,12 +644,21 @@ def _json(value: Any) -> str | None:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def mark(con: duckdb.DuckDBPyConnection, op_id: str, status: str, error: str | None = None) -> None:
+def mark(
+    con: duckdb.DuckDBPyConnection,
+    op_id: str,
+    status: str,
+    error: str | None = None,
+    *,
+    sending: bool = True,
+) -> None:
+    """Set an operation's status (and last error). Marking it in flight counts an attempt,
+    unless `sending` is False: it stays in flight after a failure, the send already counted."""
     con.execute(
         """UPDATE outbox SET status = ?, last_error = ?,
-             attempts = attempts + CASE WHEN ? = 'in_flight' THEN 1 ELSE 0 END
+             attempts = attempts + CASE WHEN ? = 'in_flight' AND ? THEN 1 ELSE 0 END
            WHERE op_id = ?""",
-        [status, error, status, op_id],
+        [status, error, status, sending, op_id],
     )
 
 

@@ -742,8 +742,9 @@ def test_a_write_that_timed_out_after_landing_is_checked_not_sent_again(harness)
         h.push()
     finally:
         apply.TEST_HOOKS.after_write = None
-    held = h.query("SELECT status, last_error FROM outbox WHERE op = 'update_erp'")
+    held = h.query("SELECT status, attempts, last_error FROM outbox WHERE op = 'update_erp'")
     assert list(held["status"]) == ["in_flight"] and "timed out" in held["last_error"].iloc[0]
+    assert list(held["attempts"]) == [1]  # one send, counted once
     h.emu.reset_stats("unleashed")
     h.push()
     assert _requests_by_endpoint(h, "unleashed") == {"GET /Customers/{guid}": 1}  # no rewrite
