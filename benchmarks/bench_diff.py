@@ -70,7 +70,7 @@ def _intl(expr: str) -> str:
     return f"'+44 20 ' || substr({d},1,4) || ' ' || substr({d},5,4)"
 
 
-def generate(db: str, n: int, settled: str | None = None) -> dict:
+def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> dict:
     """Build the tables for n companies / 3n contacts as the product holds them after a cycle
     that agreed on everything (copied to `settled` when given), then apply the edits the way an
     extract would (rows replaced, derived columns marked stale). Returns counts of what was
@@ -203,7 +203,7 @@ def generate(db: str, n: int, settled: str | None = None) -> dict:
         con = duckdb.connect(db)
         con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
         con.execute("SET preserve_insertion_order=false")
-    edits = _edit(con, mappings, n)
+    edits = _edit(con, mappings, n, every)
     con.execute("CHECKPOINT")
     con.close()
     edits["generate_seconds"] = round(time.perf_counter() - t0, 1)
@@ -218,8 +218,8 @@ def generate(db: str, n: int, settled: str | None = None) -> dict:
 STALE = "_derived_mod = NULL"
 
 
-def _edit(con, mappings, n: int) -> dict:
-    """About 1% of all field values edited on each side, plus conflicts and specials.
+def _edit(con, mappings, n: int, every: int = 100) -> dict:
+    """About 1 in `every` field values (1%) edited on each side, plus conflicts and specials.
 
     Rows are changed the way an extract's upsert changes them (new data, derived columns marked
     stale); `derived.refresh` then runs as part of each measured cycle."""
@@ -257,7 +257,8 @@ def _edit(con, mappings, n: int) -> dict:
                 else:
                     patch = f"json_object('{path}', 'Renamed {side} ' || {key})"
                 chosen = (
-                    f"(hash(l.erp_id, {pos}, {salt}) % 100 = 0 OR hash(l.erp_id, {pos}) % 1000 = 7)"
+                    f"(hash(l.erp_id, {pos}, {salt}) % {every} = 0 "
+                    f"OR hash(l.erp_id, {pos}) % {10 * every} = 7)"
                 )
                 patched = (
                     f"json_merge_patch({patched}, CASE WHEN {chosen} THEN {patch} ELSE '{{}}' END)"
@@ -598,12 +599,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--generate", nargs=2, metavar=("DB", "N"))
     parser.add_argument("--settled", default=None, help="with --generate: keep the pre-edit copy")
+    parser.add_argument(
+        "--edit-every",
+        type=int,
+        default=100,
+        help="with --generate: edit 1 in this many field values per side (100 = the 1%% of the "
+        "targets; 1000 = 0.1%%, a quieter day)",
+    )
     parser.add_argument("--measure", nargs=2, metavar=("DB", "WHAT"))
     parser.add_argument("--push", metavar="DB")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     if args.generate:
-        print(json.dumps(generate(args.generate[0], int(args.generate[1]), args.settled)))
+        db, n = args.generate[0], int(args.generate[1])
+        print(json.dumps(generate(db, n, args.settled, args.edit_every)))
         return
     if args.push:
         print(json.dumps(measure_push(args.push)))
