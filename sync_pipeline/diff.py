@@ -16,8 +16,7 @@ The plan is returned as a DataFrame with exactly `PLAN_COLUMNS` and written to `
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -501,23 +500,6 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
         con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-@contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
-    """One transaction for the pass (the settle step deletes by rowids it read earlier), unless
-    the caller already holds one."""
-    try:
-        con.begin()
-    except duckdb.TransactionException:
-        yield  # inside the caller's transaction
-        return
-    try:
-        yield
-    except BaseException:
-        con.rollback()
-        raise
-    con.commit()
-
-
 def _ordered(mappings: Mapping[str, EntityMapping]) -> list[EntityMapping]:
     order = {"company": 0, "contact": 1}
     return sorted(mappings.values(), key=lambda m: order.get(m.entity, 9))
@@ -569,7 +551,8 @@ def plan_changes(
     ctx = _Context(
         con, default_region, initial_policy, dict(policy_overrides or {}), account_manager_sync
     )
-    with _transaction(con):
+    # One transaction for the pass: the settle step deletes by rowids it read earlier.
+    with store.transaction(con):
         con.execute(PLAN_DDL)
         for mapping in _ordered(mappings):
             _plan_entity(con, mapping, ctx)

@@ -148,6 +148,23 @@ def decisions_from_log(con: duckdb.DuckDBPyConnection) -> None:
 
 
 @contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """One transaction for the block (rolled back if it raises), unless the caller already
+    holds one: then the block is part of it."""
+    try:
+        con.begin()
+    except duckdb.TransactionException:
+        yield  # inside the caller's transaction
+        return
+    try:
+        yield
+    except BaseException:
+        con.rollback()
+        raise
+    con.commit()
+
+
+@contextmanager
 def connect(
     database: str | Path, *, lock_timeout: float = 1800
 ) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -879,21 +896,14 @@ def prune_history(
     if keep_days < 0:
         raise ValueError(f"keep_days must be 0 (keep everything) or more, not {keep_days}")
     cutoff = None if keep_days == 0 else (now or utcnow()) - timedelta(days=keep_days)
-    deleted = {}
-    con.begin()
-    try:
-        for table, when, finished in HISTORY:
-            if cutoff is None:
-                deleted[table] = 0
-                continue
-            (n,) = con.execute(
-                f"DELETE FROM {table} WHERE {finished} AND {when} < ?", [cutoff]
-            ).fetchone()
-            deleted[table] = int(n)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+    deleted = {table: 0 for table, _, _ in HISTORY}
+    if cutoff is not None:
+        with transaction(con):
+            for table, when, finished in HISTORY:
+                (n,) = con.execute(
+                    f"DELETE FROM {table} WHERE {finished} AND {when} < ?", [cutoff]
+                ).fetchone()
+                deleted[table] = int(n)
     kept = {
         table: int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
         for table, _, _ in HISTORY

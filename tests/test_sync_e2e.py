@@ -655,7 +655,7 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
         assert _customer(h, erp_id)["PhoneNumber"] == f"0113 496 07{n:02d}"
 
 
-def _check_results(h, result) -> dict[str, tuple[bool, dict]]:
+def _check_results(result) -> dict[str, tuple[bool, dict]]:
     """'asset:check' -> (passed, metadata) of a run's asset check evaluations."""
     return {
         f"{e.asset_key.to_user_string()}:{e.check_name}": (
@@ -674,7 +674,7 @@ def _run_sync_checks(h):
     defs = dg.Definitions.merge(h.defs, dg.Definitions(jobs=[job]))
     result = defs.resolve_job_def("sync_checks_only").execute_in_process(instance=h.instance)
     assert result.success
-    return _check_results(h, result)
+    return _check_results(result)
 
 
 def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_day(harness):
@@ -685,7 +685,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
         "sync/push_to_unleashed:no_operation_waiting_over_a_day",
         "sync/pull_to_crm:no_operation_waiting_over_a_day",
     }
-    checks = _check_results(h, h.cycle())
+    checks = _check_results(h.cycle())
     assert waiting | {"sync/plan:no_stale_rejections", "sync/links:links_are_one_to_one"} <= set(
         checks
     )
@@ -716,7 +716,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     assert "| website | www.acme .com |" in meta["preview"]
     assert "is not accepted by Unleashed" in meta["preview"]  # the reason, not cut off before it
 
-    checks = _check_results(h, h.cycle())  # Unleashed answers again: the push goes through
+    checks = _check_results(h.cycle())  # Unleashed answers again: the push goes through
     assert checks["sync/push_to_unleashed:no_operation_waiting_over_a_day"][0]
     assert _customer(h, failing.erp_id)["PhoneNumber"] == "0113 496 0555"
     assert not checks["sync/plan:no_stale_rejections"][0]  # still not fixed

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import uvicorn
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -151,6 +151,11 @@ class FaultConfig(BaseModel):
     )
     seed: int | None = None
 
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, methods: list[str] | None) -> list[str] | None:
+        return None if methods is None else [m.upper() for m in methods]
+
 
 class FaultState:
     """The live fault configuration plus counters; changeable while the server runs."""
@@ -172,7 +177,7 @@ class FaultState:
         """Which fault (if any) hits the next request."""
         with self._lock:
             c = self.config
-            if c.methods is not None and method.upper() not in {m.upper() for m in c.methods}:
+            if c.methods is not None and method.upper() not in c.methods:
                 return None
             if c.burst_429 > 0:
                 c.burst_429 -= 1
