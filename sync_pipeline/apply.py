@@ -20,7 +20,12 @@ import duckdb
 import pandas as pd
 
 from sync_pipeline import baseline, store
-from sync_pipeline.clients.base import ApiError, TransientApiError, ValidationError
+from sync_pipeline.clients.base import (
+    ApiError,
+    TransientApiError,
+    UsageLimitError,
+    ValidationError,
+)
 from sync_pipeline.clients.crm import CrmClient, crm_key
 from sync_pipeline.clients.unleashed import UnleashedClient
 from sync_pipeline.extract import contact_snapshot, customer_snapshot
@@ -72,7 +77,18 @@ class ApplyStats:
 
     def should_stop(self, exc: ApiError | None, system: str, left: Callable[[], int]) -> bool:
         """After one record: count records in a row the API did not answer; at the limit, say
-        why the run stops and what waits (`left()`: operations not tried yet in this run)."""
+        why the run stops and what waits (`left()`: operations not tried yet in this run).
+        A used-up usage limit stops the run at once: every further request would be refused."""
+        if isinstance(exc, UsageLimitError):
+            self.stopped = (
+                f"{system}'s API usage limit is used up (it refused {exc.method} "
+                f"{exc.endpoint}: {exc.message}); every request is refused until it resets on "
+                f"{exc.resets_at:%Y-%m-%d %H:%M} UTC. The run stopped there: that record's "
+                f"operations and {left()} not tried wait for the first run after the limit "
+                "resets or is raised"
+            )
+            log.warning("%s", self.stopped)
+            return True
         if exc is None or not isinstance(exc, TransientApiError):
             self.unanswered = 0
             return False

@@ -103,3 +103,28 @@ class Harness:
         self.crm.close()
         self.unleashed.close()
         self.instance.dispose()
+
+
+def failure_messages(result) -> str:
+    """Every failure message of a run with its causes, as the Dagster UI shows them."""
+    parts = []
+    for event in result.all_events:
+        if event.is_failure:
+            parts.append(event.message or "")
+            error = getattr(event.event_specific_data, "error", None)
+            while error is not None:
+                parts.append(error.message)
+                error = error.cause or error.context
+    return "\n".join(parts)
+
+
+def run_failing(h: Harness, job: str = "sync_cycle_job"):
+    """Run a job that must fail (the current hour's partition for partitioned jobs)."""
+    job_def = h.defs.resolve_job_def(job)
+    result = job_def.execute_in_process(
+        instance=h.instance,
+        partition_key=current_partition() if job_def.partitions_def is not None else None,
+        raise_on_error=False,
+    )
+    assert not result.success
+    return result

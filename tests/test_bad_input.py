@@ -17,7 +17,7 @@ import pytest
 from sync_pipeline.defs import build_defs
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS, default_resources
 from sync_pipeline.settings import SettingsError, load_settings
-from tests.harness import Harness, current_partition
+from tests.harness import Harness, current_partition, failure_messages, run_failing
 
 LONG = "L" * 100_000
 
@@ -67,29 +67,6 @@ def _all_bad(h: Harness, system: str, record_id: str):
         "SELECT reason, resolved_at FROM bad_records WHERE system = ? AND record_id = ?",
         [system, record_id],
     )
-
-
-def _failure_messages(result) -> str:
-    """Every failure message of a run with its causes, as the Dagster UI shows them."""
-    parts = []
-    for event in result.all_events:
-        if event.is_failure:
-            parts.append(event.message or "")
-            error = getattr(event.event_specific_data, "error", None)
-            while error is not None:
-                parts.append(error.message)
-                error = error.cause or error.context
-    return "\n".join(parts)
-
-
-def _run_failing(h: Harness, job: str = "sync_cycle_job"):
-    result = h.defs.resolve_job_def(job).execute_in_process(
-        instance=h.instance,
-        partition_key=current_partition() if job != "crm_push_job" else None,
-        raise_on_error=False,
-    )
-    assert not result.success
-    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -386,7 +363,7 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
             instance=instance, partition_key=current_partition(), raise_on_error=False
         )
     assert not result.success
-    text = _failure_messages(result)
+    text = failure_messages(result)
     assert str(company) in text
     assert "fields.phone" in text and "unknown key 'colour'" in text
 
@@ -411,8 +388,8 @@ def test_broken_settings_file_fails_the_run_naming_file_setting_and_reason(
     assert str(h.settings_file) in message
     for word in words:
         assert word.lower() in message.lower(), message
-    result = _run_failing(h)
-    failures = _failure_messages(result)
+    result = run_failing(h)
+    failures = failure_messages(result)
     assert message in failures
 
 
@@ -451,7 +428,7 @@ def _run_env_job(defs, job: str = "crm_push_job") -> str:
         except dg.DagsterInvalidConfigError as exc:
             return str(exc)
     assert not result.success
-    return _failure_messages(result)
+    return failure_messages(result)
 
 
 @pytest.mark.parametrize("variable", ["CRM_TOKEN", "UNLEASHED_API_KEY", "UNLEASHED_BASE_URL"])
@@ -495,7 +472,7 @@ def test_malformed_environment_variable_is_named_with_the_reason(
             raise_on_error=False,
         )
     assert not result.success
-    text = _failure_messages(result)
+    text = failure_messages(result)
     assert variable in text, text[:2000]
     for word in words:
         assert word in text, text[:2000]

@@ -21,6 +21,7 @@ from sync_pipeline.defs.automation import (
     overnight_account_manager_fix_schedule,
 )
 from sync_pipeline.report import cycle_report
+from tests.harness import failure_messages, run_failing
 
 VOLATILE = {"LastModifiedOn"}
 
@@ -653,6 +654,43 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
     h.push()
     for n, erp_id in enumerate(pairs["erp_id"]):
         assert _customer(h, erp_id)["PhoneNumber"] == f"0113 496 07{n:02d}"
+
+
+def test_unleashed_usage_limit_used_up_pauses_the_sync_and_nothing_is_lost(harness):
+    """Unleashed blocks every request once the account's monthly usage limit is used (design
+    §4.1). A push stops at its first refused request instead of retrying into the block, and
+    says why and until when; an import run fails naming the limit (its window is then
+    backfilled). Nothing waiting is lost: once the limit resets, each edit is written once."""
+    h = harness
+    h.cycle()
+    pairs = h.query("SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 2")
+    for n, crm_id in enumerate(pairs["crm_id"]):
+        h.crm.patch("Divisions", int(crm_id), {"Phone": f"0113 496 08{n:02d}"})
+    used = h.emu.set_unleashed_quota(None)["used"]
+    h.emu.set_unleashed_quota(used, used=used)  # this month's requests are used up
+    reset = datetime.fromisoformat(h.emu.set_unleashed_quota(used)["resets_at"])
+    before = _unleashed_requests(h)
+    push = h.push()
+    assert _unleashed_requests(h) - before == 1  # the first refusal stops the run: no retries
+    stopped = h.materialization_metadata(push, ["sync", "push_to_unleashed"])["stopped_early"]
+    assert "Unleashed's API usage limit is used up" in stopped, stopped
+    assert f"resets on {reset:%Y-%m-%d} 00:00 UTC" in stopped
+    assert "1 not tried wait for the first run after the limit resets" in stopped
+    phones = f"""FROM outbox WHERE field = 'phone' AND op = 'update_erp'
+                 AND erp_id IN ('{"', '".join(pairs["erp_id"])}')"""
+    ops = h.query(f"SELECT status, attempts, last_error {phones} ORDER BY status")
+    assert list(ops["status"]) == ["failed", "pending"] and list(ops["attempts"]) == [0, 0]
+    assert "API usage limit reached" in ops["last_error"][0]
+    failed = run_failing(h)
+    assert "API usage limit reached" in failure_messages(failed)
+    assert _unleashed_requests(h) - before == 3  # the import asked each of its two lists once
+    h.emu.set_unleashed_quota(None, used=0)  # the 1st of the month
+    h.cycle()
+    for n, erp_id in enumerate(pairs["erp_id"]):
+        assert _customer(h, erp_id)["PhoneNumber"] == f"0113 496 08{n:02d}"
+    assert list(h.query(f"SELECT status {phones}")["status"]) == ["applied", "applied"]
+    audited = h.query(f"SELECT count(*) AS n FROM audit_log WHERE op_id IN (SELECT op_id {phones})")
+    assert audited["n"][0] == 2  # one write each, none repeated
 
 
 def _check_results(result) -> dict[str, tuple[bool, dict]]:

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -16,9 +16,10 @@ from sync_pipeline.clients.base import (
     AuthError,
     RetrySettings,
     TransientApiError,
+    UsageLimitError,
     ValidationError,
 )
-from sync_pipeline.clients.dates import decode_date, encode_date, encode_dates
+from sync_pipeline.clients.dates import decode_date, encode_date, encode_dates, next_month_start
 from sync_pipeline.clients.unleashed import (
     Customer,
     UnleashedClient,
@@ -556,6 +557,96 @@ def test_paced_client_never_hits_the_server_throttle(tmp_path):
         assert elapsed > 2.0  # paced: 60 requests at 19/s cannot finish sooner
     finally:
         srv.stop()
+
+
+def test_the_monthly_usage_limit_blocks_every_request_until_it_resets(tmp_path):
+    """Design §4.1: once the account's monthly usage limit is used, Unleashed blocks every
+    request until the 1st of the next month. The server counts the account's requests (not those
+    its auth check refused) per calendar month and refuses the rest; the client raises
+    UsageLimitError at once, without retries (each would be refused too), naming the reset."""
+    srv = start(tmp_path, monthly_quota=5)
+    try:
+        assert signed_get(srv.url, "/Customers/1", api_auth_signature="bad").status_code == 403
+        with make_client(srv.url) as c:
+            for _ in range(5):
+                c.get_customer(gid(1))
+            with pytest.raises(UsageLimitError) as info:
+                c.get_customer(gid(1))
+            assert c.stats.sent == {"GET /Customers/{guid}": 6}
+        reset = next_month_start(datetime.now(UTC))
+        assert info.value.status == 429
+        assert abs((info.value.resets_at - reset).total_seconds()) < 5
+        assert f"blocked until the limit resets on {reset:%Y-%m-%d} 00:00 UTC" in str(info.value)
+        raw = signed_get(srv.url, "/Customers/1")
+        wait = int(raw.headers["Retry-After"])
+        assert raw.status_code == 429
+        assert abs(datetime.now(UTC) + timedelta(seconds=wait) - reset) < timedelta(seconds=5)
+        assert admin(srv, "GET", "/quota").json()["used"] == 5
+    finally:
+        srv.stop()
+    srv = start(tmp_path, monthly_quota=5)  # the count is kept across a restart
+    try:
+        with make_client(srv.url) as c:
+            with pytest.raises(UsageLimitError):
+                c.list_salespersons()
+            assert admin(srv, "PUT", "/quota", {"monthly_quota": 8}).json()["used"] == 5
+            assert c.get_customer(gid(1)).Guid == gid(1)  # a raised limit lets requests through
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "limit"),
+    [
+        (429, {"Retry-After": "7200"}, {"Description": "Too many requests"}, "retry-after"),
+        (429, {}, {"Description": "API usage limit reached"}, "next-month"),
+        (403, {}, {"Description": "Monthly API quota exceeded"}, "next-month"),
+        (429, {"Retry-After": "2"}, {"Description": "Too many requests"}, None),
+        (403, {}, {"Description": "api-auth-signature does not match"}, None),
+    ],
+    ids=["long-retry-after", "429-text", "403-text", "throttle", "bad-signature"],
+)
+def test_usage_limit_answers_are_told_apart_from_throttling_and_bad_credentials(
+    status, headers, body, limit
+):
+    """The live answer to a blocked request is not documented (docs/api-assumptions.md): a 429
+    or 403 that says the usage limit or quota is used up, or a 429 asking to wait over an hour,
+    is the usage limit; an ordinary throttle is retried and a bad signature is an auth error."""
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status, headers=headers, json=body)
+
+    client = make_client(
+        "https://unleashed.test",
+        transport=httpx.MockTransport(answer),
+        retry=RetrySettings(attempts=2, initial_wait=0.01, max_wait=0.01),
+    )
+    with client, pytest.raises(Exception) as info:
+        client.get_customer(gid(1))
+    now = datetime.now(UTC)
+    if limit is None:
+        assert not isinstance(info.value, UsageLimitError)
+        assert isinstance(info.value, TransientApiError if status == 429 else AuthError)
+        return
+    assert isinstance(info.value, UsageLimitError) and len(sent) == 1
+    expected = now + timedelta(hours=2) if limit == "retry-after" else next_month_start(now)
+    assert abs(info.value.resets_at - expected) < timedelta(seconds=5)
+
+
+def test_the_usage_limit_resets_on_the_first_of_the_next_month_utc():
+    assert next_month_start(datetime(2026, 11, 27, 12, 0, tzinfo=UTC)) == datetime(
+        2026, 12, 1, tzinfo=UTC
+    )
+    assert next_month_start(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)) == datetime(
+        2027, 1, 1, tzinfo=UTC
+    )
+    # 1 Dec 10:00 in Auckland is still 30 Nov in UTC: the reset is that night, not next month.
+    auckland = timezone(timedelta(hours=13))
+    assert next_month_start(datetime(2026, 12, 1, 10, 0, tzinfo=auckland)) == datetime(
+        2026, 12, 1, tzinfo=UTC
+    )
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,16 @@ class TransientApiError(ApiError):
         # False when the server surely did not act on the request (429, connection refused):
         # only then may a non-idempotent request (a create) be sent again blindly.
         self.maybe_applied = maybe_applied
+
+
+class UsageLimitError(ApiError):
+    """The account's API usage limit for the period is used up: the service refuses every
+    request until `resets_at`. Never retried: each retry is refused the same way, and the
+    caller should stop using the API (apply stops its run; the rest waits in the outbox)."""
+
+    def __init__(self, *args: Any, resets_at: datetime, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resets_at = resets_at
 
 
 class AuthError(ApiError):
@@ -289,6 +300,10 @@ class BaseClient:
     def _error_message(self, response: httpx.Response) -> str:
         return response.text[:500]
 
+    def _usage_limit_reset(self, response: httpx.Response, message: str) -> datetime | None:
+        """When the account's usage limit resets, if this error answer says it is used up."""
+        return None
+
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()
@@ -377,6 +392,9 @@ class BaseClient:
         if status >= 400:
             message = redact(self._error_message(response), self._secrets())
             args = (self.system, method, label, status, message)
+            resets_at = self._usage_limit_reset(response, message)
+            if resets_at is not None:
+                raise UsageLimitError(*args, resets_at=resets_at)
             if status == 429 or status >= 500:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 raise TransientApiError(*args, retry_after=retry_after, maybe_applied=status != 429)

@@ -62,3 +62,14 @@ def encode_dates(value: Any) -> Any:
 def encode_ms(ms: int) -> str:
     """A ms-since-epoch value as `/Date(ms)/`."""
     return f"/Date({int(ms)})/"
+
+
+def next_month_start(now: datetime) -> datetime:
+    """The first instant of the calendar month after `now`, in UTC: when Unleashed resets an
+    account's monthly API usage limit (its support pages: the 1st of each month, 00:00 UTC).
+    A naive `now` is taken as UTC."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    now = now.astimezone(UTC)
+    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC)

@@ -15,7 +15,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
@@ -29,8 +29,9 @@ from sync_pipeline.clients.base import (
     NotFoundError,
     RetrySettings,
     ValidationError,
+    parse_retry_after,
 )
-from sync_pipeline.clients.dates import decode_date, encode_dates
+from sync_pipeline.clients.dates import decode_date, encode_dates, next_month_start
 from sync_pipeline.clients.records import BadRecord, ListResult
 
 log = logging.getLogger("sync_pipeline.clients.unleashed")
@@ -44,6 +45,12 @@ _GUID_RE = re.compile(
 # Characters that urlencode leaves alone, plus ':' (legal in a query): signed values made only of
 # these read the same encoded and decoded, whichever form the live server verifies (assumed).
 _QUERY_SAFE = ":"
+# Assumed (not documented): a request refused because the account's monthly API usage limit is
+# used up is answered 429 (or 403) with a description that says so, or with a Retry-After longer
+# than any per-minute throttle would ask for. The limit resets on the 1st of each month, 00:00
+# UTC (Unleashed's support pages), which is when a refusal without Retry-After is taken to end.
+_USAGE_LIMIT_TEXT = re.compile(r"usage limit|quota", re.IGNORECASE)
+_THROTTLE_RETRY_AFTER_MAX_S = 3600
 # A listing whose unique records fall short of the server's count is read again, at most this
 # many times in all (offset paging shifts when a record already read moves to the end).
 _LIST_PASSES = 3
@@ -269,6 +276,16 @@ class UnleashedClient(BaseClient):
             if isinstance(error, dict) and error.get("message"):
                 return str(error["message"])
         return response.text[:500] or response.reason_phrase
+
+    def _usage_limit_reset(self, response: httpx.Response, message: str) -> datetime | None:
+        if response.status_code not in (403, 429):
+            return None
+        wait = parse_retry_after(response.headers.get("Retry-After"))
+        long_wait = response.status_code == 429 and (wait or 0) > _THROTTLE_RETRY_AFTER_MAX_S
+        if not (_USAGE_LIMIT_TEXT.search(message) or long_wait):
+            return None
+        now = datetime.now(UTC)
+        return now + timedelta(seconds=wait) if wait else next_month_start(now)
 
     def __repr__(self) -> str:
         return f"UnleashedClient(base_url={self.base_url!r}, client_type={self.client_type!r})"

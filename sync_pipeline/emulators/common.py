@@ -109,6 +109,12 @@ class DocumentStore:
             self._db.commit()
             return int(row[0])
 
+    def counter(self, name: str) -> int:
+        """A counter's value (0 when it was never set)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+            return int(row[0]) if row else 0
+
     def set_counter(self, name: str, value: int) -> None:
         with self._lock:
             self._db.execute(

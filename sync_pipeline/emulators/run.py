@@ -62,6 +62,7 @@ class Emulators:
         crm_rate_limit: int = 1200,
         crm_rate_window_s: float = 600,
         unleashed_requests_per_minute: int | None = None,
+        unleashed_monthly_quota: int | None = None,
     ) -> None:
         self.companies = companies
         self.seed = seed
@@ -72,6 +73,7 @@ class Emulators:
         self.crm_rate_limit = crm_rate_limit
         self.crm_rate_window_s = crm_rate_window_s
         self.unleashed_requests_per_minute = unleashed_requests_per_minute
+        self.unleashed_monthly_quota = unleashed_monthly_quota
         self.unleashed_api_id = LOCAL_UNLEASHED_API_ID
         self.unleashed_api_key = LOCAL_UNLEASHED_API_KEY
         self.crm_token = LOCAL_CRM_TOKEN
@@ -96,6 +98,7 @@ class Emulators:
             api_id=self.unleashed_api_id,
             api_key=self.unleashed_api_key,
             requests_per_minute=self.unleashed_requests_per_minute,
+            monthly_quota=self.unleashed_monthly_quota,
         )
         crm_app = crm_server.create_app(
             store_path=crm_store,
@@ -197,6 +200,14 @@ class Emulators:
         take their defaults, so `set_faults(system)` clears all faults)."""
         body = FaultConfig(**config).model_dump()
         return self._admin("PUT", system, "/faults", json=body)
+
+    def set_unleashed_quota(
+        self, monthly_quota: int | None, used: int | None = None
+    ) -> dict[str, Any]:
+        """Set the local Unleashed account's monthly API usage limit (None: unlimited) and,
+        optionally, how much of this month's is used. Returns the quota's state."""
+        body = {"monthly_quota": monthly_quota, "used": used}
+        return self._admin("PUT", "unleashed", "/quota", json=body)
 
     def stats(self, system: System) -> dict[str, Any]:
         """Request counts per endpoint, injected faults and the live fault configuration."""

@@ -37,6 +37,7 @@ from sync_pipeline.clients.dates import (
     encode_date,
     encode_dates,
     encode_ms,
+    next_month_start,
     parse_wire_ms,
 )
 from sync_pipeline.emulators.common import (
@@ -346,6 +347,89 @@ class ThrottleMiddleware:
         await self.app(scope, receive, send)
 
 
+# --------------------------------------------------------------------------------------------
+# Middleware: the monthly API usage limit
+# --------------------------------------------------------------------------------------------
+class MonthlyQuota:
+    """The account's monthly API usage limit (design §4.1): every authenticated request counts
+    in the calendar month (UTC) it arrives in; once the month's limit is used, every request is
+    blocked until the 1st of the next month, 00:00 UTC (Unleashed's support pages). The counts
+    live in the server's store, so a restart keeps them. `limit=None` (the default) counts
+    nothing. How a blocked request is answered is *assumed* (`QuotaMiddleware`)."""
+
+    COUNTER = "api-usage:"  # + YYYY-MM (UTC)
+
+    def __init__(self, store: DocumentStore, limit: int | None = None) -> None:
+        self.store = store
+        self.limit = limit
+        self.blocked = 0
+        self._lock = threading.Lock()
+
+    def _key(self, now: datetime) -> str:
+        return self.COUNTER + now.astimezone(UTC).strftime("%Y-%m")
+
+    def take(self, now: datetime | None = None) -> datetime | None:
+        """Count one request, or return when the limit resets if the month's is used up."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            if self.limit is None:
+                return None
+            key = self._key(now)
+            if self.store.counter(key) >= self.limit:
+                self.blocked += 1
+                return next_month_start(now)
+            self.store.next_id(key)
+            return None
+
+    def set(self, limit: int | None, used: int | None = None) -> None:
+        """Change the limit (None: no limit), and optionally this month's count."""
+        with self._lock:
+            self.limit = limit
+            if used is not None:
+                self.store.set_counter(self._key(datetime.now(UTC)), used)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return {
+            "monthly_quota": self.limit,
+            "month": now.strftime("%Y-%m"),
+            "used": self.store.counter(self._key(now)),
+            "resets_at": next_month_start(now).isoformat(),
+            "blocked": self.blocked,
+        }
+
+
+class QuotaMiddleware:
+    """Over the monthly limit → HTTP 429 with `Retry-After` (whole seconds until the reset) and a
+    Description that says the usage limit is reached and when it resets: *assumed*, since the
+    live answer is not documented (docs/api-assumptions.md). Inside the auth check, so only
+    requests the account made count."""
+
+    def __init__(self, app: ASGIApp, quota: MonthlyQuota) -> None:
+        self.app = app
+        self.quota = quota
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(ADMIN_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        resets_at = self.quota.take()
+        if resets_at is None:
+            await self.app(scope, receive, send)
+            return
+        wait = max(1, math.ceil((resets_at - datetime.now(UTC)).total_seconds()))
+        await _send_json(
+            send,
+            429,
+            {
+                "Description": "API usage limit reached: requests are blocked until the limit "
+                f"resets on {resets_at:%Y-%m-%d %H:%M} UTC",
+                "Items": [],
+            },
+            {"retry-after": str(wait)},
+        )
+
+
 def expected_signature(api_key: str, query_string: bytes) -> str:
     digest = hmac.new(api_key.encode("utf-8"), query_string, hashlib.sha256).digest()
     return base64.b64encode(digest).decode("ascii")
@@ -418,12 +502,26 @@ def create_app(
     faults: FaultConfig | None = None,
     requests_per_minute: int | None = None,
     throttle_window_s: int = 60,
+    monthly_quota: int | None = None,
 ) -> Starlette:
     """The local Unleashed server. `world` (a seed World or dict with `customers` and
-    `salespersons`) is loaded only when the store at `store_path` is empty."""
+    `salespersons`) is loaded only when the store at `store_path` is empty. `monthly_quota`:
+    the account's monthly API usage limit (None: unlimited; `/_admin/quota` changes it)."""
     state = UnleashedState(DocumentStore(store_path), world)
     fault_state = FaultState(faults)
+    quota = MonthlyQuota(state.store, monthly_quota)
     handlers = _Handlers(state)
+
+    async def get_quota(request: Request) -> JSONResponse:
+        return JSONResponse(quota.snapshot())
+
+    async def put_quota(request: Request) -> JSONResponse:
+        body = await request.json()
+        limit, used = body.get("monthly_quota"), body.get("used")
+        if not all(v is None or (isinstance(v, int) and v >= 0) for v in (limit, used)):
+            return JSONResponse({"Description": "monthly_quota and used: integers >= 0"}, 400)
+        quota.set(limit, used)
+        return JSONResponse(quota.snapshot())
 
     def reset() -> None:
         state.replace_world(state.initial_world)
@@ -440,6 +538,8 @@ def create_app(
         Route(f"{ADMIN_PREFIX}/salespersons", handlers.admin_put_salesperson, methods=["POST"]),
         Route(f"{ADMIN_PREFIX}/customers/{{guid}}", handlers.admin_get_customer, methods=["GET"]),
         Route(f"{ADMIN_PREFIX}/customers/{{guid}}", handlers.admin_put_customer, methods=["PUT"]),
+        Route(f"{ADMIN_PREFIX}/quota", get_quota, methods=["GET"]),
+        Route(f"{ADMIN_PREFIX}/quota", put_quota, methods=["PUT"]),
     ]
     h = handlers
     routes = [
@@ -466,10 +566,12 @@ def create_app(
                 window_s=throttle_window_s,
             ),
             Middleware(AuthMiddleware, api_id=api_id, api_key=api_key),
+            Middleware(QuotaMiddleware, quota=quota),
         ],
     )
     app.state.unleashed = state
     app.state.faults = fault_state
+    app.state.quota = quota
     return app
 
 
