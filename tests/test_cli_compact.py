@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,6 +254,42 @@ def test_a_file_in_use_is_refused_and_left_alone(
     assert "stop the Dagster daemon/runs first" in err
     if holder == "a read-only DuckDB session":
         assert f"process {process.pid} has it open" in err
+
+
+RUN_STARTING = (
+    "import os, sys\n"
+    "from sync_pipeline import store\n"
+    "print('starting', flush=True)\n"
+    "with store.connect(sys.argv[1], lock_timeout=120) as con:\n"
+    "    print(os.stat(sys.argv[1]).st_ino, flush=True)\n"
+)
+
+
+def test_a_run_that_starts_during_the_compaction_waits_and_opens_the_compact_file(
+    world: tuple[Emulators, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = copy_of(world, tmp_path)
+    real_copy = compact_module._copy_database
+    runs: list[subprocess.Popen[str]] = []
+
+    def copy_while_a_run_starts(con: duckdb.DuckDBPyConnection, source: str, target: str) -> None:
+        real_copy(con, source, target)
+        run = subprocess.Popen(
+            [sys.executable, "-c", RUN_STARTING, str(db)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        runs.append(run)
+        assert run.stdout is not None and run.stdout.readline().strip() == "starting"
+        time.sleep(1)  # the run is now at the sync runs' lock file
+
+    monkeypatch.setattr(compact_module, "_copy_database", copy_while_a_run_starts)
+    assert main(["compact", "--database", str(db)]) == 0
+
+    (run,) = runs
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err  # it waited instead of failing on DuckDB's lock
+    assert int(out) == db.stat().st_ino  # and then opened the compact file
+    assert int(out) != (tmp_path / "sync.duckdb.before-compact").stat().st_ino
 
 
 def copy_that_fails(con: duckdb.DuckDBPyConnection, source: str, target: str) -> None:
