@@ -187,7 +187,10 @@ def compact(database: str | Path, *, backup: bool = True) -> CompactResult:
             con.close()
         if temp_wal.exists() or Path(str(path) + ".wal").exists():
             raise _Failed("a write-ahead log was left after the checkpoint")
-        os.chmod(temp, stat.S_IMODE(path.stat().st_mode))
+        original = path.stat()
+        os.chmod(temp, stat.S_IMODE(original.st_mode))
+        with contextlib.suppress(PermissionError):  # only root may give a file away
+            os.chown(temp, original.st_uid, original.st_gid)
         if backup:
             os.link(path, backup_path)  # the original stays whole under the backup name
             linked = True

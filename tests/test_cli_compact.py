@@ -5,6 +5,7 @@ out different, leaves the original as it was and no copy behind."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -177,6 +178,10 @@ def test_no_backup_keeps_only_the_compact_file_and_the_path_comes_from_the_envir
 ) -> None:
     db = copy_of(world, tmp_path)
     before = contents(db)
+    db.chmod(0o640)
+    if os.geteuid() == 0:  # the daemon's user keeps its file when root compacts it
+        os.chown(db, 65534, 65534)
+    owner = db.stat()
     monkeypatch.setenv("SYNC_DUCKDB_PATH", str(db))
 
     assert main(["compact", "--no-backup"]) == 0
@@ -184,6 +189,11 @@ def test_no_backup_keeps_only_the_compact_file_and_the_path_comes_from_the_envir
     assert "backup:        none (--no-backup)" in capsys.readouterr().out
     assert leftovers(db) == set()
     assert contents(db) == before
+    after = db.stat()
+    assert after.st_ino != owner.st_ino  # a new file ...
+    assert (after.st_mode, after.st_uid, after.st_gid) == (
+        owner.st_mode, owner.st_uid, owner.st_gid,
+    )  # fmt: skip
 
 
 def test_the_installed_command_compacts(world: tuple[Emulators, Path], tmp_path: Path) -> None:
