@@ -295,9 +295,13 @@ def ephemeral_instance() -> Any:
     """An ephemeral Dagster instance (as `DagsterInstance.ephemeral()`) whose in-memory event log
     keeps one SQLite connection instead of opening one, with two PRAGMAs, for every read and
     write: a cycle stores ~90 events and reads the log as often, and those connections cost ~13%
-    of an example's CPU. Dagster's own bookkeeping only; the runs, steps and events are the same."""
+    of an example's CPU. Dagster's own bookkeeping only; the runs, steps and events are the same.
+
+    That connection may be used from any thread (the lock serialises it, as every use of the
+    parent's): `make soak` runs its jobs off the main thread (ConvergenceHarness.run)."""
     from contextlib import contextmanager
 
+    import sqlalchemy
     from dagster._core.instance import DagsterInstance, InstanceType
     from dagster._core.launcher.sync_in_memory_run_launcher import SyncInMemoryRunLauncher
     from dagster._core.run_coordinator import DefaultRunCoordinator
@@ -308,14 +312,25 @@ def ephemeral_instance() -> Any:
 
     class OneConnectionEventLog(InMemoryEventLogStorage):
         def __init__(self) -> None:
-            super().__init__()
-            self._held_conn.exec_driver_sql("PRAGMA foreign_keys=ON")
-            self._held_conn.commit()
+            super().__init__()  # its held connection keeps the in-memory database alive
+            self._any_thread = sqlalchemy.create_engine(
+                self._engine.url,
+                poolclass=sqlalchemy.pool.NullPool,
+                connect_args={"check_same_thread": False},
+            )
+            self._conn = self._any_thread.connect()
+            self._conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            self._conn.commit()
 
         @contextmanager
         def _connect(self):  # the lock serialises every use, as in the parent class
-            with self._db_lock, self._held_conn.begin():
-                yield self._held_conn
+            with self._db_lock, self._conn.begin():
+                yield self._conn
+
+        def dispose(self) -> None:
+            self._conn.close()
+            self._any_thread.dispose()
+            super().dispose()
 
     return DagsterInstance(
         instance_type=InstanceType.EPHEMERAL,

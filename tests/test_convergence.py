@@ -4,6 +4,7 @@ to quiescence and checks that nothing was lost, duplicated or left divergent.
 
 Profiles (tests/convergence_model.py): `convergence` is used unless `--hypothesis-profile=soak`
 is given (`make soak`; CONVERGENCE_MAX_EXAMPLES caps it). The totals print at session end (-s).
+A soak stops after the scenario in progress on SIGTERM or SIGINT, and passes (`_soak`).
 
 What a failing example looks like: hypothesis prints the shrunk rule sequence, e.g.
 
@@ -20,8 +21,12 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -119,9 +124,90 @@ def _print_totals() -> None:
     if cm.TOTALS["scenarios"] and not _SESSION.get("printed"):
         _SESSION["printed"] = True
         print(cm.report(), file=sys.__stdout__, flush=True)  # noqa: T201
+        if _STOP["stopped"]:
+            n = cm.TOTALS["scenarios"]
+            _say(
+                f"soak stopped by {_STOP['signal']} after {n} scenario{'s' * (n != 1)}, "
+                "each finished and checked: not a failure"
+            )
 
 
 atexit.register(_print_totals)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.__stdout__, flush=True)  # noqa: T201
+
+
+# ------------------------------------------------------------------------------------------------
+# Stopping a soak: SIGTERM or SIGINT ends the stream between two scenarios
+# ------------------------------------------------------------------------------------------------
+# A soak runs until someone needs the machine. The signal used to break the Dagster run in progress,
+# and hypothesis reported that scenario as a failure or as flaky: a false alarm to explain by hand
+# after every stop (or Dagster swallowed the signal and the stream went on). Now the first signal
+# only asks (`_stop_on_signal`); the scenario in progress runs its steps and its checks, and the
+# next one raises SoakStopped instead of starting. A second signal stops at once, as before.
+_STOP: dict[str, Any] = {"signal": None, "failed": False, "stopped": False}
+
+
+class SoakStopped(KeyboardInterrupt):
+    """Raised in place of the next scenario once a stop was asked for, caught by `_soak`.
+
+    Why a KeyboardInterrupt: it is the one exception hypothesis lets through untouched (it
+    records no failure, replays and shrinks nothing). Any other exception is a failing example;
+    and ending the stream by drawing less (`reject()`/`assume()` in the factory or a rule, or a
+    precondition that turns every rule off) is "inconsistent data generation", a flaky report,
+    because examples that drew a step before now stop before drawing it."""
+
+
+@contextmanager
+def _stop_on_signal():
+    """For the stream's duration: the first SIGTERM or SIGINT asks the stream to stop after the
+    scenario in progress; a second one raises KeyboardInterrupt at once. The signals reach this
+    handler whatever the scenario is doing, because the soak's Dagster runs are off the main
+    thread (`ConvergenceHarness.run`)."""
+
+    def ask(signum: int, frame: Any) -> None:
+        if _STOP["signal"]:
+            signal.default_int_handler(signum, frame)
+        _STOP["signal"] = signal.Signals(signum).name
+        _say(
+            f"soak: {_STOP['signal']} received: stopping after the scenario in progress "
+            f"(#{cm.TOTALS['scenarios']}), or once hypothesis has reported a failing one; "
+            "send it again to stop at once"
+        )
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    before = {signum: signal.signal(signum, ask) for signum in handled}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def _soak(factory: Any, chosen: settings, given_seed: Any) -> None:
+    """`make soak`'s stream, which a signal may end between scenarios (a pass: see _STOP).
+
+    Unless --hypothesis-seed gave one, the stream's seed is drawn here and printed: SoakStopped
+    leaves hypothesis as a KeyboardInterrupt does, and with a seed hypothesis drew itself it
+    adds "You can reproduce this failure by adding @seed(...)", a false alarm again."""
+
+    def next_scenario() -> Any:
+        if _STOP["signal"] and not _STOP["failed"]:
+            raise SoakStopped
+        return factory()
+
+    if given_seed is None:
+        stream_seed = secrets.randbits(64)
+        next_scenario = seed(stream_seed)(next_scenario)
+        _say(f"soak: seed {stream_seed} (--hypothesis-seed={stream_seed} draws these scenarios)")
+    _say("soak: SIGTERM or SIGINT (Ctrl-C) stops the stream after the scenario in progress")
+    with _stop_on_signal():
+        try:
+            run_state_machine_as_test(next_scenario, settings=chosen)
+        except SoakStopped:
+            _STOP["stopped"] = True
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +264,29 @@ class ConvergenceHarness(Harness):
         self.instance.dispose()
         self.instance = cm.ephemeral_instance()
         self.held: Any = None  # the example's held DuckDB connection, while one is open
+
+    def run(self, job: str, partition_key: str | None = None, **kwargs: Any):
+        """In a soak, each run on a thread of its own, the main thread waiting for it: Python
+        hands signals to the main thread only, and Dagster, running there, takes SIGINT and
+        SIGTERM for itself: the run fails (DagsterExecutionInterruptedError), or the signal is
+        lost when the run ends. Off the main thread Dagster leaves signals alone, and the stop
+        asked for reaches `_stop_on_signal`."""
+        if not _SOAK:
+            return super().run(job, partition_key, **kwargs)
+        run, outcome = super().run, {}
+
+        def on_its_own_thread() -> None:
+            try:
+                outcome["result"] = run(job, partition_key, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=on_its_own_thread, name=f"soak {job}", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
     def query(self, sql: str, params: list[Any] | None = None):
         """The invariants' reads go through the held connection (same database, latest committed
@@ -625,8 +734,17 @@ class ConvergenceMachine(RuleBasedStateMachine):
 
     # -- quiescence and invariants -----------------------------------------------------------------
     def teardown(self) -> None:
+        # Hypothesis calls this in a `finally`: an exception on its way out is a failed rule (a
+        # stop then waits for hypothesis to report it, see `_soak`), or the KeyboardInterrupt of
+        # a soak's second signal, which stops at once, without the quiescence cycles.
+        leaving = sys.exc_info()[1]
+        _STOP["failed"] |= leaving is not None
         try:
-            self._quiesce_and_check()
+            if not (_STOP["signal"] and isinstance(leaving, KeyboardInterrupt)):
+                self._quiesce_and_check()
+        except BaseException:
+            _STOP["failed"] = True
+            raise
         finally:
             apply.TEST_HOOKS.after_write = None
             self.h.held = None
@@ -893,7 +1011,7 @@ HALVES = [None] if _SOAK else [1, 2]
     "half", [pytest.param(h, marks=pytest.mark.xdist_group(f"convergence-{h}")) for h in HALVES]
 )
 @pytest.mark.timeout(0 if _SOAK else 3600)
-def test_sync_converges(convergence_world, half):
+def test_sync_converges(convergence_world, half, request):
     chosen = settings.get_profile(cm.SOAK_PROFILE if _SOAK else cm.CI_PROFILE)
     factory: Any = ConvergenceMachine
     if half is not None:  # a fixed, different example stream per half (as derandomize would)
@@ -906,4 +1024,7 @@ def test_sync_converges(convergence_world, half):
     if os.environ.get("CONVERGENCE_RANDOM"):  # explore beyond the seeded CI examples
         chosen = settings(chosen, derandomize=False)
         factory = ConvergenceMachine
-    run_state_machine_as_test(factory, settings=chosen)
+    if _SOAK:
+        _soak(factory, chosen, request.config.getoption("--hypothesis-seed"))
+    else:
+        run_state_machine_as_test(factory, settings=chosen)
