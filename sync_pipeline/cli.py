@@ -1,4 +1,5 @@
-"""The `sync-pipeline` command: `emulators` runs both local API servers, `demo` shows them off.
+"""The `sync-pipeline` command: `emulators` runs both local API servers, `demo` shows them off,
+`compact` gives back the space that pruned history leaves in the DuckDB file.
 
 Each subcommand is one function taking the parsed arguments and returning an exit code, so a new
 one (`dev`) is a parser entry plus a function.
@@ -97,6 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_world_options(dev)
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default: 3000)")
     dev.set_defaults(handler=run_dev)
+
+    compact = commands.add_parser(
+        "compact",
+        help="rewrite the DuckDB file into a compact copy (gives back the space pruning freed)",
+        description="Copy the sync's DuckDB database into a new file next to it, check that "
+        "every table, column and row came across, and put the copy in place of the original. "
+        "DuckDB reuses the space deleted rows leave but never shrinks the file, so run this "
+        "once after a first large pruning. Stop the Dagster daemon and runs first: the "
+        "command refuses to touch a file another process has open.",
+    )
+    compact.add_argument(
+        "--database",
+        default=None,
+        metavar="PATH",
+        help="the DuckDB file (default: the one the Dagster code location uses, from "
+        "SYNC_DUCKDB_PATH or its default)",
+    )
+    compact.add_argument(
+        "--no-backup",
+        action="store_true",
+        help="do not keep the old file as PATH.before-compact: once the copy is checked and in "
+        "place, the old file is deleted and nothing is left to go back to",
+    )
+    compact.set_defaults(handler=run_compact)
     return parser
 
 
@@ -190,6 +215,45 @@ def run_dev(args: argparse.Namespace) -> int:
     from sync_pipeline.demo import run_dev as dev
 
     return dev(companies=args.companies, seed=args.seed, port=args.port)
+
+
+# --------------------------------------------------------------------------------------------
+# compact
+# --------------------------------------------------------------------------------------------
+def run_compact(args: argparse.Namespace) -> int:
+    from sync_pipeline.compact import CompactError, compact
+
+    if args.database is None:
+        from sync_pipeline.defs.resources import duckdb_path
+
+        database = duckdb_path()
+    else:
+        database = args.database
+    _say(f"Compacting {Path(database).absolute()} ...")
+    try:
+        done = compact(database, backup=not args.no_backup)
+    except CompactError as exc:
+        print(f"sync-pipeline compact: {exc}", file=sys.stderr, flush=True)
+        return 1
+    given_back = done.size_before - done.size_after
+    backup = (
+        f"{done.backup} (the file as it was; delete it once runs work on the compact one)"
+        if done.backup is not None
+        else "none (--no-backup)"
+    )
+    _say(
+        f"Compacted {done.database} in {done.seconds:.1f} s.",
+        f"  size before:   {_mb(done.size_before)}",
+        f"  size after:    {_mb(done.size_after)} ({_mb(given_back)} given back)",
+        f"  tables copied: {len(done.rows)} ({sum(done.rows.values()):,} rows; tables, columns, "
+        "row counts and contents checked against the original)",
+        f"  backup:        {backup}",
+    )
+    return 0
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ _SETTINGS_CACHE: dict[str, tuple[bytes, Settings]] = {}
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources for the code location, wired to environment variables."""
-    database = _env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)
+    database = duckdb_path()
     pacing = _env_or("SYNC_PACING_FILE", str(Path(database).parent / "api-pacing.sqlite"))
     return {
         "crm": CrmResource(
@@ -174,6 +174,11 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             mappings_dir=_env_or("SYNC_MAPPINGS_DIR", DEFAULT_MAPPINGS),
         ),
     }
+
+
+def duckdb_path() -> str:
+    """The DuckDB file the code location uses (also what `sync-pipeline compact` works on)."""
+    return _env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)
 
 
 def _env_or(name: str, default: str) -> str:
