@@ -37,7 +37,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import dbschema
+from sync_pipeline import dbschema, duck
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS sync_baseline (
@@ -98,7 +98,7 @@ def mark_pending(con: duckdb.DuckDBPyConnection, entity: str, side: str, ids_sql
 def _mark_ids(con: duckdb.DuckDBPyConnection, entity: str, erp_ids: Sequence[str]) -> None:
     """`mark_pending` for a list of Unleashed ids."""
     ids = pd.DataFrame({"erp_id": [str(x) for x in erp_ids]}, dtype=object)
-    con.register("_pending_ids", ids)
+    duck.register(con, "_pending_ids", ids)
     try:
         mark_pending(con, entity, "erp", "SELECT erp_id FROM _pending_ids")
     finally:
@@ -112,7 +112,7 @@ def _upsert(con: duckdb.DuckDBPyConnection, entity: str, frame: pd.DataFrame) ->
         return
     rows = frame[["erp_id", "field", "crm_value", "erp_value"]].astype(object)
     rows = rows.where(rows.notna(), "")
-    con.register("_baseline_rows", rows)
+    duck.register(con, "_baseline_rows", rows)
     try:
         merge_into_baseline(
             con,

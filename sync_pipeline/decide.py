@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from sync_pipeline import duck
 from sync_pipeline.mapping.normalise import normalise_series
 from sync_pipeline.mapping.schema import EntityMapping
 from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS
@@ -39,6 +40,11 @@ Q_MACRO = r"""CREATE OR REPLACE TEMP MACRO _q(x) AS
                  THEN replace(replace(replace(replace(replace(x, '\', '\\'), '''', '\'''),
                       chr(10), '\n'), chr(13), '\r'), chr(9), '\t')
                  ELSE coalesce(x, '') END || ''''"""  # one regex test: most values need no escape
+
+
+# What a reason shows for a time: to the millisecond (both APIs keep milliseconds; a conflict's
+# two records may be modified within the same second), the same width whatever the value.
+T_MACRO = "CREATE OR REPLACE TEMP MACRO _t(x) AS strftime(x, '%Y-%m-%d %H:%M:%S.%g')"
 
 
 def quote(value: Any) -> str:
@@ -120,7 +126,7 @@ def fill_python(
         f"SELECT kind, {expr} AS v FROM {table} WHERE {out} IS NULL AND {expr} IS NOT NULL"
         for out, expr in inputs.items()
     )
-    todo = con.execute(parts).to_arrow_table().to_pandas()
+    todo = duck.arrow(con, parts).to_pandas()
     if todo.empty:
         return
     frames = []
@@ -129,7 +135,7 @@ def fill_python(
         frames.append(
             pd.DataFrame({"_k": kind, "_v": group["v"].astype(object), "_n": done.astype(object)})
         )
-    con.register("_norm_py", pd.concat(frames, ignore_index=True))
+    duck.register(con, "_norm_py", pd.concat(frames, ignore_index=True))
     try:
         for out, expr in inputs.items():  # `expr` names columns of `table` only
             con.execute(
@@ -143,7 +149,7 @@ def fill_python(
 def canonical(con: duckdb.DuckDBPyConnection, values: pd.DataFrame, region: str) -> pd.DataFrame:
     """(kind, v) -> (kind, v, n) through the SQL rules and the Python fallback (the tests
     compare it with the Python normalisers)."""
-    con.register("_canon_in", values[["kind", "v"]])
+    duck.register(con, "_canon_in", values[["kind", "v"]])
     try:
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _canon AS
@@ -152,7 +158,7 @@ def canonical(con: duckdb.DuckDBPyConnection, values: pd.DataFrame, region: str)
     finally:
         con.unregister("_canon_in")
     fill_python(con, "_canon", {"n": "v"}, region)
-    out = con.execute("SELECT kind, v, n FROM _canon").to_arrow_table().to_pandas()
+    out = duck.arrow(con, "SELECT kind, v, n FROM _canon").to_pandas()
     con.execute("DROP TABLE _canon")
     return out
 
@@ -228,7 +234,9 @@ def decide(
     `problem(field, op, value)` says why the target system would refuse `value` (or None);
     `labels_sql` gives (erp_id, label): how a rejection names its record."""
     con.execute(Q_MACRO)
-    con.register(
+    con.execute(T_MACRO)
+    duck.register(
+        con,
         "_fields_in",
         _fields_frame(mapping, initial_policy=initial_policy, policy_of=policy_of, active=active),
     )
@@ -318,14 +326,14 @@ def decide(
                  WHEN 'conflict' THEN
                    'conflict: both sides changed ' || label || ' from ' || _q(base_crm)
                    || ': CRM ' || _q(crm_value) || ' (modified '
-                   || coalesce(CAST(crm_modified AS VARCHAR), 'unknown') || '), Unleashed '
+                   || coalesce(_t(crm_modified), 'unknown') || '), Unleashed '
                    || _q(erp_value) || ' (modified '
-                   || coalesce(CAST(erp_modified AS VARCHAR), 'unknown') || '); '
+                   || coalesce(_t(erp_modified), 'unknown') || '); '
                    || win || ' wins by policy ' || policy
                    || CASE WHEN policy <> 'newest' THEN ''
                            WHEN kept_winner IS NOT NULL THEN
                              ' (as decided when this conflict was first seen, '
-                             || CAST(kept_since AS VARCHAR) || '; neither value has changed since)'
+                             || _t(kept_since) || '; neither value has changed since)'
                            WHEN to_erp THEN ' (CRM record modified later)'
                            ELSE ' (Unleashed record modified later or at the same time)' END
                  ELSE
@@ -431,7 +439,7 @@ def _refusals(
     )
     if not whys:
         return
-    con.register("_whys", pd.DataFrame(whys, columns=["field", "op", "value", "why"]))
+    duck.register(con, "_whys", pd.DataFrame(whys, columns=["field", "op", "value", "why"]))
     try:
         con.execute(
             f"""INSERT INTO _refused

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 from filelock import FileLock
 
-from sync_pipeline import dbschema
+from sync_pipeline import dbschema, duck
 
 RAW_TABLES = {
     # table: has parent_id
@@ -245,7 +245,7 @@ def upsert_snapshot(
     frame = frame.sort_values("modified", na_position="first").drop_duplicates("id", keep="last")
     frame["modified"] = pd.to_datetime(frame["modified"])
     cols = list(frame.columns)
-    con.register("_incoming", frame)
+    duck.register(con, "_incoming", frame)
     try:
         changed = con.execute(
             f"""SELECT count(*) FROM _incoming i LEFT JOIN {table} t USING (id)
@@ -285,8 +285,8 @@ def deactivate_missing_children(
         }
     )
     present = pd.DataFrame({"id": present_ids or []}, dtype="string")
-    con.register("_parents", parents)
-    con.register("_present", present)
+    duck.register(con, "_parents", parents)
+    duck.register(con, "_present", present)
     try:
         gone = con.execute(
             f"""SELECT t.id FROM {table} t JOIN _parents p USING (parent_id)
@@ -506,7 +506,7 @@ def op_keys(frame: pd.DataFrame) -> list[str]:
     )
     con = duckdb.connect()
     try:
-        con.register("_key_rows", for_register(texts))
+        duck.register(con, "_key_rows", for_register(texts))
         rows = con.execute(
             f"""WITH t AS (SELECT _pos, {cast} FROM _key_rows)
                 SELECT left(sha256(CASE WHEN starts_with(coalesce(op, ''), 'create_')
@@ -566,7 +566,7 @@ def enqueue(
         )
     conflict = ops["conflict"] if "conflict" in ops else pd.Series(False, index=ops.index)
     frame["conflict"] = conflict.fillna(False).astype(bool).to_numpy()
-    con.register("_enq_rows", for_register(frame))
+    duck.register(con, "_enq_rows", for_register(frame))
     try:
         # The same change twice in one plan is one operation (the later row's values win).
         con.execute(
@@ -630,7 +630,7 @@ def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Ite
     kinds = list(ops)
     # The keys as a registered table, not a list parameter: binding a 465k-element list cost
     # about half a second per statement.
-    con.register("_keep_keys", pa.table({"op_key": pa.array(list(keep_keys), pa.string())}))
+    duck.register(con, "_keep_keys", pa.table({"op_key": pa.array(list(keep_keys), pa.string())}))
     try:
         con.execute(
             """UPDATE outbox SET status = 'in_doubt'
@@ -753,7 +753,7 @@ def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[
             "reason": rejects.get("reason", pd.Series(dtype="string")).astype("string"),
         }
     )
-    con.register("_rej", current)
+    duck.register(con, "_rej", current)
     try:
         resolved = con.execute(
             """UPDATE rejections r SET resolved_at = ? WHERE resolved_at IS NULL AND NOT EXISTS (
@@ -824,9 +824,9 @@ def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id:
         }
     ).drop_duplicates("op_key")
     now = utcnow()
-    con.register("_conflict_rows", frame)
+    duck.register(con, "_conflict_rows", frame)
     decisions = frame.drop_duplicates(["entity", "erp_id", "field"], keep="last")
-    con.register("_decision_rows", decisions)
+    duck.register(con, "_decision_rows", decisions)
     try:
         res = con.execute(
             """INSERT INTO conflicts

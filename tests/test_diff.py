@@ -211,7 +211,8 @@ def test_a_conflict_seen_again_keeps_the_time_it_was_first_seen(w):
     assert w.con.execute("SELECT seen_at, winner FROM conflict_decisions").fetchall() == [
         (first, "crm")
     ]
-    assert f"first seen, {first}" in one(plan(w), field="website")["reason"]
+    shown = f"{first:%Y-%m-%d %H:%M:%S}.{first.microsecond // 1000:03d}"
+    assert f"first seen, {shown}; neither" in one(plan(w), field="website")["reason"]
 
 
 def test_both_sides_changed_to_the_same_value_is_not_a_conflict(w):

@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from sync_pipeline import account_managers, apply, links, store
+from sync_pipeline import account_managers, apply, duck, links, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
@@ -150,7 +150,7 @@ def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
         plan.at[i, "reason"] = reason
         plan.at[i, "op"] = "reject"
     # The DuckDB table `sync_plan` shows what the run does, as the DataFrame does.
-    con.register("_refused_rows", pd.DataFrame(changed).astype(object))
+    duck.register(con, "_refused_rows", pd.DataFrame(changed).astype(object))
     try:
         con.execute(
             """UPDATE sync_plan p SET op = 'reject', reason = r.reason FROM _refused_rows r
