@@ -189,9 +189,9 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
     it without searching `sync_baseline` again).
 
     It is one query from the snapshot tables to the unpivoted rows, read once, by the
-    statement that normalises them (decide.py): DuckDB scans a temporary table made inside the
-    pass's transaction on one thread, so a table in between would serialise the normalisation
-    (1.6 s of 2 cores' work at 1M/3M records)."""
+    statement that normalises them (decide.py). (DuckDB 1.x scanned a temporary table made inside
+    the pass's transaction on one thread, so a table in between serialised the normalisation: 1.6
+    s of 2 cores' work at 1M/3M records. DuckDB 2 scans it on both.)"""
     names = list(mapping.fields)
     crm_paths = [s.crm for s in mapping.fields.values()]
     erp_paths = [s.erp for s in mapping.fields.values()]
