@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help=f"CRM server port, 0 for any free port (default: {DEFAULT_CRM_PORT})",
     )
+    emulators.add_argument(
+        "--unleashed-monthly-quota",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the local Unleashed account's monthly API usage limit: after N requests in a "
+        "calendar month (UTC) every request is refused until the 1st (default: no limit; "
+        "PUT /_admin/quota changes it while the server runs)",
+    )
     emulators.set_defaults(handler=run_emulators)
 
     demo = commands.add_parser(
@@ -156,7 +165,7 @@ def run_emulators(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"sync-pipeline: cannot start the local servers: {exc}", file=sys.stderr)
             return 1
-        _print_emulators(emulators, data_dir)
+        _print_emulators(emulators, data_dir, args.unleashed_monthly_quota)
         while not stop.wait(0.5):
             pass
         _say("", "Stopping the local servers ...")
@@ -168,8 +177,18 @@ def run_emulators(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_emulators(emulators: Any, data_dir: Path | None) -> None:
+def _print_emulators(emulators: Any, data_dir: Path | None, monthly_quota: int | None) -> None:
     held = emulators.holdings()
+    limit: list[str] = []
+    if monthly_quota is not None:
+        # Set once the counts above are read: they are asked over the API and would use it.
+        quota = emulators.set_unleashed_quota(monthly_quota)
+        limit = [
+            f"Unleashed's monthly API usage limit: {quota['monthly_quota']} requests, "
+            f"{quota['used']} used in {quota['month']} (UTC); past it every request is refused "
+            f"until {quota['resets_at']}.",
+            "",
+        ]
     unleashed, crm = held["unleashed"], held["crm"]
     env = emulators.env()
     state = (
@@ -196,6 +215,7 @@ def _print_emulators(emulators: Any, data_dir: Path | None) -> None:
         "Point the product at these servers with:",
         *(f"  export {name}={value}" for name, value in env.items()),
         "",
+        *limit,
         "Press Ctrl-C to stop.",
     )
 

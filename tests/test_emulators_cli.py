@@ -181,6 +181,30 @@ def test_a_restart_on_the_same_data_dir_keeps_changes(tmp_path: Path) -> None:
         stop(running, signal.SIGTERM)
 
 
+def test_a_monthly_usage_limit_set_on_the_command_line_refuses_requests_past_it(
+    tmp_path: Path,
+) -> None:
+    """`--unleashed-monthly-quota N`: N signed requests a month pass, the next is refused with
+    the reset time; the count survives a restart on the same data dir."""
+    data_dir = tmp_path / "state"
+    with emulators_process(data_dir, "--unleashed-monthly-quota", "2") as running:
+        assert "Unleashed's monthly API usage limit: 2 requests, 0 used" in running.output
+        env = running.exports
+        url = f"{env['UNLEASHED_BASE_URL']}/Salespersons/1"
+        headers = signed_headers(env["UNLEASHED_API_ID"], env["UNLEASHED_API_KEY"], "")
+        assert [httpx.get(url, headers=headers).status_code for _ in range(2)] == [200, 200]
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 429
+        assert "API usage limit reached" in refused.json()["Description"]
+        assert int(refused.headers["Retry-After"]) > 0
+        stop(running, signal.SIGTERM)
+    with emulators_process(data_dir, "--unleashed-monthly-quota", "2") as running:
+        assert "2 requests, 2 used" in running.output
+        url = f"{running.exports['UNLEASHED_BASE_URL']}/Salespersons/1"
+        assert httpx.get(url, headers=headers).status_code == 429
+        stop(running, signal.SIGTERM)
+
+
 def test_a_taken_port_is_reported_without_a_traceback(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
