@@ -88,6 +88,12 @@ class Settings(BaseModel):
         "resolved rejections and bad records); pruned nightly; 0 keeps everything",
     )
     history_pruning_at: time = time(3, 0)
+    unleashed_monthly_request_limit: int | None = Field(
+        None,
+        ge=1,
+        description="The Unleashed account's monthly API usage limit, if known: a check warns "
+        "once this sync has used 80% of it (the account's other integrations count too)",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -117,6 +123,9 @@ class Settings(BaseModel):
             "keep_history_days": str(self.keep_history_days)
             + (" (keep everything)" if self.keep_history_days == 0 else ""),
             "history_pruning_at": f"{self.history_pruning_at:%H:%M}",
+            "unleashed_monthly_request_limit": str(
+                self.unleashed_monthly_request_limit or "(not set)"
+            ),
             "initial_policy": self.initial_policy,
             "conflict_policies": ", ".join(f"{k}={v}" for k, v in self.conflict_policies.items())
             or "(mapping defaults)",

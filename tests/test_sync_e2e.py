@@ -704,15 +704,49 @@ def _check_results(result) -> dict[str, tuple[bool, dict]]:
     }
 
 
-def _run_sync_checks(h):
-    """The sync checks alone, as an operator runs them from the UI (no extract, no apply)."""
+def _run_sync_checks(h, checks=None):
+    """The sync checks alone (or `checks`), as an operator runs them from the UI (no extract,
+    no apply)."""
     from sync_pipeline.defs.checks import sync_checks
 
-    job = dg.define_asset_job("sync_checks_only", selection=dg.AssetSelection.checks(sync_checks))
+    selection = dg.AssetSelection.checks(checks or sync_checks)
+    job = dg.define_asset_job("checks_only", selection=selection)
     defs = dg.Definitions.merge(h.defs, dg.Definitions(jobs=[job]))
-    result = defs.resolve_job_def("sync_checks_only").execute_in_process(instance=h.instance)
+    result = defs.resolve_job_def("checks_only").execute_in_process(instance=h.instance)
     assert result.success
     return _check_results(result)
+
+
+def test_a_check_counts_this_months_unleashed_requests_and_warns_near_the_limit(harness, tmp_path):
+    """Every run process adds its Unleashed requests to the month's count in the pacing file;
+    the check on unleashed/customers shows it, and warns from 80% of the account's monthly
+    usage limit once the operator has set it."""
+    from sync_pipeline.defs import build_defs
+    from sync_pipeline.defs.checks import extract_counts
+    from sync_pipeline.defs.resources import UnleashedResource
+
+    h = harness
+    old = h.resources["unleashed"]
+    h.resources["unleashed"] = UnleashedResource(
+        base_url=old.base_url, api_id=old.api_id, api_key=old.api_key,
+        pacing_file=str(tmp_path / "api-pacing.sqlite"),
+    )  # fmt: skip
+    h.defs = build_defs(h.resources)
+    usage = "unleashed/customers:unleashed_usage_within_limit"
+    before = _unleashed_requests(h)
+    h.cycle()
+    h.push()
+    sent = _unleashed_requests(h) - before
+    passed, meta = _run_sync_checks(h, extract_counts)[usage]
+    assert passed and meta["requests_this_month"] == sent > 0 and meta["limit"] == "not set"
+    h.set_settings(unleashed_monthly_request_limit=sent * 2)
+    passed, meta = _run_sync_checks(h, extract_counts)[usage]
+    assert passed and meta["share_used"] == "50%"
+    h.set_settings(unleashed_monthly_request_limit=sent)
+    passed, meta = _run_sync_checks(h, extract_counts)[usage]
+    assert not passed and meta["share_used"] == "100%"
+    assert f"sent {sent:,} requests to Unleashed this month" in meta["why"]
+    assert f"limit of {sent:,}" in meta["why"]
 
 
 def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_day(harness):

@@ -18,6 +18,7 @@ from sync_pipeline.clients.base import (
     TransientApiError,
     UsageLimitError,
     ValidationError,
+    usage_log,
 )
 from sync_pipeline.clients.dates import decode_date, encode_date, encode_dates, next_month_start
 from sync_pipeline.clients.unleashed import (
@@ -633,6 +634,30 @@ def test_usage_limit_answers_are_told_apart_from_throttling_and_bad_credentials(
     assert isinstance(info.value, UsageLimitError) and len(sent) == 1
     expected = now + timedelta(hours=2) if limit == "retry-after" else next_month_start(now)
     assert abs(info.value.resets_at - expected) < timedelta(seconds=5)
+
+
+def test_requests_are_counted_per_month_in_the_pacing_file_by_every_client(tmp_path):
+    """What the account's monthly limit counts, as far as this deployment goes: every client
+    (every run process) adds its requests to the pacing file's count when it closes, also
+    when its last request failed; another month is another count."""
+    srv = start(tmp_path, monthly_quota=4)
+    pacing = str(tmp_path / "pacing.sqlite")
+    log = usage_log(pacing, srv.url + "/")
+    try:
+        with make_client(srv.url, pacing_file=pacing) as c:
+            c.get_customer(gid(1))
+            c.get_customer(gid(2))
+        assert log.this_month() == 2
+        with make_client(srv.url, pacing_file=pacing) as c:
+            c.get_customer(gid(1))
+            c.get_customer(gid(2))
+            with pytest.raises(UsageLimitError):
+                c.get_customer(gid(3))
+        assert log.this_month() == 5
+        assert log.this_month(datetime.now(UTC) + timedelta(days=40)) == 0
+        assert usage_log(None, srv.url) is None  # no pacing file: not counted
+    finally:
+        srv.stop()
 
 
 def test_the_usage_limit_resets_on_the_first_of_the_next_month_utc():

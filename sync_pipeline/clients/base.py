@@ -6,18 +6,20 @@ module only wires them to httpx and to the two APIs' error conventions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import random
+import sqlite3
 import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,54 @@ class Pacer:
             return cls._shared[ident]
 
 
+class UsageLog:
+    """Requests sent to one API account per calendar month (UTC), in the deployment's pacing file
+    (SQLite, under the pacer's file lock), so every process of the deployment adds to one count.
+    It is what an account's monthly usage limit counts (Unleashed: design §4.1), as far as this
+    deployment's share goes: other integrations of the account are not in it."""
+
+    def __init__(self, state_file: str, key: str) -> None:
+        self._path = state_file
+        self._account = hashlib.sha256(key.encode()).hexdigest()[:16]  # no key text stored
+        self._lock = FileLock(f"{state_file}.lock")
+
+    def _connect(self) -> sqlite3.Connection:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self._path, timeout=30)
+        con.execute(
+            """CREATE TABLE IF NOT EXISTS api_usage (account TEXT NOT NULL, month TEXT NOT NULL,
+               requests INTEGER NOT NULL, PRIMARY KEY (account, month))"""
+        )
+        return con
+
+    @staticmethod
+    def _month(now: datetime | None) -> str:
+        return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m")
+
+    def add(self, requests: int, now: datetime | None = None) -> None:
+        if requests <= 0:
+            return
+        with self._lock, contextlib.closing(self._connect()) as con, con:
+            con.execute(
+                """INSERT INTO api_usage VALUES (?, ?, ?) ON CONFLICT (account, month)
+                   DO UPDATE SET requests = requests + excluded.requests""",
+                (self._account, self._month(now), requests),
+            )
+
+    def this_month(self, now: datetime | None = None) -> int:
+        with self._lock, contextlib.closing(self._connect()) as con:
+            row = con.execute(
+                "SELECT requests FROM api_usage WHERE account = ? AND month = ?",
+                (self._account, self._month(now)),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+def usage_log(pacing_file: str | None, base_url: str) -> UsageLog | None:
+    """The usage log of the account behind `base_url` (None without a pacing file)."""
+    return UsageLog(pacing_file, base_url.rstrip("/")) if pacing_file else None
+
+
 @dataclass
 class RequestStats:
     """Requests actually sent (including retries), by method and path template."""
@@ -289,6 +339,9 @@ class BaseClient:
         # `pacing_file` shares the window with other processes (see Pacer).
         self._pacer = Pacer.shared(pacing_key or self.base_url, rates or [], pacing_file)
         self.stats = RequestStats()
+        # Requests sent are added to the month's count when the client closes (`close`).
+        self._usage = usage_log(pacing_file, self.base_url)
+        self._usage_recorded = 0
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _secrets(self) -> list[str]:
@@ -307,6 +360,9 @@ class BaseClient:
     # -- plumbing ---------------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()
+        if self._usage is not None:
+            self._usage.add(self.stats.total - self._usage_recorded)
+            self._usage_recorded = self.stats.total
 
     def __enter__(self):  # noqa: D105
         return self

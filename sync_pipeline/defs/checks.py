@@ -2,7 +2,8 @@
 operations that keep waiting get seen.
 
 The checks are grouped into two steps, each opening the database once: the extract counts (one
-check per extract asset) and the sync checks (links, rejections, waiting operations). Each is
+check per extract asset, and the Unleashed usage against the account's monthly limit) and the
+sync checks (links, rejections, waiting operations). Each is
 still its own asset check in the UI, on its own asset; a job selecting only some of those assets
 runs only their checks. Separate steps cost a cycle about 90 ms of step overhead and database
 opens for what are one-row queries.
@@ -21,7 +22,7 @@ from sync_pipeline.defs.extract import (
     crm_users,
     unleashed_salespersons,
 )
-from sync_pipeline.defs.resources import SyncDuckDB
+from sync_pipeline.defs.resources import SyncConfigResource, SyncDuckDB, UnleashedResource
 from sync_pipeline.defs.sync import pull_to_crm, push_to_unleashed, sync_links, sync_plan
 from sync_pipeline.report import md_table
 
@@ -45,16 +46,37 @@ def _count_description(key: dg.AssetKey) -> str:
     return "The last extract received as many records as the API said it had."
 
 
+USAGE = dg.AssetCheckKey(UNLEASHED_CUSTOMERS, "unleashed_usage_within_limit")
+# A warning from this share of the account's monthly usage limit on: Unleashed itself e-mails the
+# account at 90%, by which time a busy month may have days left.
+USAGE_WARN_SHARE = 0.8
+
+
 @dg.multi_asset_check(
     name="extracts_received_what_the_apis_reported",
     specs=[
-        dg.AssetCheckSpec(RECEIVED, asset=key, description=_count_description(key))
-        for key in COUNT_SOURCES
+        *(
+            dg.AssetCheckSpec(RECEIVED, asset=key, description=_count_description(key))
+            for key in COUNT_SOURCES
+        ),
+        dg.AssetCheckSpec(
+            USAGE.name,
+            asset=UNLEASHED_CUSTOMERS,
+            description="This deployment's Unleashed requests this month stay under 80% of the "
+            "account's monthly API usage limit (settings: unleashed_monthly_request_limit).",
+        ),
     ],
     can_subset=True,
 )
-def extract_counts(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
+def extract_counts(
+    context: dg.AssetCheckExecutionContext,
+    duckdb: SyncDuckDB,
+    unleashed: UnleashedResource,
+    sync_config: SyncConfigResource,
+):
     selected = context.selected_asset_check_keys
+    if USAGE in selected:
+        yield _unleashed_usage(unleashed, sync_config)
     with duckdb.get_connection() as con:
         rows = {
             source: (reported, received)
@@ -83,6 +105,35 @@ def extract_counts(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
             passed=reported == received,
             metadata={"api_reported": reported, "received": received},
         )
+
+
+def _unleashed_usage(
+    unleashed: UnleashedResource, sync_config: SyncConfigResource
+) -> dg.AssetCheckResult:
+    used = unleashed.requests_this_month()
+    limit = sync_config.settings().unleashed_monthly_request_limit
+    meta: dict = {"requests_this_month": used if used is not None else "not counted"}
+    if used is None or limit is None:
+        meta["limit"] = "not set" if used is not None else "no pacing file (SYNC_PACING_FILE)"
+        return dg.AssetCheckResult(
+            asset_key=USAGE.asset_key, check_name=USAGE.name, passed=True, metadata=meta
+        )
+    share = used / limit
+    meta |= {"limit": limit, "share_used": f"{share:.0%}"}
+    passed = share < USAGE_WARN_SHARE
+    if not passed:
+        meta["why"] = (
+            f"this deployment sent {used:,} requests to Unleashed this month, {share:.0%} of the "
+            f"account's limit of {limit:,} (the account's other integrations count too); once "
+            "the limit is used up Unleashed refuses every request until the 1st, 00:00 UTC"
+        )
+    return dg.AssetCheckResult(
+        asset_key=USAGE.asset_key,
+        check_name=USAGE.name,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=meta,
+    )
 
 
 ONE_TO_ONE = dg.AssetCheckKey(sync_links.key, "links_are_one_to_one")

@@ -16,7 +16,7 @@ import httpx
 from dagster_duckdb import DuckDBResource
 
 from sync_pipeline import store
-from sync_pipeline.clients.base import RetrySettings
+from sync_pipeline.clients.base import RetrySettings, usage_log
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
@@ -103,6 +103,12 @@ class UnleashedResource(dg.ConfigurableResource):
                 initial_wait=self.retry_initial_wait_s, max_wait=self.retry_max_wait_s
             ),
         )
+
+    def requests_this_month(self) -> int | None:
+        """Requests this deployment sent to the account this calendar month (UTC), from the
+        pacing file every process adds to (None without one: not counted)."""
+        log = usage_log(self.pacing_file or None, self.base_url)
+        return None if log is None else log.this_month()
 
 
 class SyncDuckDB(DuckDBResource):
