@@ -73,3 +73,18 @@ def test_a_signal_stops_the_soak_after_the_scenario_in_progress(signum):
     assert "not a failure" in out, tail
     alarms = [a for a in FALSE_ALARMS if a in out]
     assert not alarms, tail
+
+
+def test_hypothesis_ending_an_example_itself_is_not_a_failed_rule():
+    """An example that runs out of data ends with hypothesis's StopTest on its way through the
+    machine's teardown. Counted as a failed rule, it kept a requested stop waiting for a failure
+    report that never came, and the stream ran on."""
+    from hypothesis.errors import Frozen, StopTest, UnsatisfiedAssumption
+
+    from tests.test_convergence import failed_rule
+
+    assert not failed_rule(None)
+    for control_flow in (StopTest(0), UnsatisfiedAssumption(), Frozen()):
+        assert not failed_rule(control_flow)
+    assert failed_rule(AssertionError("a lost edit"))
+    assert failed_rule(RuntimeError("a sync job failed with faults off"))
