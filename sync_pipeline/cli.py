@@ -165,7 +165,14 @@ def run_emulators(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"sync-pipeline: cannot start the local servers: {exc}", file=sys.stderr)
             return 1
-        _print_emulators(emulators, data_dir, args.unleashed_monthly_quota)
+        held = emulators.holdings()
+        # Set once the counts are read: they are asked over the API and would use the limit.
+        quota = (
+            None
+            if args.unleashed_monthly_quota is None
+            else emulators.set_unleashed_quota(args.unleashed_monthly_quota)
+        )
+        _print_emulators(emulators, data_dir, held, quota)
         while not stop.wait(0.5):
             pass
         _say("", "Stopping the local servers ...")
@@ -177,12 +184,11 @@ def run_emulators(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_emulators(emulators: Any, data_dir: Path | None, monthly_quota: int | None) -> None:
-    held = emulators.holdings()
+def _print_emulators(
+    emulators: Any, data_dir: Path | None, held: dict[str, Any], quota: dict[str, Any] | None
+) -> None:
     limit: list[str] = []
-    if monthly_quota is not None:
-        # Set once the counts above are read: they are asked over the API and would use it.
-        quota = emulators.set_unleashed_quota(monthly_quota)
+    if quota is not None:
         limit = [
             f"Unleashed's monthly API usage limit: {quota['monthly_quota']} requests, "
             f"{quota['used']} used in {quota['month']} (UTC); past it every request is refused "

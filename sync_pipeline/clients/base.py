@@ -314,6 +314,7 @@ class BaseClient:
     """An httpx.Client with pacing, retries and error mapping. Subclasses add auth and paging."""
 
     system = "API"
+    monthly_limit = False  # the account has a monthly usage limit: requests are counted
 
     def __init__(
         self,
@@ -339,8 +340,9 @@ class BaseClient:
         # `pacing_file` shares the window with other processes (see Pacer).
         self._pacer = Pacer.shared(pacing_key or self.base_url, rates or [], pacing_file)
         self.stats = RequestStats()
-        # Requests sent are added to the month's count when the client closes (`close`).
-        self._usage = usage_log(pacing_file, self.base_url)
+        # Requests sent are added to the month's count when the client closes (`close`), for
+        # an API whose account has a monthly usage limit.
+        self._usage = usage_log(pacing_file, self.base_url) if self.monthly_limit else None
         self._usage_recorded = 0
 
     # -- to be provided by subclasses -------------------------------------------------------

@@ -211,6 +211,7 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 class UnleashedClient(BaseClient):
     system = "Unleashed"
+    monthly_limit = True  # design §4.1
 
     def __init__(
         self,

@@ -62,8 +62,9 @@ USAGE_WARN_SHARE = 0.8
         dg.AssetCheckSpec(
             USAGE.name,
             asset=UNLEASHED_CUSTOMERS,
-            description="This deployment's Unleashed requests this month stay under 80% of the "
-            "account's monthly API usage limit (settings: unleashed_monthly_request_limit).",
+            description=f"This deployment's Unleashed requests this month stay under "
+            f"{USAGE_WARN_SHARE:.0%} of the account's monthly API usage limit (settings: "
+            "unleashed_monthly_request_limit).",
         ),
     ],
     can_subset=True,
@@ -112,21 +113,22 @@ def _unleashed_usage(
 ) -> dg.AssetCheckResult:
     used = unleashed.requests_this_month()
     limit = sync_config.settings().unleashed_monthly_request_limit
-    meta: dict = {"requests_this_month": used if used is not None else "not counted"}
-    if used is None or limit is None:
-        meta["limit"] = "not set" if used is not None else "no pacing file (SYNC_PACING_FILE)"
-        return dg.AssetCheckResult(
-            asset_key=USAGE.asset_key, check_name=USAGE.name, passed=True, metadata=meta
-        )
-    share = used / limit
-    meta |= {"limit": limit, "share_used": f"{share:.0%}"}
-    passed = share < USAGE_WARN_SHARE
-    if not passed:
-        meta["why"] = (
-            f"this deployment sent {used:,} requests to Unleashed this month, {share:.0%} of the "
-            f"account's limit of {limit:,} (the account's other integrations count too); once "
-            "the limit is used up Unleashed refuses every request until the 1st, 00:00 UTC"
-        )
+    meta: dict = {"requests_this_month": "not counted" if used is None else used}
+    passed = True
+    if used is None:
+        meta["limit"] = "no pacing file (SYNC_PACING_FILE)"
+    elif limit is None:
+        meta["limit"] = "not set"
+    else:
+        share = used / limit
+        meta |= {"limit": limit, "share_used": f"{share:.0%}"}
+        passed = share < USAGE_WARN_SHARE
+        if not passed:
+            meta["why"] = (
+                f"this deployment sent {used:,} requests to Unleashed this month, {share:.0%} of "
+                f"the account's limit of {limit:,} (the account's other integrations count too); "
+                "once the limit is used up Unleashed refuses every request until the 1st, 00:00 UTC"
+            )
     return dg.AssetCheckResult(
         asset_key=USAGE.asset_key,
         check_name=USAGE.name,
