@@ -376,7 +376,11 @@ def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     same agreed value) is planned again, because the winner's value was refused or its write did
     not happen yet, it keeps its first winner: the sync's own write to another field of the
     record moves the record's modified time, and must not turn the decision round. A new value on
-    either side is a new conflict, decided afresh."""
+    either side is a new conflict, decided afresh.
+
+    Only rows whose two raw values both left the baseline can be a conflict (a side that moved
+    after normalisation moved raw), so only their records are looked up: a few thousand of the
+    hundreds of thousands of candidates, in a log with a row per field ever in conflict."""
     (has_table,) = con.execute(
         """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'conflict_decisions'
            AND NOT temporary AND database_name = current_database()"""
@@ -384,7 +388,8 @@ def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     source = (
         f"""SELECT erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
             FROM conflict_decisions WHERE entity = '{entity}'
-              AND erp_id IN (SELECT erp_id FROM _cf)"""
+              AND erp_id IN (SELECT erp_id FROM _cf
+                             WHERE crm_value <> base_crm AND erp_value <> base_erp)"""
         if has_table
         else """SELECT NULL::VARCHAR AS erp_id, NULL::VARCHAR AS field,
                        NULL::VARCHAR AS crm_value, NULL::VARCHAR AS erp_value,
