@@ -71,6 +71,15 @@ class Harness:
     def push(self):
         return self.run("crm_push_job")
 
+    def use_pacing_file(self, path: Path) -> None:
+        """Give the Unleashed resource a pacing file, as a deployment has (`default_resources`):
+        the month's request count and a used-up usage limit are kept there."""
+        old = self.resources["unleashed"]
+        self.resources["unleashed"] = UnleashedResource(
+            base_url=old.base_url, api_id=old.api_id, api_key=old.api_key, pacing_file=str(path)
+        )
+        self.defs = build_defs(self.resources)
+
     def set_settings(self, **changes: Any) -> None:
         current = Settings.model_validate(
             __import__("yaml").safe_load(self.settings_file.read_text())

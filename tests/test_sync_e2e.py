@@ -721,17 +721,10 @@ def test_a_check_counts_this_months_unleashed_requests_and_warns_near_the_limit(
     """Every run process adds its Unleashed requests to the month's count in the pacing file;
     the check on unleashed/customers shows it, and warns from 80% of the account's monthly
     usage limit once the operator has set it."""
-    from sync_pipeline.defs import build_defs
     from sync_pipeline.defs.checks import extract_counts
-    from sync_pipeline.defs.resources import UnleashedResource
 
     h = harness
-    old = h.resources["unleashed"]
-    h.resources["unleashed"] = UnleashedResource(
-        base_url=old.base_url, api_id=old.api_id, api_key=old.api_key,
-        pacing_file=str(tmp_path / "api-pacing.sqlite"),
-    )  # fmt: skip
-    h.defs = build_defs(h.resources)
+    h.use_pacing_file(tmp_path / "api-pacing.sqlite")
     usage = "unleashed/customers:unleashed_usage_within_limit"
     before = _unleashed_requests(h)
     h.cycle()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,6 +30,7 @@ from sync_pipeline.clients.unleashed import (
     format_modified_since,
     signature,
 )
+from sync_pipeline.defs.resources import UnleashedResource
 from sync_pipeline.emulators.common import FaultConfig, ServerThread
 from sync_pipeline.emulators.unleashed_server import (
     LOCAL_API_ID,
@@ -658,6 +661,81 @@ def test_requests_are_counted_per_month_in_the_pacing_file_by_every_client(tmp_p
         assert usage_log(None, srv.url) is None  # no pacing file: not counted
     finally:
         srv.stop()
+
+
+def test_a_used_up_limit_is_kept_in_the_pacing_file_until_a_request_succeeds(tmp_path):
+    """The refusal is recorded for every process of the deployment (the automation pauses on
+    it): the time it was seen and the reset, under the account's key, never the credentials.
+    The next successful request clears it, from the client that was refused or from any other
+    (the limit was raised, or has reset)."""
+    srv = start(tmp_path, monthly_quota=2)
+    pacing = str(tmp_path / "pacing.sqlite")
+    mine, other_process = usage_log(pacing, srv.url), usage_log(pacing, srv.url + "/")
+    try:
+        with make_client(srv.url, pacing_file=pacing) as c:
+            c.get_customer(gid(1))
+            assert mine.blocked_until() is None
+            c.get_customer(gid(1))
+            before = datetime.now(UTC)
+            with pytest.raises(UsageLimitError) as info:
+                c.get_customer(gid(1))
+            block = other_process.current_block()
+            assert block is not None and block.resets_at == info.value.resets_at
+            assert abs(block.resets_at - next_month_start(before)) < timedelta(seconds=5)
+            assert before <= block.seen_at <= datetime.now(UTC) and block.probed_at is None
+            assert mine.blocked_until() == info.value.resets_at
+            admin(srv, "PUT", "/quota", {"monthly_quota": 3})  # the account bought more calls
+            c.get_customer(gid(1))  # the refused client itself succeeds
+        assert mine.blocked_until() is None and other_process.blocked_until() is None
+
+        with make_client(srv.url, pacing_file=pacing) as c, pytest.raises(UsageLimitError):
+            c.get_customer(gid(1))
+        assert other_process.blocked_until() is not None
+        admin(srv, "PUT", "/quota", {"monthly_quota": None})
+        with make_client(srv.url, pacing_file=pacing) as another:  # another run process
+            another.list_salespersons()
+        assert mine.blocked_until() is None
+    finally:
+        srv.stop()
+    with sqlite3.connect(pacing) as con:
+        accounts = {a for (a,) in con.execute("SELECT account FROM api_usage")}
+        accounts |= {a for (a,) in con.execute("SELECT account FROM api_usage_block")}
+    assert accounts == {hashlib.sha256(srv.url.encode()).hexdigest()[:16]}
+    stored = (tmp_path / "pacing.sqlite").read_bytes()
+    for secret in (LOCAL_API_KEY, LOCAL_API_ID, srv.url):
+        assert secret.encode() not in stored
+
+
+def test_a_block_ends_at_its_reset_and_no_pacing_file_keeps_none(tmp_path, monkeypatch):
+    """Once the reset time is reached the block is over, whether or not a request has succeeded
+    since; a new block after that starts afresh (no probe time carried over). Without a pacing
+    file nothing is kept: the automation cannot pause, and runs stop as before."""
+    log = usage_log(str(tmp_path / "pacing.sqlite"), "https://api.unleashedsoftware.com")
+    seen, reset = datetime(2026, 11, 23, 10, 0, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    log.block(reset, now=seen)
+    assert log.blocked_until(seen) == reset
+    assert log.blocked_until(reset - timedelta(seconds=1)) == reset
+    assert log.blocked_until(reset) is None and log.current_block(reset) is None
+    log.probed(seen + timedelta(hours=1))
+    log.block(reset, now=seen + timedelta(hours=1, minutes=1))  # the probe was refused too
+    assert log.current_block(seen).probed_at == seen + timedelta(hours=1)
+    log.block(datetime(2027, 1, 1, tzinfo=UTC), now=datetime(2026, 12, 20, tzinfo=UTC))
+    assert log.current_block(datetime(2026, 12, 20, tzinfo=UTC)).probed_at is None
+
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    refuse = httpx.MockTransport(
+        lambda request: httpx.Response(429, json={"Description": "API usage limit reached"})
+    )
+    client = make_client("https://unleashed.test", transport=refuse)
+    with client, pytest.raises(UsageLimitError):
+        client.get_customer(gid(1))
+    resource = UnleashedResource(
+        base_url="https://unleashed.test", api_id=LOCAL_API_ID, api_key=LOCAL_API_KEY
+    )
+    assert resource.usage_blocked_until() is None and resource.requests_this_month() is None
+    assert list(workdir.iterdir()) == []
 
 
 def test_the_usage_limit_resets_on_the_first_of_the_next_month_utc():

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ from tenacity import (
 log = logging.getLogger("sync_pipeline.clients")
 
 REDACTED = "***"
+# A client that keeps succeeding clears a usage-limit block recorded meanwhile by another process
+# within this many seconds (see BaseClient._clear_block).
+BLOCK_RECHECK_S = 60.0
 
 
 class ApiError(Exception):
@@ -243,11 +246,39 @@ class Pacer:
             return cls._shared[ident]
 
 
+PROBE_EVERY = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class UsageBlock:
+    """A used-up usage limit as the deployment last saw it: when a request was refused
+    (`seen_at`), when the service said the limit resets (`resets_at`), and when the automation
+    last launched a run to find out whether it still holds (`probed_at`)."""
+
+    seen_at: datetime
+    resets_at: datetime
+    probed_at: datetime | None = None
+
+    def next_probe(self, every: timedelta = PROBE_EVERY) -> datetime:
+        """The earliest time for the next probe: `every` after the last probe, or after the
+        refusal when nothing has probed yet."""
+        return (self.probed_at or self.seen_at) + every
+
+    def probe_due(self, when: datetime, every: timedelta = PROBE_EVERY) -> bool:
+        """Whether a tick at `when` should probe. A tick evaluated again for the same time
+        (the daemon retries a tick whose runs it could not launch) gets the same answer."""
+        return when == self.probed_at or when >= self.next_probe(every)
+
+
 class UsageLog:
     """Requests sent to one API account per calendar month (UTC), in the deployment's pacing file
     (SQLite, under the pacer's file lock), so every process of the deployment adds to one count.
     It is what an account's monthly usage limit counts (Unleashed: design §4.1), as far as this
-    deployment's share goes: other integrations of the account are not in it."""
+    deployment's share goes: other integrations of the account are not in it.
+
+    The same file keeps the block: when the service last refused a request because the limit is
+    used up, and until when. Any later successful request clears it (the limit was raised or has
+    reset), whichever process sends it."""
 
     def __init__(self, state_file: str, key: str) -> None:
         self._path = state_file
@@ -260,6 +291,11 @@ class UsageLog:
         con.execute(
             """CREATE TABLE IF NOT EXISTS api_usage (account TEXT NOT NULL, month TEXT NOT NULL,
                requests INTEGER NOT NULL, PRIMARY KEY (account, month))"""
+        )
+        # Times as ISO 8601 text in UTC.
+        con.execute(
+            """CREATE TABLE IF NOT EXISTS api_usage_block (account TEXT PRIMARY KEY,
+               seen_at TEXT NOT NULL, resets_at TEXT NOT NULL, probed_at TEXT)"""
         )
         return con
 
@@ -284,6 +320,69 @@ class UsageLog:
                 (self._account, self._month(now)),
             ).fetchone()
         return int(row[0]) if row else 0
+
+    # -- the block ------------------------------------------------------------------------------
+    def block(self, resets_at: datetime, now: datetime | None = None) -> None:
+        """Record that the service refused a request at `now` because the limit is used up until
+        `resets_at`. The last probe time is kept while the same block goes on."""
+        now = _utc(now or datetime.now(UTC))
+        with self._lock, contextlib.closing(self._connect()) as con, con:
+            current = self._read(con)
+            ongoing = current is not None and current.resets_at > now
+            probed = current.probed_at if current is not None and ongoing else None
+            con.execute(
+                "INSERT OR REPLACE INTO api_usage_block VALUES (?, ?, ?, ?)",
+                (
+                    self._account,
+                    now.isoformat(),
+                    _utc(resets_at).isoformat(),
+                    probed.isoformat() if probed else None,
+                ),
+            )
+
+    def current_block(self, now: datetime | None = None) -> UsageBlock | None:
+        """The block in force at `now`, if any: None once `now` has reached its reset time."""
+        now = _utc(now or datetime.now(UTC))
+        with self._lock, contextlib.closing(self._connect()) as con:
+            block = self._read(con)
+        return block if block is not None and now < block.resets_at else None
+
+    def blocked_until(self, now: datetime | None = None) -> datetime | None:
+        """When the block in force at `now` ends (None: no block)."""
+        block = self.current_block(now)
+        return block.resets_at if block else None
+
+    def probed(self, when: datetime) -> None:
+        """Record that a run was launched at `when` to find out whether the block still holds."""
+        with self._lock, contextlib.closing(self._connect()) as con, con:
+            con.execute(
+                "UPDATE api_usage_block SET probed_at = ? WHERE account = ?",
+                (_utc(when).isoformat(), self._account),
+            )
+
+    def clear(self) -> None:
+        """Forget the block: a request went through, so the limit was raised or has reset."""
+        with self._lock, contextlib.closing(self._connect()) as con, con:
+            con.execute("DELETE FROM api_usage_block WHERE account = ?", (self._account,))
+
+    def _read(self, con: sqlite3.Connection) -> UsageBlock | None:
+        row = con.execute(
+            "SELECT seen_at, resets_at, probed_at FROM api_usage_block WHERE account = ?",
+            (self._account,),
+        ).fetchone()
+        if row is None:
+            return None
+        seen, resets, probed = row
+        return UsageBlock(
+            seen_at=datetime.fromisoformat(seen),
+            resets_at=datetime.fromisoformat(resets),
+            probed_at=datetime.fromisoformat(probed) if probed else None,
+        )
+
+
+def _utc(when: datetime) -> datetime:
+    """`when` in UTC; a naive datetime is taken as UTC."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def usage_log(pacing_file: str | None, base_url: str) -> UsageLog | None:
@@ -344,6 +443,11 @@ class BaseClient:
         # an API whose account has a monthly usage limit.
         self._usage = usage_log(pacing_file, self.base_url) if self.monthly_limit else None
         self._usage_recorded = 0
+        # When this client last cleared the recorded block (monotonic; None: not since its last
+        # refusal). A success clears it at most once a minute: any success shows the limit was
+        # raised or has reset, whichever process recorded the block, but a write per request
+        # would cost a file lock and a SQLite transaction each.
+        self._block_cleared_at: float | None = None
 
     # -- to be provided by subclasses -------------------------------------------------------
     def _secrets(self) -> list[str]:
@@ -445,6 +549,13 @@ class BaseClient:
         self.stats.statuses[response.status_code] += 1
         return self._decode(method, label, response)
 
+    def _clear_block(self) -> None:
+        now = time.monotonic()
+        if self._block_cleared_at is None or now - self._block_cleared_at >= BLOCK_RECHECK_S:
+            assert self._usage is not None
+            self._usage.clear()
+            self._block_cleared_at = now
+
     def _decode(self, method: str, label: str, response: httpx.Response) -> Any:
         status = response.status_code
         if status >= 400:
@@ -452,6 +563,9 @@ class BaseClient:
             args = (self.system, method, label, status, message)
             resets_at = self._usage_limit_reset(response, message)
             if resets_at is not None:
+                if self._usage is not None:
+                    self._usage.block(resets_at)
+                    self._block_cleared_at = None
                 raise UsageLimitError(*args, resets_at=resets_at)
             if status == 429 or status >= 500:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -463,6 +577,8 @@ class BaseClient:
             if status in (400, 409, 422):
                 raise ValidationError(*args, body=_safe_json(response))
             raise ApiError(*args)
+        if self._usage is not None and 200 <= status < 300:
+            self._clear_block()
         if status == 204 or not response.content:
             return None
         try:

@@ -1,5 +1,7 @@
 """Jobs, the CRM change sensor and the schedules. Every tick re-reads the settings file, so an
-operator's change takes effect on the next tick, and a tick that does nothing says why."""
+operator's change takes effect on the next tick, and a tick that does nothing says why. While
+Unleashed's monthly usage limit is used up, the ticks that would call Unleashed skip, saying until
+when, and the daytime import probes once an hour whether it was raised."""
 
 import json
 from collections.abc import Callable
@@ -9,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from sync_pipeline.changes import latest_modified
-from sync_pipeline.clients.base import ApiError
+from sync_pipeline.clients.base import ApiError, UsageBlock
 from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
 from sync_pipeline.defs.extract import (
     CRM_EXTRACTS,
@@ -18,7 +20,7 @@ from sync_pipeline.defs.extract import (
     crm_companies,
     crm_contacts,
 )
-from sync_pipeline.defs.resources import CrmResource, SyncConfigResource
+from sync_pipeline.defs.resources import CrmResource, SyncConfigResource, UnleashedResource
 from sync_pipeline.defs.sync import (
     account_manager_candidates,
     account_manager_fix,
@@ -104,6 +106,21 @@ def _hour_partition(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
 
 
+def _utc_and_local(when: datetime, settings: Settings) -> str:
+    local = when.astimezone(settings.zone)
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC ({local:%Y-%m-%d %H:%M} {settings.timezone})"
+
+
+def _usage_limit_pause(block: UsageBlock, settings: Settings, what_waits: str) -> str:
+    """Why a tick does nothing while Unleashed's monthly usage limit is used up: since when,
+    until when (UTC and the settings' time zone), and what waits."""
+    return (
+        "Paused: Unleashed's monthly API usage limit is used up (a request was refused at "
+        f"{block.seen_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC); Unleashed refuses every request "
+        f"until the limit resets on {_utc_and_local(block.resets_at, settings)}. {what_waits}"
+    )
+
+
 @dg.sensor(
     job=crm_push_job,
     minimum_interval_seconds=5,
@@ -111,13 +128,29 @@ def _hour_partition(when: datetime) -> str:
     description="Polls the CRM for companies and contacts changed since the cursor; then a push.",
 )
 def crm_change_sensor(
-    context: dg.SensorEvaluationContext, crm: CrmResource, sync_config: SyncConfigResource
+    context: dg.SensorEvaluationContext,
+    crm: CrmResource,
+    unleashed: UnleashedResource,
+    sync_config: SyncConfigResource,
 ):
     settings = sync_config.settings()
     if not settings.two_way_sync:
         return dg.SkipReason(
             "Two-way sync is off in the settings (two_way_sync: false): CRM changes are not "
             "pushed to Unleashed. The daytime import of new Unleashed records continues."
+        )
+    block = unleashed.usage_block()
+    if block is not None:
+        # The cursor stays where it is, so the changes made meanwhile are pushed afterwards.
+        return dg.SkipReason(
+            _usage_limit_pause(
+                block,
+                settings,
+                "CRM changes are not pushed meanwhile; they wait in the CRM. The sensor resumes "
+                "on its own at the reset, or as soon as an Unleashed request succeeds again "
+                "(the daytime import probes once an hour, so a raised limit is noticed), and "
+                "then pushes every change made meanwhile.",
+            )
         )
     cursor = json.loads(context.cursor) if context.cursor else {}
     now = datetime.now(UTC)
@@ -158,7 +191,11 @@ def crm_change_sensor(
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daytime imports from Unleashed (hours, days and interval from the settings file).",
 )
-def daytime_import_schedule(context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource):
+def daytime_import_schedule(
+    context: dg.ScheduleEvaluationContext,
+    sync_config: SyncConfigResource,
+    unleashed: UnleashedResource,
+):
     settings = sync_config.settings()
     when = context.scheduled_execution_time or datetime.now(UTC)
     local = when.astimezone(settings.zone)
@@ -168,10 +205,35 @@ def daytime_import_schedule(context: dg.ScheduleEvaluationContext, sync_config: 
             f"Outside the import window ({','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} "
             f"every {w.every_minutes} min, {settings.timezone}); local time {local:%a %H:%M}."
         )
+    tick = f"{when.astimezone(UTC):%Y-%m-%dT%H:%M}"
+    block = unleashed.usage_block(when)
+    if block is None:
+        return dg.RunRequest(
+            run_key=f"import:{tick}",
+            partition_key=_hour_partition(when),
+            tags={"sync/trigger": "daytime-import"},
+        )
+    if not block.probe_due(when):
+        next_probe = _utc_and_local(block.next_probe(), settings)
+        return dg.SkipReason(
+            _usage_limit_pause(
+                block,
+                settings,
+                "Imports are paused meanwhile and resume on their own at the reset, or as soon "
+                "as an Unleashed request succeeds again (the limit was raised): one probe import "
+                f"runs each hour to find out, the next from {next_probe}.",
+            )
+        )
+    # The probe is the normal import: if the limit was raised, it imports and clears the block;
+    # if not, it fails naming the limit, once an hour instead of at every tick.
+    unleashed.record_usage_probe(when)
     return dg.RunRequest(
-        run_key=f"import:{when.astimezone(UTC):%Y-%m-%dT%H:%M}",
+        run_key=f"usage-limit-probe:{tick}",
         partition_key=_hour_partition(when),
-        tags={"sync/trigger": "daytime-import"},
+        tags={
+            "sync/trigger": "usage-limit-probe",
+            "sync/usage-limit-resets-at": block.resets_at.astimezone(UTC).isoformat(),
+        },
     )
 
 
@@ -182,20 +244,18 @@ def _nightly_schedule(
     off: Callable[[Settings], str | None],
     at: Callable[[Settings], time],
     request: Callable[[datetime, datetime], dg.RunRequest],
+    while_usage_limited: str | None = None,
 ) -> dg.ScheduleDefinition:
     """A nightly schedule: it ticks every 5 minutes and runs on the tick at its set local time
     (`at`), unless the settings switch it off (`off` says why). `request(when, local)` is the
-    run to launch."""
+    run to launch. A job that calls Unleashed passes `while_usage_limited` (what happens to it
+    while the account's monthly usage limit is used up): it is then skipped, saying so."""
 
-    @dg.schedule(
-        name=name,
-        job=job,
-        cron_schedule="*/5 * * * *",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=description,
-    )
-    def _schedule(context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource):
-        settings = sync_config.settings()
+    def evaluate(
+        context: dg.ScheduleEvaluationContext,
+        settings: Settings,
+        unleashed: UnleashedResource | None,
+    ) -> dg.RunRequest | dg.SkipReason:
         why = off(settings)
         if why:
             return dg.SkipReason(why)
@@ -205,7 +265,34 @@ def _nightly_schedule(
         minutes = local.hour * 60 + local.minute - (run_at.hour * 60 + run_at.minute)
         if not 0 <= minutes < 5:
             return dg.SkipReason(f"Runs at {run_at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
+        block = unleashed.usage_block(when) if unleashed is not None else None
+        if block is not None and while_usage_limited:
+            return dg.SkipReason(_usage_limit_pause(block, settings, while_usage_limited))
         return request(when, local)
+
+    spec: dict[str, Any] = dict(
+        name=name,
+        job=job,
+        cron_schedule="*/5 * * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+    # Only a schedule whose job calls Unleashed asks for the Unleashed resource.
+    if while_usage_limited:
+
+        @dg.schedule(**spec)
+        def _limited(
+            context: dg.ScheduleEvaluationContext,
+            sync_config: SyncConfigResource,
+            unleashed: UnleashedResource,
+        ):
+            return evaluate(context, sync_config.settings(), unleashed)
+
+        return _limited
+
+    @dg.schedule(**spec)
+    def _schedule(context: dg.ScheduleEvaluationContext, sync_config: SyncConfigResource):
+        return evaluate(context, sync_config.settings(), None)
 
     return _schedule
 
@@ -226,6 +313,8 @@ overnight_account_manager_fix_schedule = _nightly_schedule(
         partition_key=_hour_partition(when),
         tags={"sync/trigger": "overnight-fix"},
     ),
+    while_usage_limited="The overnight account-manager fix is skipped tonight; it runs again on "
+    "the first night after the limit resets or is raised.",
 )
 
 history_pruning_schedule = _nightly_schedule(

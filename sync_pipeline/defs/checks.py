@@ -64,7 +64,8 @@ USAGE_WARN_SHARE = 0.8
             asset=UNLEASHED_CUSTOMERS,
             description=f"This deployment's Unleashed requests this month stay under "
             f"{USAGE_WARN_SHARE:.0%} of the account's monthly API usage limit (settings: "
-            "unleashed_monthly_request_limit).",
+            "unleashed_monthly_request_limit), and Unleashed is not refusing them because the "
+            "limit is used up.",
         ),
     ],
     can_subset=True,
@@ -129,6 +130,15 @@ def _unleashed_usage(
                 f"the account's limit of {limit:,} (the account's other integrations count too); "
                 "once the limit is used up Unleashed refuses every request until the 1st, 00:00 UTC"
             )
+    block = unleashed.usage_block()
+    if block is not None:
+        passed = False
+        meta["blocked"] = (
+            f"the limit is used up: Unleashed refused a request at {block.seen_at:%Y-%m-%d %H:%M} "
+            f"UTC and refuses every request until {block.resets_at:%Y-%m-%d %H:%M} UTC, unless "
+            "the limit is raised; imports, pushes and the overnight fix are paused meanwhile "
+            "(one probe import an hour)"
+        )
     return dg.AssetCheckResult(
         asset_key=USAGE.asset_key,
         check_name=USAGE.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -16,7 +17,7 @@ import httpx
 from dagster_duckdb import DuckDBResource
 
 from sync_pipeline import store
-from sync_pipeline.clients.base import RetrySettings, usage_log
+from sync_pipeline.clients.base import RetrySettings, UsageBlock, UsageLog, usage_log
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
@@ -107,8 +108,28 @@ class UnleashedResource(dg.ConfigurableResource):
     def requests_this_month(self) -> int | None:
         """Requests this deployment sent to the account this calendar month (UTC), from the
         pacing file every process adds to (None without one: not counted)."""
-        log = usage_log(self.pacing_file or None, self.base_url)
+        log = self._usage_log()
         return None if log is None else log.this_month()
+
+    def usage_block(self, now: datetime | None = None) -> UsageBlock | None:
+        """The account's used-up monthly usage limit, as a client last saw it, if it is still in
+        force at `now` (None without a pacing file: not kept)."""
+        log = self._usage_log()
+        return None if log is None else log.current_block(now)
+
+    def usage_blocked_until(self, now: datetime | None = None) -> datetime | None:
+        """When the block in force at `now` ends (None: no block known)."""
+        block = self.usage_block(now)
+        return block.resets_at if block else None
+
+    def record_usage_probe(self, when: datetime) -> None:
+        """Note that a run was launched at `when` to find out whether the block still holds."""
+        log = self._usage_log()
+        if log is not None:
+            log.probed(when)
+
+    def _usage_log(self) -> UsageLog | None:
+        return usage_log(self.pacing_file or None, self.base_url)
 
 
 class SyncDuckDB(DuckDBResource):
