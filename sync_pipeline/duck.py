@@ -9,6 +9,7 @@ result left open first.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import duckdb
@@ -27,10 +28,15 @@ def arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
 
     Text comes as `large_string`, the layout pandas keeps its strings in: DuckDB's default
     `string` made every `to_pandas()` cast (copy) each text column again, 0.15 s for a 465k-row
-    plan."""
+    plan. The setting is reset after the query; when the query fails, its error is what is
+    raised (a failed statement aborts an open transaction, and the reset would then fail too)."""
     con.abort()
     con.execute("SET arrow_large_buffer_size = true")
     try:
-        return con.sql(sql).to_arrow_table()
-    finally:
-        con.execute("RESET arrow_large_buffer_size")
+        table = con.sql(sql).to_arrow_table()
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("RESET arrow_large_buffer_size")
+        raise
+    con.execute("RESET arrow_large_buffer_size")
+    return table
