@@ -36,6 +36,8 @@ from tenacity import (
     stop_after_delay,
 )
 
+from sync_pipeline.clients.dates import as_utc
+
 log = logging.getLogger("sync_pipeline.clients")
 
 REDACTED = "***"
@@ -325,7 +327,7 @@ class UsageLog:
     def block(self, resets_at: datetime, now: datetime | None = None) -> None:
         """Record that the service refused a request at `now` because the limit is used up until
         `resets_at`. The last probe time is kept while the same block goes on."""
-        now = _utc(now or datetime.now(UTC))
+        now = as_utc(now or datetime.now(UTC))
         with self._lock, contextlib.closing(self._connect()) as con, con:
             current = self._read(con)
             ongoing = current is not None and current.resets_at > now
@@ -335,14 +337,14 @@ class UsageLog:
                 (
                     self._account,
                     now.isoformat(),
-                    _utc(resets_at).isoformat(),
+                    as_utc(resets_at).isoformat(),
                     probed.isoformat() if probed else None,
                 ),
             )
 
     def current_block(self, now: datetime | None = None) -> UsageBlock | None:
         """The block in force at `now`, if any: None once `now` has reached its reset time."""
-        now = _utc(now or datetime.now(UTC))
+        now = as_utc(now or datetime.now(UTC))
         with self._lock, contextlib.closing(self._connect()) as con:
             block = self._read(con)
         return block if block is not None and now < block.resets_at else None
@@ -357,7 +359,7 @@ class UsageLog:
         with self._lock, contextlib.closing(self._connect()) as con, con:
             con.execute(
                 "UPDATE api_usage_block SET probed_at = ? WHERE account = ?",
-                (_utc(when).isoformat(), self._account),
+                (as_utc(when).isoformat(), self._account),
             )
 
     def clear(self) -> None:
@@ -378,11 +380,6 @@ class UsageLog:
             resets_at=datetime.fromisoformat(resets),
             probed_at=datetime.fromisoformat(probed) if probed else None,
         )
-
-
-def _utc(when: datetime) -> datetime:
-    """`when` in UTC; a naive datetime is taken as UTC."""
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def usage_log(pacing_file: str | None, base_url: str) -> UsageLog | None:

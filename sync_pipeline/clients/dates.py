@@ -19,11 +19,14 @@ def is_wire_date(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("/Date(")
 
 
+def as_utc(when: datetime) -> datetime:
+    """`when` in UTC; a naive datetime is taken as UTC."""
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
 def date_to_ms(value: datetime) -> int:
     """Milliseconds since the epoch. A naive datetime is taken as UTC."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return (value - EPOCH) // timedelta(milliseconds=1)
+    return (as_utc(value) - EPOCH) // timedelta(milliseconds=1)
 
 
 def ms_to_date(ms: int) -> datetime:
@@ -68,8 +71,6 @@ def next_month_start(now: datetime) -> datetime:
     """The first instant of the calendar month after `now`, in UTC: when Unleashed resets an
     account's monthly API usage limit (its support pages: the 1st of each month, 00:00 UTC).
     A naive `now` is taken as UTC."""
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    now = now.astimezone(UTC)
+    now = as_utc(now)
     year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
     return datetime(year, month, 1, tzinfo=UTC)
