@@ -682,7 +682,7 @@ def test_a_used_up_limit_is_kept_in_the_pacing_file_until_a_request_succeeds(tmp
             block = other_process.current_block()
             assert block is not None and block.resets_at == info.value.resets_at
             assert abs(block.resets_at - next_month_start(before)) < timedelta(seconds=5)
-            assert before <= block.seen_at <= datetime.now(UTC) and block.probed_at is None
+            assert before <= block.seen_at <= datetime.now(UTC)
             assert mine.blocked_until() == info.value.resets_at
             admin(srv, "PUT", "/quota", {"monthly_quota": 3})  # the account bought more calls
             c.get_customer(gid(1))  # the refused client itself succeeds
@@ -706,21 +706,42 @@ def test_a_used_up_limit_is_kept_in_the_pacing_file_until_a_request_succeeds(tmp
         assert secret.encode() not in stored
 
 
+def test_a_pacing_file_from_the_previous_version_keeps_working(tmp_path):
+    """The block table had a fourth column (the last probe) before probes were decided from the
+    refusal alone: a file written then is read and written as it is."""
+    pacing = tmp_path / "pacing.sqlite"
+    with sqlite3.connect(pacing) as con:
+        con.execute(
+            """CREATE TABLE api_usage_block (account TEXT PRIMARY KEY, seen_at TEXT NOT NULL,
+               resets_at TEXT NOT NULL, probed_at TEXT)"""
+        )
+    log = usage_log(str(pacing), "https://api.unleashedsoftware.com")
+    seen, reset = datetime(2026, 11, 23, 10, 0, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    log.block(reset, now=seen)
+    block = log.current_block(seen)
+    assert (block.seen_at, block.resets_at) == (seen, reset)
+    log.clear()
+    assert log.current_block(seen) is None
+
+
 def test_a_block_ends_at_its_reset_and_no_pacing_file_keeps_none(tmp_path, monkeypatch):
     """Once the reset time is reached the block is over, whether or not a request has succeeded
-    since; a new block after that starts afresh (no probe time carried over). Without a pacing
-    file nothing is kept: the automation cannot pause, and runs stop as before."""
+    since; a later refusal moves the next probe, and a new block has its own reset. Without a
+    pacing file nothing is kept: the automation cannot pause, and runs stop as before."""
     log = usage_log(str(tmp_path / "pacing.sqlite"), "https://api.unleashedsoftware.com")
     seen, reset = datetime(2026, 11, 23, 10, 0, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
     log.block(reset, now=seen)
     assert log.blocked_until(seen) == reset
     assert log.blocked_until(reset - timedelta(seconds=1)) == reset
     assert log.blocked_until(reset) is None and log.current_block(reset) is None
-    log.probed(seen + timedelta(hours=1))
-    log.block(reset, now=seen + timedelta(hours=1, minutes=1))  # the probe was refused too
-    assert log.current_block(seen).probed_at == seen + timedelta(hours=1)
+    later = seen + timedelta(hours=1, minutes=1)
+    log.block(reset, now=later)  # refused again (a probe): the next probe counts from then
+    assert log.current_block(seen).seen_at == later
+    assert log.current_block(later).next_probe() == later + timedelta(minutes=55)
     log.block(datetime(2027, 1, 1, tzinfo=UTC), now=datetime(2026, 12, 20, tzinfo=UTC))
-    assert log.current_block(datetime(2026, 12, 20, tzinfo=UTC)).probed_at is None
+    assert log.current_block(datetime(2026, 12, 20, tzinfo=UTC)).resets_at == datetime(
+        2027, 1, 1, tzinfo=UTC
+    )
 
     workdir = tmp_path / "workdir"
     workdir.mkdir()

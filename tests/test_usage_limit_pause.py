@@ -5,6 +5,7 @@ and everything resumes on its own once a request succeeds again or the limit res
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -55,39 +56,52 @@ def _tick(schedule, resources, when: datetime, instance):
 
 
 def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(tmp_path, instance):
-    """Each paused tick says why, until when (UTC and the settings' time zone) and how it
-    resumes; one tick an hour is the normal import, tagged as a probe, so a raised limit is
-    found within the hour; once the block is cleared, or its reset time has come, the ticks
-    import as before."""
+    """Each paused tick says why, until when (UTC and the settings' time zone), how it resumes
+    and when the next probe is; once no request has been refused for about an hour, an import
+    tick is the normal import tagged as a probe, keyed by the refusal and the hour (one probe an
+    hour, however many ticks ask while it waits in the queue; another an hour on if it ended
+    without reaching Unleashed); evaluating a tick writes nothing, so a retried or previewed tick
+    changes nothing; once the block is cleared, or its reset time has come, the ticks import as
+    before."""
     resources = _resources(tmp_path, timezone="Europe/Berlin")  # UTC+1 in November
     log = usage_log(resources["unleashed"].pacing_file, UNLEASHED_URL)
     log.block(RESET, now=SEEN)
+    pacing = Path(resources["unleashed"].pacing_file)
 
     # The import ticks (every 15 minutes in the settings), 10:15 to 12:30 UTC; the schedule's
     # other ticks skip as outside the window whatever the block (11:20 stands for them).
     ticks = [SEEN.replace(minute=0) + timedelta(minutes=15 * i) for i in range(1, 11)]
     ticks.insert(5, datetime(2026, 11, 23, 11, 20, tzinfo=UTC))
+    first_probe = datetime(2026, 11, 23, 11, 0, tzinfo=UTC)  # 58 minutes after the refusal
     results = {}
     for when in ticks:
+        before = pacing.read_bytes()
         results[when] = _tick(daytime_import_schedule, resources, when, instance)
-        if when == datetime(2026, 11, 23, 11, 15, tzinfo=UTC):
+        assert pacing.read_bytes() == before  # a tick (or its preview) writes nothing
+        if when == first_probe:
             again = _tick(daytime_import_schedule, resources, when, instance)  # a retried tick
             assert again == results[when]
-            log.block(RESET, now=when + timedelta(seconds=40))  # the probe run is refused too
-    probes = {when: r for when, r in results.items() if isinstance(r, dg.RunRequest)}
-    # The first import tick an hour after the refusal probes, and the next an hour after that.
-    assert sorted(probes) == [
-        datetime(2026, 11, 23, 11, 15, tzinfo=UTC),
-        datetime(2026, 11, 23, 12, 15, tzinfo=UTC),
-    ]
-    probe = probes[datetime(2026, 11, 23, 11, 15, tzinfo=UTC)]
-    assert probe.run_key == "usage-limit-probe:2026-11-23T11:15"
+        if when == first_probe + timedelta(minutes=15):
+            # The probe waited in the run queue past the next tick; it is refused now.
+            log.block(RESET, now=when + timedelta(seconds=40))
+        if when == datetime(2026, 11, 23, 12, 15, tzinfo=UTC):
+            log.block(RESET, now=when + timedelta(seconds=30))  # the next probe is refused too
+    requests = {when: r for when, r in results.items() if isinstance(r, dg.RunRequest)}
+    assert {when: r.run_key for when, r in requests.items()} == {
+        first_probe: "usage-limit-probe:2026-11-23T10:02:00+0h",
+        # Asked again while that probe waited: the same key, so the daemon launches nothing.
+        datetime(2026, 11, 23, 11, 15, tzinfo=UTC): "usage-limit-probe:2026-11-23T10:02:00+0h",
+        # About an hour after the probe's own refusal (11:15:40): the next probe.
+        datetime(2026, 11, 23, 12, 15, tzinfo=UTC): "usage-limit-probe:2026-11-23T11:15:40+0h",
+    }
+    probe = requests[first_probe]
     assert probe.partition_key == "2026-11-23-11:00"
     assert probe.tags["sync/trigger"] == "usage-limit-probe"
+    assert probe.tags["sync/usage-limit-refused-at"] == "2026-11-23T10:02:00"
 
     skipped = [r.skip_message for r in results.values() if isinstance(r, dg.SkipReason)]
     paused = [message for message in skipped if "usage limit" in message]
-    assert len(paused) == 8  # every import tick but the two probes
+    assert len(paused) == 7  # every import tick but the three above
     first = results[datetime(2026, 11, 23, 10, 15, tzinfo=UTC)].skip_message
     assert "Unleashed's monthly API usage limit is used up" in first
     assert "a request was refused at 2026-11-23 10:02 UTC" in first
@@ -95,11 +109,45 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
         "until the limit resets on 2026-12-01 00:00 UTC (2026-12-01 01:00 Europe/Berlin)" in first
     )
     assert "resume on their own at the reset, or as soon as an Unleashed request succeeds" in first
-    assert "the next from 2026-11-23 11:02 UTC (2026-11-23 12:02 Europe/Berlin)" in first
+    assert "the next at 2026-11-23 11:00 UTC (2026-11-23 12:00 Europe/Berlin)" in first
     after_probe = results[datetime(2026, 11, 23, 11, 30, tzinfo=UTC)].skip_message
-    assert "the next from 2026-11-23 12:15 UTC" in after_probe
+    assert "a request was refused at 2026-11-23 11:15 UTC" in after_probe
+    assert "the next at 2026-11-23 12:15 UTC (2026-11-23 13:15 Europe/Berlin)" in after_probe
     between = results[datetime(2026, 11, 23, 11, 20, tzinfo=UTC)].skip_message
     assert between.startswith("Outside the import window")  # not an import tick anyway
+
+    # A probe that ended without reaching Unleashed (no refusal, no success): another an hour on.
+    unanswered = {
+        when: _tick(daytime_import_schedule, resources, when, instance).run_key
+        for when in (datetime(2026, 11, 23, 13, 30, tzinfo=UTC),
+                     datetime(2026, 11, 23, 14, 15, tzinfo=UTC),
+                     datetime(2026, 11, 23, 14, 30, tzinfo=UTC))
+    }  # fmt: skip
+    assert list(unanswered.values()) == [
+        "usage-limit-probe:2026-11-23T12:15:30+0h",  # 12:15:30 + 55 min: due from 13:10:30
+        "usage-limit-probe:2026-11-23T12:15:30+1h",
+        "usage-limit-probe:2026-11-23T12:15:30+1h",
+    ]
+    # The next probe is the first import tick at or after the earliest time, not before it.
+    log.block(RESET, now=datetime(2026, 11, 24, 10, 7, tzinfo=UTC))
+    tuesday = _tick(
+        daytime_import_schedule, resources, datetime(2026, 11, 24, 10, 15, tzinfo=UTC), instance
+    )
+    assert "the next at 2026-11-24 11:15 UTC" in tuesday.skip_message  # 11:00 is too early
+    # Friday evening: the window has closed for the weekend, so the next probe is on Monday.
+    log.block(RESET, now=datetime(2026, 11, 27, 17, 50, tzinfo=UTC))
+    friday = _tick(
+        daytime_import_schedule, resources, datetime(2026, 11, 27, 18, 0, tzinfo=UTC), instance
+    )
+    assert "the next at 2026-11-30 06:00 UTC (2026-11-30 07:00 Europe/Berlin)" in (
+        friday.skip_message
+    )
+    # Monday's last import tick, the limit resetting at midnight: no probe before the reset.
+    log.block(RESET, now=datetime(2026, 11, 30, 17, 50, tzinfo=UTC))
+    monday = _tick(
+        daytime_import_schedule, resources, datetime(2026, 11, 30, 18, 0, tzinfo=UTC), instance
+    )
+    assert monday.skip_message.endswith("about an hour: the reset comes first.")
 
     normal = _tick(
         daytime_import_schedule, resources, datetime(2026, 12, 1, 9, 0, tzinfo=UTC), instance

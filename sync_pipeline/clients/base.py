@@ -248,28 +248,30 @@ class Pacer:
             return cls._shared[ident]
 
 
-PROBE_EVERY = timedelta(hours=1)
+# How long no request may have been refused before the automation probes the block again. A
+# probe is refused within seconds of its tick (which records the refusal anew), so with a little
+# under an hour the probes come once an hour on the import ticks.
+PROBE_QUIET = timedelta(minutes=55)
 
 
 @dataclass(frozen=True)
 class UsageBlock:
-    """A used-up usage limit as the deployment last saw it: when a request was refused
-    (`seen_at`), when the service said the limit resets (`resets_at`), and when the automation
-    last launched a run to find out whether it still holds (`probed_at`)."""
+    """A used-up usage limit as the deployment last saw it: when a request was last refused
+    (`seen_at`) and when the service said the limit resets (`resets_at`).
+
+    Whether to probe is decided from these two times alone: evaluating a tick writes nothing, so
+    the daemon retrying a tick, or an operator previewing one in the UI, changes nothing."""
 
     seen_at: datetime
     resets_at: datetime
-    probed_at: datetime | None = None
 
-    def next_probe(self, every: timedelta = PROBE_EVERY) -> datetime:
-        """The earliest time for the next probe: `every` after the last probe, or after the
-        refusal when nothing has probed yet."""
-        return (self.probed_at or self.seen_at) + every
+    def next_probe(self) -> datetime:
+        """The earliest time for the next probe: `PROBE_QUIET` after the last refusal."""
+        return self.seen_at + PROBE_QUIET
 
-    def probe_due(self, when: datetime, every: timedelta = PROBE_EVERY) -> bool:
-        """Whether a tick at `when` should probe. A tick evaluated again for the same time
-        (the daemon retries a tick whose runs it could not launch) gets the same answer."""
-        return when == self.probed_at or when >= self.next_probe(every)
+    def probe_due(self, when: datetime) -> bool:
+        """Whether a tick at `when` may probe: no request was refused for `PROBE_QUIET`."""
+        return when >= self.next_probe()
 
 
 class UsageLog:
@@ -297,7 +299,7 @@ class UsageLog:
         # Times as ISO 8601 text in UTC.
         con.execute(
             """CREATE TABLE IF NOT EXISTS api_usage_block (account TEXT PRIMARY KEY,
-               seen_at TEXT NOT NULL, resets_at TEXT NOT NULL, probed_at TEXT)"""
+               seen_at TEXT NOT NULL, resets_at TEXT NOT NULL)"""
         )
         return con
 
@@ -326,20 +328,14 @@ class UsageLog:
     # -- the block ------------------------------------------------------------------------------
     def block(self, resets_at: datetime, now: datetime | None = None) -> None:
         """Record that the service refused a request at `now` because the limit is used up until
-        `resets_at`. The last probe time is kept while the same block goes on."""
+        `resets_at`."""
         now = as_utc(now or datetime.now(UTC))
         with self._lock, contextlib.closing(self._connect()) as con, con:
-            current = self._read(con)
-            ongoing = current is not None and current.resets_at > now
-            probed = current.probed_at if current is not None and ongoing else None
+            # Columns named: a file written by an earlier version has a fourth (unused) column.
             con.execute(
-                "INSERT OR REPLACE INTO api_usage_block VALUES (?, ?, ?, ?)",
-                (
-                    self._account,
-                    now.isoformat(),
-                    as_utc(resets_at).isoformat(),
-                    probed.isoformat() if probed else None,
-                ),
+                """INSERT OR REPLACE INTO api_usage_block (account, seen_at, resets_at)
+                   VALUES (?, ?, ?)""",
+                (self._account, now.isoformat(), as_utc(resets_at).isoformat()),
             )
 
     def current_block(self, now: datetime | None = None) -> UsageBlock | None:
@@ -354,14 +350,6 @@ class UsageLog:
         block = self.current_block(now)
         return block.resets_at if block else None
 
-    def probed(self, when: datetime) -> None:
-        """Record that a run was launched at `when` to find out whether the block still holds."""
-        with self._lock, contextlib.closing(self._connect()) as con, con:
-            con.execute(
-                "UPDATE api_usage_block SET probed_at = ? WHERE account = ?",
-                (as_utc(when).isoformat(), self._account),
-            )
-
     def clear(self) -> None:
         """Forget the block: a request went through, so the limit was raised or has reset."""
         with self._lock, contextlib.closing(self._connect()) as con, con:
@@ -369,16 +357,14 @@ class UsageLog:
 
     def _read(self, con: sqlite3.Connection) -> UsageBlock | None:
         row = con.execute(
-            "SELECT seen_at, resets_at, probed_at FROM api_usage_block WHERE account = ?",
+            "SELECT seen_at, resets_at FROM api_usage_block WHERE account = ?",
             (self._account,),
         ).fetchone()
         if row is None:
             return None
-        seen, resets, probed = row
+        seen, resets = row
         return UsageBlock(
-            seen_at=datetime.fromisoformat(seen),
-            resets_at=datetime.fromisoformat(resets),
-            probed_at=datetime.fromisoformat(probed) if probed else None,
+            seen_at=datetime.fromisoformat(seen), resets_at=datetime.fromisoformat(resets)
         )
 
 

@@ -214,27 +214,55 @@ def daytime_import_schedule(
             tags={"sync/trigger": "daytime-import"},
         )
     if not block.probe_due(when):
-        next_probe = _utc_and_local(block.next_probe(), settings)
+        next_probe = _next_import_tick(settings, max(block.next_probe(), when + TICK))
         return dg.SkipReason(
             _usage_limit_pause(
                 block,
                 settings,
                 "Imports are paused meanwhile and resume on their own at the reset, or as soon "
-                "as an Unleashed request succeeds again (the limit was raised): one probe import "
-                f"runs each hour to find out, the next from {next_probe}.",
+                "as an Unleashed request succeeds again (the limit was raised). To find out, an "
+                "import tick runs the import as a probe once no request has been refused for "
+                "about an hour: "
+                + (
+                    f"the next at {_utc_and_local(next_probe, settings)}."
+                    if next_probe is not None and next_probe < block.resets_at
+                    else "the reset comes first."
+                ),
             )
         )
     # The probe is the normal import: if the limit was raised, it imports and clears the block;
-    # if not, it fails naming the limit, once an hour instead of at every tick.
-    unleashed.record_usage_probe(when)
+    # if not, it is refused within seconds, which records the block anew and so puts the next
+    # probe an hour later. Keyed by that refusal and the hour since the probe came due: one probe
+    # per hour, however many ticks (or retries of a tick) ask while it waits in the run queue,
+    # and another an hour later if it ended without reaching Unleashed (say the CRM was down).
+    # Nothing is written here, so previewing the tick in the UI changes nothing.
+    refused_at = f"{block.seen_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+    hour = int((when - block.next_probe()) // timedelta(hours=1))
     return dg.RunRequest(
-        run_key=f"usage-limit-probe:{tick}",
+        run_key=f"usage-limit-probe:{refused_at}+{hour}h",
         partition_key=_hour_partition(when),
         tags={
             "sync/trigger": "usage-limit-probe",
+            "sync/usage-limit-refused-at": refused_at,
             "sync/usage-limit-resets-at": block.resets_at.astimezone(UTC).isoformat(),
         },
     )
+
+
+TICK = timedelta(minutes=5)  # the import schedule's cron: every 5 minutes
+
+
+def _next_import_tick(settings: Settings, earliest: datetime) -> datetime | None:
+    """The first tick of the import schedule at or after `earliest` that imports (in the
+    window), within the next 8 days (None: the window never opens)."""
+    tick = datetime.fromtimestamp(
+        -(-earliest.timestamp() // TICK.total_seconds()) * TICK.total_seconds(), UTC
+    )
+    for _ in range(8 * 24 * 12):
+        if settings.imports.is_open(tick.astimezone(settings.zone)):
+            return tick
+        tick += TICK
+    return None
 
 
 def _nightly_schedule(

@@ -122,12 +122,6 @@ class UnleashedResource(dg.ConfigurableResource):
         block = self.usage_block(now)
         return block.resets_at if block else None
 
-    def record_usage_probe(self, when: datetime) -> None:
-        """Note that a run was launched at `when` to find out whether the block still holds."""
-        log = self._usage_log()
-        if log is not None:
-            log.probed(when)
-
     def _usage_log(self) -> UsageLog | None:
         return usage_log(self.pacing_file or None, self.base_url)
 
