@@ -4,6 +4,7 @@ and everything resumes on its own once a request succeeds again or the limit res
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
@@ -29,8 +30,9 @@ RESET = datetime(2026, 12, 1, tzinfo=UTC)
 
 @pytest.fixture
 def instance():
-    # One for all the ticks of a test: without it, each tick's resources build their own.
-    with dg.DagsterInstance.ephemeral() as instance:
+    # One for all the ticks of a test: without it, each tick's resources build their own. On
+    # disk, as the daemon's: the import schedule looks up the runs it launched.
+    with dg.instance_for_test() as instance:
         yield instance
 
 
@@ -55,14 +57,20 @@ def _tick(schedule, resources, when: datetime, instance):
         return schedule(context)
 
 
+def _launched(instance, request) -> dg.RunRequest:
+    """What the daemon does with a tick's run request: a run with its tags."""
+    tags = {**request.tags, "dagster/run_key": request.run_key}
+    instance.add_run(dg.DagsterRun(job_name="sync_cycle_job", run_id=str(uuid.uuid4()), tags=tags))
+    return request
+
+
 def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(tmp_path, instance):
     """Each paused tick says why, until when (UTC and the settings' time zone), how it resumes
     and when the next probe is; once no request has been refused for about an hour, an import
-    tick is the normal import tagged as a probe, keyed by the refusal and the hour (one probe an
-    hour, however many ticks ask while it waits in the queue; another an hour on if it ended
-    without reaching Unleashed); evaluating a tick writes nothing, so a retried or previewed tick
-    changes nothing; once the block is cleared, or its reset time has come, the ticks import as
-    before."""
+    tick is the normal import tagged as a probe; one probe per refusal and hour, however many
+    ticks come while it waits in the queue, and another an hour on if it ended without reaching
+    Unleashed; evaluating a tick writes nothing, so a retried or previewed tick changes nothing;
+    once the block is cleared, or its reset time has come, the ticks import as before."""
     resources = _resources(tmp_path, timezone="Europe/Berlin")  # UTC+1 in November
     log = usage_log(resources["unleashed"].pacing_file, UNLEASHED_URL)
     log.block(RESET, now=SEEN)
@@ -81,6 +89,8 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
         if when == first_probe:
             again = _tick(daytime_import_schedule, resources, when, instance)  # a retried tick
             assert again == results[when]
+        if isinstance(results[when], dg.RunRequest):
+            _launched(instance, results[when])
         if when == first_probe + timedelta(minutes=15):
             # The probe waited in the run queue past the next tick; it is refused now.
             log.block(RESET, now=when + timedelta(seconds=40))
@@ -89,8 +99,6 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
     requests = {when: r for when, r in results.items() if isinstance(r, dg.RunRequest)}
     assert {when: r.run_key for when, r in requests.items()} == {
         first_probe: "usage-limit-probe:2026-11-23T10:02:00+0h",
-        # Asked again while that probe waited: the same key, so the daemon launches nothing.
-        datetime(2026, 11, 23, 11, 15, tzinfo=UTC): "usage-limit-probe:2026-11-23T10:02:00+0h",
         # About an hour after the probe's own refusal (11:15:40): the next probe.
         datetime(2026, 11, 23, 12, 15, tzinfo=UTC): "usage-limit-probe:2026-11-23T11:15:40+0h",
     }
@@ -101,7 +109,7 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
 
     skipped = [r.skip_message for r in results.values() if isinstance(r, dg.SkipReason)]
     paused = [message for message in skipped if "usage limit" in message]
-    assert len(paused) == 7  # every import tick but the three above
+    assert len(paused) == 8  # every import tick but the two probes
     first = results[datetime(2026, 11, 23, 10, 15, tzinfo=UTC)].skip_message
     assert "Unleashed's monthly API usage limit is used up" in first
     assert "a request was refused at 2026-11-23 10:02 UTC" in first
@@ -109,24 +117,33 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
         "until the limit resets on 2026-12-01 00:00 UTC (2026-12-01 01:00 Europe/Berlin)" in first
     )
     assert "resume on their own at the reset, or as soon as an Unleashed request succeeds" in first
-    assert "the next at 2026-11-23 11:00 UTC (2026-11-23 12:00 Europe/Berlin)" in first
+    assert "the next at 2026-11-23 11:00 UTC (2026-11-23 12:00 Europe/Berlin)." in first
+    waiting = results[first_probe + timedelta(minutes=15)].skip_message  # the probe is queued
+    assert "the probe of this hour (run " in waiting
+    assert "has not reached Unleashed yet; if it ends without doing so, the next at " in waiting
+    assert "2026-11-23 12:00 UTC (2026-11-23 13:00 Europe/Berlin)." in waiting
     after_probe = results[datetime(2026, 11, 23, 11, 30, tzinfo=UTC)].skip_message
     assert "a request was refused at 2026-11-23 11:15 UTC" in after_probe
-    assert "the next at 2026-11-23 12:15 UTC (2026-11-23 13:15 Europe/Berlin)" in after_probe
+    assert "the next at 2026-11-23 12:15 UTC (2026-11-23 13:15 Europe/Berlin)." in after_probe
     between = results[datetime(2026, 11, 23, 11, 20, tzinfo=UTC)].skip_message
     assert between.startswith("Outside the import window")  # not an import tick anyway
 
     # A probe that ended without reaching Unleashed (no refusal, no success): another an hour on.
-    unanswered = {
-        when: _tick(daytime_import_schedule, resources, when, instance).run_key
-        for when in (datetime(2026, 11, 23, 13, 30, tzinfo=UTC),
-                     datetime(2026, 11, 23, 14, 15, tzinfo=UTC),
-                     datetime(2026, 11, 23, 14, 30, tzinfo=UTC))
-    }  # fmt: skip
-    assert list(unanswered.values()) == [
+    unanswered = []
+    for when in (datetime(2026, 11, 23, 13, 30, tzinfo=UTC),
+                 datetime(2026, 11, 23, 13, 45, tzinfo=UTC),
+                 datetime(2026, 11, 23, 14, 15, tzinfo=UTC),
+                 datetime(2026, 11, 23, 14, 30, tzinfo=UTC)):  # fmt: skip
+        result = _tick(daytime_import_schedule, resources, when, instance)
+        if isinstance(result, dg.RunRequest):
+            unanswered.append(_launched(instance, result).run_key)
+        else:
+            unanswered.append(None)
+    assert unanswered == [
         "usage-limit-probe:2026-11-23T12:15:30+0h",  # 12:15:30 + 55 min: due from 13:10:30
+        None,
         "usage-limit-probe:2026-11-23T12:15:30+1h",
-        "usage-limit-probe:2026-11-23T12:15:30+1h",
+        None,
     ]
     # The next probe is the first import tick at or after the earliest time, not before it.
     log.block(RESET, now=datetime(2026, 11, 24, 10, 7, tzinfo=UTC))
@@ -198,7 +215,7 @@ def _unleashed_requests(h) -> int:
     return h.emu.stats("unleashed")["total_requests"]
 
 
-def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, tmp_path):
+def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, tmp_path, instance):
     """On the local servers: the limit used up, an import fails and records it; the next tick
     and the sensor skip naming the reset (the sensor's cursor stays put, and neither sends a
     request); the account buys more calls; an hour later the probe import succeeds and clears
@@ -230,7 +247,7 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
         assert f"until the limit resets on {reset:%Y-%m-%d %H:%M} UTC" in paused.skip_message
         assert "CRM changes are not pushed meanwhile" in paused.skip_message
         assert sensor.cursor == cursor
-        tick = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), h.instance)
+        tick = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), instance)
         assert isinstance(tick, dg.SkipReason), tick
         assert f"until the limit resets on {reset:%Y-%m-%d %H:%M} UTC" in tick.skip_message
         assert "Europe/London" in tick.skip_message
@@ -240,14 +257,14 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
         log = usage_log(unleashed.pacing_file, unleashed.base_url)
         block = log.current_block()
         log.block(block.resets_at, now=block.seen_at - timedelta(hours=1))  # an hour later
-        probe = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), h.instance)
+        probe = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), instance)
         assert isinstance(probe, dg.RunRequest), probe
         assert probe.tags["sync/trigger"] == "usage-limit-probe"
         h.run("sync_cycle_job", probe.partition_key, tags=probe.tags)
         assert unleashed.usage_blocked_until() is None
         assert h.unleashed.get_customer(pair["erp_id"]).PhoneNumber == "0113 496 0909"
         later = datetime.now(UTC) + timedelta(minutes=5)
-        tick = _tick(daytime_import_schedule, h.resources, later, h.instance)
+        tick = _tick(daytime_import_schedule, h.resources, later, instance)
         assert isinstance(tick, dg.RunRequest) and tick.tags["sync/trigger"] == "daytime-import"
 
         push = crm_change_sensor(sensor)

@@ -213,42 +213,47 @@ def daytime_import_schedule(
             partition_key=_hour_partition(when),
             tags={"sync/trigger": "daytime-import"},
         )
+    paused = (
+        "Imports are paused meanwhile and resume on their own at the reset, or as soon as an "
+        "Unleashed request succeeds again (the limit was raised). To find out, an import tick "
+        "runs the import as a probe once no request has been refused for about an hour: "
+    )
     if not block.probe_due(when):
-        next_probe = _next_import_tick(settings, max(block.next_probe(), when + TICK))
+        next_probe = _next_probe(settings, block, max(block.next_probe(), when + TICK))
+        return dg.SkipReason(_usage_limit_pause(block, settings, f"{paused}{next_probe}."))
+    # The probe is the normal import: if the limit was raised, it imports and clears the block;
+    # if not, it is refused within seconds, which records the block anew and so puts the next
+    # probe an hour later. One probe per refusal and hour: while one waits in the run queue the
+    # ticks launch no other (a schedule's run key only dedupes within one tick, so the run is
+    # looked up), and if it ends without reaching Unleashed (say the CRM was down), another
+    # comes an hour later. Nothing is written here, so previewing the tick changes nothing.
+    refused_at = f"{block.seen_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
+    hour = int((when - block.next_probe()) // timedelta(hours=1))
+    key = f"usage-limit-probe:{refused_at}+{hour}h"
+    launched = context.instance.get_runs(dg.RunsFilter(tags={PROBE_KEY_TAG: key}), limit=1)
+    if launched:
+        retry = _next_probe(settings, block, block.next_probe() + timedelta(hours=hour + 1))
         return dg.SkipReason(
             _usage_limit_pause(
                 block,
                 settings,
-                "Imports are paused meanwhile and resume on their own at the reset, or as soon "
-                "as an Unleashed request succeeds again (the limit was raised). To find out, an "
-                "import tick runs the import as a probe once no request has been refused for "
-                "about an hour: "
-                + (
-                    f"the next at {_utc_and_local(next_probe, settings)}."
-                    if next_probe is not None and next_probe < block.resets_at
-                    else "the reset comes first."
-                ),
+                f"{paused}the probe of this hour (run {launched[0].run_id[:8]}) has not reached "
+                f"Unleashed yet; if it ends without doing so, {retry}.",
             )
         )
-    # The probe is the normal import: if the limit was raised, it imports and clears the block;
-    # if not, it is refused within seconds, which records the block anew and so puts the next
-    # probe an hour later. Keyed by that refusal and the hour since the probe came due: one probe
-    # per hour, however many ticks (or retries of a tick) ask while it waits in the run queue,
-    # and another an hour later if it ended without reaching Unleashed (say the CRM was down).
-    # Nothing is written here, so previewing the tick in the UI changes nothing.
-    refused_at = f"{block.seen_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
-    hour = int((when - block.next_probe()) // timedelta(hours=1))
     return dg.RunRequest(
-        run_key=f"usage-limit-probe:{refused_at}+{hour}h",
+        run_key=key,
         partition_key=_hour_partition(when),
         tags={
             "sync/trigger": "usage-limit-probe",
+            PROBE_KEY_TAG: key,
             "sync/usage-limit-refused-at": refused_at,
             "sync/usage-limit-resets-at": block.resets_at.astimezone(UTC).isoformat(),
         },
     )
 
 
+PROBE_KEY_TAG = "sync/usage-limit-probe"
 TICK = timedelta(minutes=5)  # the import schedule's cron: every 5 minutes
 
 
@@ -263,6 +268,15 @@ def _next_import_tick(settings: Settings, earliest: datetime) -> datetime | None
             return tick
         tick += TICK
     return None
+
+
+def _next_probe(settings: Settings, block: UsageBlock, earliest: datetime) -> str:
+    """When the next probe comes, if no request is refused meanwhile: the first import tick at
+    or after `earliest`, unless the reset comes first."""
+    tick = _next_import_tick(settings, earliest)
+    if tick is None or tick >= block.resets_at:
+        return "the reset comes first"
+    return f"the next at {_utc_and_local(tick, settings)}"
 
 
 def _nightly_schedule(
