@@ -102,6 +102,10 @@ history_pruning_job = dg.define_asset_job(
 JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job, history_pruning_job]
 
 
+TICK = timedelta(minutes=5)  # how often the import schedule ticks (its cron)
+PROBE_KEY_TAG = "sync/usage-limit-probe"  # a usage-limit probe's run: its refusal and hour
+
+
 def _hour_partition(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
 
@@ -187,7 +191,7 @@ def crm_change_sensor(
 
 @dg.schedule(
     job=sync_cycle_job,
-    cron_schedule="*/5 * * * *",
+    cron_schedule=f"*/{TICK.seconds // 60} * * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daytime imports from Unleashed (hours, days and interval from the settings file).",
 )
@@ -251,10 +255,6 @@ def daytime_import_schedule(
             "sync/usage-limit-resets-at": block.resets_at.astimezone(UTC).isoformat(),
         },
     )
-
-
-PROBE_KEY_TAG = "sync/usage-limit-probe"
-TICK = timedelta(minutes=5)  # the import schedule's cron: every 5 minutes
 
 
 def _next_import_tick(settings: Settings, earliest: datetime) -> datetime | None:
