@@ -102,7 +102,8 @@ history_pruning_job = dg.define_asset_job(
 JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job, history_pruning_job]
 
 
-TICK = timedelta(minutes=5)  # how often the import schedule ticks (its cron)
+TICK = timedelta(minutes=5)  # how often the schedules tick
+TICK_CRON = f"*/{TICK.seconds // 60} * * * *"
 PROBE_KEY_TAG = "sync/usage-limit-probe"  # a usage-limit probe's run: its refusal and hour
 
 
@@ -191,7 +192,7 @@ def crm_change_sensor(
 
 @dg.schedule(
     job=sync_cycle_job,
-    cron_schedule=f"*/{TICK.seconds // 60} * * * *",
+    cron_schedule=TICK_CRON,
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daytime imports from Unleashed (hours, days and interval from the settings file).",
 )
@@ -209,11 +210,10 @@ def daytime_import_schedule(
             f"Outside the import window ({','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} "
             f"every {w.every_minutes} min, {settings.timezone}); local time {local:%a %H:%M}."
         )
-    tick = f"{when.astimezone(UTC):%Y-%m-%dT%H:%M}"
     block = unleashed.usage_block(when)
     if block is None:
         return dg.RunRequest(
-            run_key=f"import:{tick}",
+            run_key=f"import:{when.astimezone(UTC):%Y-%m-%dT%H:%M}",
             partition_key=_hour_partition(when),
             tags={"sync/trigger": "daytime-import"},
         )
@@ -232,7 +232,7 @@ def daytime_import_schedule(
     # looked up), and if it ends without reaching Unleashed (say the CRM was down), another
     # comes an hour later. Nothing is written here, so previewing the tick changes nothing.
     refused_at = f"{block.seen_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
-    hour = int((when - block.next_probe()) // timedelta(hours=1))
+    hour = (when - block.next_probe()) // timedelta(hours=1)
     key = f"usage-limit-probe:{refused_at}+{hour}h"
     launched = context.instance.get_runs(dg.RunsFilter(tags={PROBE_KEY_TAG: key}), limit=1)
     if launched:
@@ -305,7 +305,7 @@ def _nightly_schedule(
         local = when.astimezone(settings.zone)
         run_at = at(settings)
         minutes = local.hour * 60 + local.minute - (run_at.hour * 60 + run_at.minute)
-        if not 0 <= minutes < 5:
+        if not 0 <= minutes < TICK.seconds // 60:
             return dg.SkipReason(f"Runs at {run_at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
         block = unleashed.usage_block(when) if unleashed is not None else None
         if block is not None and while_usage_limited:
@@ -315,7 +315,7 @@ def _nightly_schedule(
     spec: dict[str, Any] = dict(
         name=name,
         job=job,
-        cron_schedule="*/5 * * * *",
+        cron_schedule=TICK_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=description,
     )
