@@ -8,16 +8,20 @@ import duckdb
 import pandas as pd
 
 FIELD = "account_manager"
+# The CRM `User` fields read here (the live names: key `UserCode`).
+USER_NAME, USER_EMAIL = "UserName", "EmailAddress"
 
 
 def candidates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Every active CRM user, with the active Unleashed salesperson of the same email (if any)."""
     frame = con.execute(
-        """SELECT u.id AS user_id, u.data->>'$.Name' AS name, u.data->>'$.Email' AS email,
+        f"""SELECT u.id AS user_code, u.data->>'$.{USER_NAME}' AS name,
+                  u.data->>'$.{USER_EMAIL}' AS email,
                   s.id AS salesperson_guid, s.data->>'$.FullName' AS salesperson
            FROM crm_users u
            LEFT JOIN unleashed_salespersons s
-             ON s.active AND lower(trim(s.data->>'$.Email')) = lower(trim(u.data->>'$.Email'))
+             ON s.active
+            AND lower(trim(s.data->>'$.Email')) = lower(trim(u.data->>'$.{USER_EMAIL}'))
            WHERE u.active
            ORDER BY salesperson_guid IS NULL, name"""
     ).df()
@@ -37,6 +41,7 @@ def plan_fix(con: duckdb.DuckDBPyConnection, mappings: dict[str, Any]) -> pd.Dat
     a reason. Companies that already agree plan nothing."""
     f = mappings["company"].fields[FIELD]
     crm_path, erp_path = _json_path(f.crm), _json_path(f.erp)
+    user_email = _json_path(f.crm_write.match if f.crm_write else USER_EMAIL)
     frame = con.execute(
         f"""SELECT l.crm_id, l.erp_id,
                    coalesce(c.data->>'{crm_path}', '') AS crm_value,
@@ -48,7 +53,7 @@ def plan_fix(con: duckdb.DuckDBPyConnection, mappings: dict[str, Any]) -> pd.Dat
             JOIN crm_companies c ON c.id = l.crm_id AND c.active
             JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
             LEFT JOIN crm_users cu ON cu.active
-                 AND lower(trim(cu.data->>'$.Email')) = lower(trim(u.data->>'{erp_path}'))
+                 AND lower(trim(cu.data->>'{user_email}')) = lower(trim(u.data->>'{erp_path}'))
             WHERE lower(trim(coalesce(c.data->>'{crm_path}', '')))
                <> lower(trim(coalesce(u.data->>'{erp_path}', '')))"""
     ).df()

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import duckdb
@@ -26,9 +27,15 @@ from sync_pipeline.clients.base import (
     UsageLimitError,
     ValidationError,
 )
-from sync_pipeline.clients.crm import CrmClient, crm_key
+from sync_pipeline.clients.crm import (
+    TIMESTAMP_FIELD,
+    CrmClient,
+    crm_key,
+    format_timestamp,
+    odata_literal,
+)
 from sync_pipeline.clients.unleashed import UnleashedClient
-from sync_pipeline.extract import contact_snapshot, customer_snapshot
+from sync_pipeline.extract import contact_snapshot, crm_expand, customer_snapshot
 from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
@@ -36,6 +43,9 @@ log = logging.getLogger("sync_pipeline.apply")
 PUSH_OPS = ("update_erp",)
 PULL_OPS = ("update_crm",)
 CREATE_OPS = ("create_crm_contact", "create_crm_company")
+# How long before its planning a parent record found after a lost answer may have been made
+# (clock skew between this machine and the CRM).
+PLANNED_SLACK = timedelta(minutes=5)
 
 
 class CrashForTest(RuntimeError):
@@ -206,9 +216,10 @@ def _reference(
     ref: Any, field_name: str, value: str, resolver: Resolver, where: tuple[str, str, str]
 ) -> tuple[str, Any]:
     """The field to write and its value for a reference (e.g. an account manager's email →
-    the CRM user id, or the whole Unleashed salesperson); an empty value clears it."""
+    the CRM user code, or the whole Unleashed salesperson); an empty value clears it (writes
+    the reference's `blank`, where the target cannot hold none)."""
     if not value:
-        return ref.field, None
+        return ref.field, ref.blank
     found = resolver.lookup(ref, value)
     if found is None:
         system, method, endpoint = where
@@ -459,7 +470,7 @@ def _pull_update(
     if any(_tried_before(op) for op in ops.to_dict("records")):
         # Planned by an earlier run (a crash, a failure): a person may have edited the field in
         # the CRM since, and a PATCH would overwrite it. Read the record first, as a push does.
-        expand = ",".join(mapping.crm.expand) or None
+        expand = crm_expand(mapping)
         current = client.get(mapping.crm.entity_set, int(crm_id), expand=expand)
         ops = _drop_stale(con, ops, current, mapping, stats, run_id, "erp_to_crm")
         if ops.empty:
@@ -486,43 +497,148 @@ def _create_contact(
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
     payload = dict(payload)
     guid = str(op["erp_id"])
-    existing = _find_created(client, mapping, op, stats)
-    if existing is None and _unwanted(con, op, stats):
-        return
     parent_key = mapping.crm.parent_key
     if parent_key and pd.isna(payload.get(parent_key)):
         # Planned with its customer's creation: the company this apply pass created is its
         # parent. If that creation did not happen (yet), the contact waits for the next plan.
         parent = _created_company(con, op.get("erp_parent_id"))
-        if parent is None and existing is None:
+        if parent is None:
             store.mark(
                 con, op["op_id"], "deferred",
                 "its customer is not in the CRM yet; planned again once the customer is",
             )  # fmt: skip
             stats.deferred += 1
             return
-        if parent is not None:
-            payload[parent_key] = crm_key(parent)
+        payload[parent_key] = crm_key(parent)
+    existing = _find_created(con, client, mapping, op, payload, stats)
+    if existing is None and _unwanted(con, op, stats):
+        return
     store.mark(con, op["op_id"], "in_flight")
-    created = existing or client.create(mapping.crm.entity_set, payload)
+    new_id = _create_linked(con, client, mapping, op, payload, existing)
     hooks.wrote([op["op_id"]])
-    new_id = str(created[mapping.crm.key])
     _complete_creation(
         con, "contact", op, new_id, guid, payload, run_id, stats, "contact created in Unleashed"
     )
 
 
+def _create_linked(
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mapping: Any,
+    op: dict[str, Any],
+    payload: dict[str, Any],
+    existing: dict[str, Any] | None,
+) -> str:
+    """Create the CRM record (after the record it needs first, if any: a Division's company
+    group) unless an earlier run did, then keep the Unleashed Guid in its link slot. Returns
+    the new record's id. Each step is safe to redo after a crash: the parent made is noted in
+    the outbox before the record is created, and the slot write is a PATCH."""
+    parent = mapping.crm.create.parent
+    record = existing
+    if record is None:
+        if parent is not None:
+            parent_id = _progress(op, parent.key)
+            if parent_id is None:
+                parent_id = _find_parent_made(client, mapping, op, payload)
+            if parent_id is None:
+                body = {**parent.values}
+                body.update({f: payload.get(src) for f, src in parent.from_record.items()})
+                parent_id = client.create(parent.entity_set, body)[parent.key]
+            store.note_progress(con, op["op_id"], f"{parent.key}={parent_id}")
+            op["result_id"] = f"{parent.key}={parent_id}"
+            payload[parent.key] = parent_id
+        record = client.create(mapping.crm.entity_set, payload)
+    new_id = str(record[mapping.crm.key])
+    link = mapping.crm.link
+    if get_path(record, link.path) != str(op["erp_id"]):
+        client.upsert_satellite(link.entity_set, int(new_id), {link.field: str(op["erp_id"])})
+    return new_id
+
+
+def _progress(op: dict[str, Any], key: str) -> int | None:
+    """The parent record an earlier attempt of this creation made (noted as `Key=id`)."""
+    noted = op.get("result_id")
+    if not isinstance(noted, str) or not noted.startswith(f"{key}="):
+        return None
+    value = noted.split("=", 1)[1]
+    return int(value) if value.isdigit() else None
+
+
+def _find_parent_made(
+    client: CrmClient, mapping: Any, op: dict[str, Any], payload: dict[str, Any]
+) -> int | None:
+    """After a lost answer to the parent's POST: a parent with the values this creation sends,
+    made since it was planned, that no record uses yet."""
+    parent = mapping.crm.create.parent
+    if not _tried_before(op) or parent is None:
+        return None
+    body = {**parent.values, **{f: payload.get(src) for f, src in parent.from_record.items()}}
+    since = pd.Timestamp(op["created_at"]).to_pydatetime() - PLANNED_SLACK
+    terms = [f"{f} eq {odata_literal(v)}" for f, v in body.items() if v is not None]
+    terms.append(f"{TIMESTAMP_FIELD} ge {format_timestamp(since)}")
+    for candidate in client.list(parent.entity_set, filter=" and ".join(terms)).items:
+        used = client.any_rows(
+            mapping.crm.entity_set, f"{parent.key} eq {odata_literal(candidate[parent.key])}"
+        )
+        if not used:
+            return int(candidate[parent.key])
+    return None
+
+
 def _find_created(
-    client: CrmClient, mapping: Any, op: dict[str, Any], stats: ApplyStats
+    con: duckdb.DuckDBPyConnection,
+    client: CrmClient,
+    mapping: Any,
+    op: dict[str, Any],
+    payload: dict[str, Any],
+    stats: ApplyStats,
 ) -> dict[str, Any] | None:
-    """For a creation tried before, the CRM record an earlier run made (by its Unleashed Guid)."""
+    """For a creation tried before, the CRM record an earlier run made: the one whose link slot
+    holds the Unleashed Guid, else (the answer to its POST was lost before the slot was
+    written) one without a Guid that the creation's own values find: under the parent it made
+    first, or under the same parent by the mapping's match keys."""
     if not _tried_before(op):
         return None
-    found = client.find(mapping.crm.entity_set, "UnleashedGuid", str(op["erp_id"]))
+    link = mapping.crm.link
+    guid = str(op["erp_id"])
+    expand = crm_expand(mapping)
+    found = client.list(
+        mapping.crm.entity_set,
+        filter=f"{link.navigation}/{link.field} eq {odata_literal(guid)}",
+        expand=expand,
+    ).items
+    if not found:
+        found = _same_values(client, mapping, op, payload)
+        found = [r for r in found if not get_path(r, link.path)]
     if found:
         stats.recovered += 1
         return found[0]
     return None
+
+
+def _same_values(
+    client: CrmClient, mapping: Any, op: dict[str, Any], payload: dict[str, Any]
+) -> list[dict[str, Any]]:
+    expand = crm_expand(mapping)
+    parent = mapping.crm.create.parent
+    if parent is not None:
+        parent_id = _progress(op, parent.key)
+        if parent_id is None:
+            return []
+        flt = f"{parent.key} eq {parent_id}"
+        return client.list(mapping.crm.entity_set, filter=flt, expand=expand).items
+    scope = []
+    if mapping.crm.parent_key and payload.get(mapping.crm.parent_key) is not None:
+        scope = [f"{mapping.crm.parent_key} eq {odata_literal(payload[mapping.crm.parent_key])}"]
+    for key in mapping.match.keys:
+        if any("." in p or not payload.get(p) for p in key.crm):
+            continue
+        terms = scope + [f"{p} eq {odata_literal(payload[p])}" for p in key.crm]
+        rows = client.list(mapping.crm.entity_set, filter=" and ".join(terms), expand=expand).items
+        rows = [r for r in rows if r.get("StatusFlag") != "D"]
+        if rows:
+            return rows
+    return []
 
 
 def _unwanted(con: duckdb.DuckDBPyConnection, op: dict[str, Any], stats: ApplyStats) -> bool:
@@ -574,21 +690,13 @@ def _create_company(
 ) -> None:
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
     payload = dict(payload)
-    account_code = payload.pop("AccountCode", None)
     guid = str(op["erp_id"])
-    division = _find_created(client, mapping, op, stats)
-    if division is None and _unwanted(con, op, stats):
+    existing = _find_created(con, client, mapping, op, payload, stats)
+    if existing is None and _unwanted(con, op, stats):
         return
     store.mark(con, op["op_id"], "in_flight")
-    recovered = division is not None
-    if division is None:
-        division = client.create(mapping.crm.entity_set, payload)
-    division_id = division[mapping.crm.key]
-    # A division just created has no ledger yet; only one found after a crash needs the check.
-    if account_code and not (recovered and client.find("SalesLedgers", "DivisionId", division_id)):
-        client.create("SalesLedgers", {"DivisionId": division_id, "AccountCode": account_code})
+    new_id = _create_linked(con, client, mapping, op, payload, existing)
     hooks.wrote([op["op_id"]])
-    new_id = str(division_id)
     _complete_creation(
         con,
         "company",

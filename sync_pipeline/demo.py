@@ -154,7 +154,7 @@ def _live_edits(emu, db: Path) -> str:
             emu.unleashed_url, emu.unleashed_api_id, emu.unleashed_api_key
         ) as unleashed,
     ):
-        crm.patch("Divisions", int(crm_id), {"Phone": "+44 113 496 0500"})
+        crm.patch("Divisions", int(crm_id), {"PhoneNumber": "+44 113 496 0500"})
         contact = unleashed.create_contact(
             erp_id,
             {"FirstName": "Ada", "LastName": "Lovelace", "EmailAddress": "ada@example.org"},

@@ -3,7 +3,7 @@
 Link matching and the creation search compare match keys of millions of rows; extracting them
 from the JSON `data` of every row on each pass is what made that slow, so they are kept next to it:
 
-- `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_sales_ledgers._key_account_code`):
+- `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_companies._key_account_code`):
   the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
   matching join on these instead of extracting keys from every row.
 - `_link_sig UBIGINT` (every table link matching reads): a hash of the row's status as a link

@@ -314,7 +314,6 @@ def _creations(
     entity = mapping.entity
     names = list(mapping.fields)
     erp_paths = [mapping.fields[n].erp for n in names]
-    extra_paths = [k.erp[0] for k in mapping.match.keys if k.crm_table]
     parent_join, parent_ok = "", ""
     parent_col = "CAST(NULL AS VARCHAR)"
     if mapping.match.within_linked_parent:
@@ -331,7 +330,7 @@ def _creations(
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _new AS
             SELECT n.erp_id, n.erp_parent_id, {parent_col} AS crm_parent_id, n.erp_modified,
-                   {values_list_expr(erp_paths + extra_paths, "e")} AS ev{key_cols}
+                   {values_list_expr(erp_paths, "e")} AS ev{key_cols}
             FROM _scan n {parent_join} JOIN _erp_rows e ON e.id = n.erp_id
             WHERE n.crm_id IS NULL {parent_ok}"""
     )
@@ -409,10 +408,11 @@ def _creations(
                 continue
             value = values[i]
             if spec.crm_write is not None:
+                found = spec.crm_write.blank
                 if value.strip():
-                    found = ctx.lookup(spec.crm_write).get(value.strip().casefold())
-                    if found is not None:
-                        payload[spec.crm_write.field] = found
+                    found = ctx.lookup(spec.crm_write).get(value.strip().casefold(), found)
+                if found is not None:
+                    payload[spec.crm_write.field] = found
                 continue
             if "." in spec.crm:
                 continue  # a navigation path cannot be written directly
@@ -424,11 +424,7 @@ def _creations(
             pending.append({"entity": entity, "erp_id": rec.erp_id, "field": n, "value": value})
         if mapping.crm.parent_key and not pd.isna(rec.crm_parent_id):
             payload[mapping.crm.parent_key] = crm_key(rec.crm_parent_id)
-        payload[mapping.crm.link_field] = rec.erp_id
-        for j, key in enumerate(k for k in mapping.match.keys if k.crm_table):
-            code = values[len(names) + j]
-            if code:
-                payload[key.crm[0]] = code
+        payload.update(mapping.crm.create.values)
         if problems:
             rows.append(
                 {

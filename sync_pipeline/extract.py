@@ -6,6 +6,7 @@ Each extract asks only for what changed since the stored high-water mark minus a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,8 +14,14 @@ from typing import Any
 import duckdb
 
 from sync_pipeline import store
-from sync_pipeline.clients.crm import CrmClient, format_timestamp, parse_timestamp
+from sync_pipeline.clients.crm import (
+    TIMESTAMP_FIELD,
+    CrmClient,
+    format_timestamp,
+    parse_timestamp,
+)
 from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.mapping import EntityMapping
 
 # Unleashed returns at most this many contacts inside a customer (includeAllContacts).
 EMBEDDED_CONTACTS_LIMIT = 100
@@ -22,12 +29,14 @@ EMBEDDED_CONTACTS_LIMIT = 100
 
 @dataclass
 class CrmSource:
-    """One CRM entity set and the snapshot table it fills."""
+    """One CRM entity set and the snapshot table it fills. Without a `modified` field the set
+    has no change timestamp and is read in full every time (users: one request per 500)."""
 
     name: str
     entity_set: str
     table: str
     key: str
+    modified: str | None = TIMESTAMP_FIELD
     parent_field: str | None = None
     expand: str | None = None
     active: Any = None  # callable(record) -> bool
@@ -37,26 +46,34 @@ class CrmSource:
 
 
 def _status_active(record: dict[str, Any]) -> bool:
-    return (record.get("StatusFlag") or "A") == "A"
+    """'A' active; 'D' deleted (the live service still returns deleted rows)."""
+    return (record.get("StatusFlag") or "A") != "D"
 
 
-def crm_sources(company_expand: str | None = None) -> dict[str, CrmSource]:
+def crm_expand(mapping: EntityMapping) -> str | None:
+    """The `$expand` a mapping's CRM records are read with: its own, plus the navigation to the
+    custom-field slot that holds the Unleashed Guid."""
+    link = mapping.crm.link
+    parts = [*mapping.crm.expand, f"{link.navigation}($select={link.field})"]
+    return ",".join(dict.fromkeys(parts))
+
+
+def crm_sources(mappings: dict[str, EntityMapping]) -> dict[str, CrmSource]:
+    """The CRM extracts: companies and contacts as the mappings name them, and the users."""
+    company, contact = mappings["company"].crm, mappings["contact"].crm
     return {
         "companies": CrmSource(
-            "crm/companies", "Divisions", "crm_companies", "DivisionId",
-            expand=company_expand, active=_status_active,
+            "crm/companies", company.entity_set, company.table, company.key, company.modified,
+            expand=crm_expand(mappings["company"]), active=_status_active,
         ),
         "contacts": CrmSource(
-            "crm/contacts", "Contacts", "crm_contacts", "ContactId",
-            parent_field="DivisionId", active=_status_active,
+            "crm/contacts", contact.entity_set, contact.table, contact.key, contact.modified,
+            parent_field=contact.parent_key, expand=crm_expand(mappings["contact"]),
+            active=_status_active,
         ),
         "users": CrmSource(
-            "crm/users", "Users", "crm_users", "UserId",
-            active=lambda r: r.get("Active", True) is not False,
-        ),
-        "sales_ledgers": CrmSource(
-            "crm/sales_ledgers", "SalesLedgers", "crm_sales_ledgers", "SalesLedgerId",
-            parent_field="DivisionId",
+            "crm/users", "Users", "crm_users", "UserCode", modified=None,
+            active=lambda r: not r.get("Obsolete"),
         ),
     }  # fmt: skip
 
@@ -103,12 +120,16 @@ def extract_crm(
     full_refresh: bool = False,
     overlap: timedelta = timedelta(seconds=120),
 ) -> ExtractStats:
-    since = _since(con, source.name, full_refresh, overlap)
+    """Read what changed since the cursor (everything, for a set without a timestamp) and
+    upsert it. The cursor kept is the newest timestamp read, but never later than when this
+    read began: a record changed while the pages were read may have been seen in its older
+    version, and the next read starts early enough to see it again."""
+    started = datetime.now(UTC)
+    timestamped = source.modified is not None
+    since = _since(con, source.name, full_refresh or not timestamped, overlap)
     before = crm.stats.total
-    flt = f"LastModified gt {format_timestamp(since)}" if since else None
-    result = crm.list(
-        source.entity_set, filter=flt, expand=source.expand, orderby="LastModified asc"
-    )
+    flt = f"{source.modified} gt {format_timestamp(since)}" if since else None
+    result = crm.list(source.entity_set, filter=flt, expand=source.expand)
     rows = []
     for rec in result.items:
         rows.append(
@@ -119,11 +140,13 @@ def extract_crm(
                     if source.parent_field is None or rec.get(source.parent_field) is None
                     else str(rec.get(source.parent_field))
                 ),
-                modified=parse_timestamp(rec["LastModified"]),
+                modified=parse_timestamp(rec[source.modified]) if timestamped else None,
                 active=source.is_active(rec),
                 data=rec,
             )
         )
+    if not timestamped:
+        rows = _changed_only(con, source.table, rows)
     upserted = store.upsert_snapshot(con, source.table, rows)
     store.record_bad_records(con, result.bad)
     store.resolve_bad_records(
@@ -134,19 +157,31 @@ def extract_crm(
     store.set_extract_state(
         con,
         source.name,
-        high_water=high,
+        high_water=None if high is None else min(high, started),
         reported_total=result.reported_total,
-        rows_received=len(rows) + len(result.bad),
+        rows_received=len(result.items) + len(result.bad),
     )
     return ExtractStats(
         source=source.name,
         since=since,
-        received=len(rows),
+        received=len(result.items),
         written=upserted.written,
         bad=list(result.bad),
         reported_total=result.reported_total,
         requests=crm.stats.total - before,
     )
+
+
+def _changed_only(
+    con: duckdb.DuckDBPyConnection, table: str, rows: list[store.SnapshotRow]
+) -> list[store.SnapshotRow]:
+    """The rows of a full read that differ from what the table holds (a set without a change
+    timestamp is read whole each time; only its real changes are written)."""
+    held = {
+        rid: (json.loads(data), active)
+        for rid, data, active in con.execute(f"SELECT id, data, active FROM {table}").fetchall()
+    }
+    return [r for r in rows if held.get(r.id) != (r.data, r.active)]
 
 
 def customer_snapshot(

@@ -28,7 +28,6 @@ RAW_TABLES = {
     "crm_companies": False,
     "crm_contacts": True,
     "crm_users": False,
-    "crm_sales_ledgers": True,
     "unleashed_customers": False,
     "unleashed_contacts": True,
     "unleashed_salespersons": False,
@@ -677,6 +676,13 @@ def mark(
            WHERE op_id = ?""",
         [status, error, status, sending, op_id],
     )
+
+
+def note_progress(con: duckdb.DuckDBPyConnection, op_id: str, note: str) -> None:
+    """Keep what a creation in several steps has made so far (`Key=id` of the parent record it
+    created first) in `result_id`, so a run that redoes it after a crash does not make it
+    twice; the finished creation overwrites it with the new record's id."""
+    con.execute("UPDATE outbox SET result_id = ? WHERE op_id = ?", [note, op_id])
 
 
 def refused(con: duckdb.DuckDBPyConnection) -> dict[str, str]:

@@ -473,6 +473,7 @@ class BaseClient:
         label: str | None = None,
         absolute_url: str | None = None,
         idempotent: bool | None = None,
+        as_text: bool = False,
     ) -> Any:
         """Send one logical request (retried as needed) and return the decoded JSON body.
 
@@ -480,6 +481,7 @@ class BaseClient:
         signature computed over it stays valid. `label` names the endpoint in errors and stats.
         A non-idempotent request (POST unless told otherwise) is retried only when the server
         surely did not act on it; otherwise the caller decides (the outbox checks before redoing).
+        `as_text` returns the body as text instead (an XML document such as `$metadata`).
         """
         label = label or path
         if idempotent is None:
@@ -487,7 +489,9 @@ class BaseClient:
         retrying = self._retrying.copy(retry=retry_if_exception(_retryable(idempotent)))
         for attempt in retrying:
             with attempt:
-                return self._send_once(method, path, query, json_body, headers, label, absolute_url)
+                return self._send_once(
+                    method, path, query, json_body, headers, label, absolute_url, as_text
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _send_once(
@@ -499,6 +503,7 @@ class BaseClient:
         headers: dict[str, str] | None,
         label: str,
         absolute_url: str | None,
+        as_text: bool = False,
     ) -> Any:
         if absolute_url is not None:
             url = httpx.URL(absolute_url)
@@ -530,6 +535,8 @@ class BaseClient:
                 self.system, method, label, None, f"connection failed: {reason}"
             ) from None
         self.stats.statuses[response.status_code] += 1
+        if as_text and response.status_code < 400:
+            return response.text
         return self._decode(method, label, response)
 
     def _clear_block(self) -> None:

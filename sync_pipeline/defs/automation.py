@@ -75,7 +75,6 @@ full_resync_job = dg.define_asset_job(
                 "crm__companies",
                 "crm__contacts",
                 "crm__users",
-                "crm__sales_ledgers",
                 "unleashed_customers",
             )
         }

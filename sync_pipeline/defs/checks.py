@@ -18,7 +18,6 @@ from sync_pipeline import links, store
 from sync_pipeline.defs.extract import (
     crm_companies,
     crm_contacts,
-    crm_sales_ledgers,
     crm_users,
     unleashed_salespersons,
 )
@@ -34,7 +33,6 @@ COUNT_SOURCES = {
     crm_companies.key: "crm/companies",
     crm_contacts.key: "crm/contacts",
     crm_users.key: "crm/users",
-    crm_sales_ledgers.key: "crm/sales_ledgers",
     unleashed_salespersons.key: "unleashed/salespersons",
     UNLEASHED_CUSTOMERS: "unleashed/customers",
 }

@@ -47,7 +47,7 @@ def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         settings = sync_config.settings()
         mappings = sync_config.mappings()
-        source = extract.crm_sources(",".join(mappings["company"].crm.expand) or None)[kind]
+        source = extract.crm_sources(mappings)[kind]
         with crm.get_client() as client, duckdb.get_connection() as con:
             stats = extract.extract_crm(
                 con, client, source, full_refresh=config.full_refresh,
@@ -65,12 +65,13 @@ def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
     return _extract
 
 
-crm_companies = _crm_asset("companies", "CRM companies (OData Divisions) with account managers.")
-crm_contacts = _crm_asset("contacts", "CRM contacts.")
-crm_users = _crm_asset("users", "CRM users (candidates for account manager).")
-crm_sales_ledgers = _crm_asset(
-    "sales_ledgers", "CRM sales ledgers: the account code links a company to an Unleashed customer."
+crm_companies = _crm_asset(
+    "companies",
+    "CRM companies (OData Divisions) with their account managers, sales-ledger customer codes "
+    "and Unleashed Guid slots.",
 )
+crm_contacts = _crm_asset("contacts", "CRM contacts.")
+crm_users = _crm_asset("users", "CRM users (candidates for account manager), read in full.")
 
 
 @dg.multi_asset(
@@ -141,5 +142,5 @@ def unleashed_salespersons(
     return dg.MaterializeResult(metadata=stats.metadata())
 
 
-CRM_EXTRACTS = [crm_companies, crm_contacts, crm_users, crm_sales_ledgers]
+CRM_EXTRACTS = [crm_companies, crm_contacts, crm_users]
 UNLEASHED_EXTRACTS = [unleashed_customers, unleashed_salespersons]

@@ -250,7 +250,7 @@ def account_manager_candidates(duckdb: SyncDuckDB) -> dg.MaterializeResult:
             "users": len(frame),
             "usable_as_account_manager": len(usable),
             "preview": dg.MetadataValue.md(
-                md_table(frame.to_dict("records"), ["user_id", "name", "email", "salesperson"])
+                md_table(frame.to_dict("records"), ["user_code", "name", "email", "salesperson"])
             ),
         }
     )

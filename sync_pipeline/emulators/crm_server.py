@@ -1,16 +1,24 @@
-"""Local Prospect CRM server: the OData v4 surface the sync uses, with bearer auth, the workspace
-rate limit (sliding window), server paging, durable state and fault injection.
+"""Local Prospect CRM server: the OData v4 service the sync uses, with bearer auth, the workspace
+rate limit (sliding window), client-driven paging under a server cap, durable state and fault
+injection.
 
-Entity sets, keys and fields follow docs/architecture.md; every behaviour we had to guess is listed
-in the "Prospect CRM" section of docs/api-assumptions.md. Tests, the demo and development only.
+The entity model is `prospect_model.ENTITY_SETS` (the live names, keys and types), described at
+`/$metadata` as CSDL generated from that same model, with a service document at `/`. Behaviour
+the public material does not settle is listed in the "Prospect CRM" section of
+docs/api-assumptions.md. Tests, the demo and development only.
+
+Answers as the live service gives them: a list is `{"value": [...]}` of at most `MAX_PAGE_SIZE`
+rows whatever `$top` asks (clients page with `$top`/`$skip`); `GET /Divisions(12)` is
+`{"value": [record]}`; PATCH is 204 No Content; POST is 201 with the record; errors are
+`{"error": {"code", "message", "details": [{"code", "message", "target"}]}}`.
 
 Admin endpoints (no auth, never faulted): `/_admin/faults`, `/_admin/stats`, `/_admin/reset`,
 `/_admin/seed`, `/_admin/tenant`, `/_admin/ratelimit`, and `PUT /_admin/raw/{EntitySet}/{key}`,
 which stores the JSON body as that record exactly as given, without any validation (so tests can
 plant what the API would never accept: wrong types, nulls, unknown fields, a malformed
-`LastModified`, a record without its key). The body replaces the whole record; `LastModified` is
-set to the next write time only when the body leaves it out. A stored timestamp that does not
-parse compares as the latest instant in `$filter` (see odata.py).
+`LastUpdatedTimestamp`, a record without its key). The body replaces the whole record; the
+timestamp is set to the next write time only when the body leaves it out. A stored timestamp
+that does not parse compares as the latest instant in `$filter` (see odata.py).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import threading
 import time
 from datetime import UTC, date, datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
@@ -42,9 +50,10 @@ from sync_pipeline.emulators.common import (
     FaultState,
     admin_routes,
 )
+from sync_pipeline.emulators.csdl import metadata_xml, service_document
 from sync_pipeline.emulators.odata import (
     BOOL,
-    DATETIME,
+    EDM_RANGES,
     INT,
     STR,
     EntitySet,
@@ -61,10 +70,12 @@ from sync_pipeline.emulators.odata import (
     shape,
     sort_rows,
 )
+from sync_pipeline.emulators.prospect_model import CONTAINER, ENTITY_SETS, NAMESPACE
 
 LOCAL_CRM_TOKEN = "local-crm-token-3b9e6f0d2a7c4e81"  # noqa: S105 - local server only
 
-MAX_PAGE_SIZE = 1000
+# Rows in one answer, whatever `$top` asks: clients page on with `$skip`.
+MAX_PAGE_SIZE = 500
 # Query options the server understands; any other `$option` is a 400 naming it.
 LIST_OPTIONS = {
     "$filter",
@@ -78,86 +89,12 @@ LIST_OPTIONS = {
     "$format",
 }
 SINGLE_OPTIONS = {"$select", "$expand", "$format"}
+# The option names the local server uses for the tenant switches (the live names are unknown;
+# see docs/api-assumptions.md): the sync's guard reads them through `SystemOptions`.
+ADVANCED_LEDGERS_OPTION = "AdvancedLedgers"
+UNLEASHED_SYNC_OPTION = "UnleashedIntegrationEnabled"
 
-# The entity model of docs/architecture.md. Navigations are single-valued: name -> (set, fk).
-ENTITY_SETS: dict[str, EntitySet] = {
-    s.name: s
-    for s in [
-        EntitySet(
-            "Divisions",
-            "DivisionId",
-            {
-                "DivisionId": INT,
-                "CompanyId": INT,
-                "Name": STR,
-                "Phone": STR,
-                "Website": STR,
-                "AccountManagerId": INT,
-                "UnleashedGuid": STR,
-                "StatusFlag": STR,
-                "LastModified": DATETIME,
-            },
-            navigations={"AccountManager": ("Users", "AccountManagerId")},
-            writable=True,
-            required=("Name",),
-        ),
-        EntitySet(
-            "Contacts",
-            "ContactId",
-            {
-                "ContactId": INT,
-                "DivisionId": INT,
-                "Title": STR,
-                "Forename": STR,
-                "Surname": STR,
-                "Email": STR,
-                "Phone": STR,
-                "Mobile": STR,
-                "Fax": STR,
-                "UnleashedGuid": STR,
-                "StatusFlag": STR,
-                "LastModified": DATETIME,
-            },
-            navigations={"Division": ("Divisions", "DivisionId")},
-            writable=True,
-            required=("DivisionId",),
-        ),
-        EntitySet(
-            "Users",
-            "UserId",
-            {"UserId": INT, "Name": STR, "Email": STR, "Active": BOOL, "LastModified": DATETIME},
-        ),
-        EntitySet(
-            "SalesLedgers",
-            "SalesLedgerId",
-            {
-                "SalesLedgerId": INT,
-                "DivisionId": INT,
-                "AccountCode": STR,
-                "LastModified": DATETIME,
-            },
-            navigations={"Division": ("Divisions", "DivisionId")},
-            writable=True,
-            required=("DivisionId", "AccountCode"),
-        ),
-        EntitySet(
-            "OperatingCompanies",
-            "OperatingCompanyId",
-            {"OperatingCompanyId": INT, "Name": STR},
-            timestamp=None,
-        ),
-        EntitySet(
-            "SystemSettings",
-            "SettingId",
-            {"SettingId": INT, "AdvancedLedgersEnabled": BOOL},
-            timestamp=None,
-        ),
-    ]
-}
-# Values a created record gets when the body leaves them out.
-CREATE_DEFAULTS = {"StatusFlag": "A"}
-
-_SEGMENT = re.compile(r"^/(?P<set>[A-Za-z_]\w*)(?:\((?P<key>[^)]*)\))?/?$")
+_SEGMENT = re.compile(r"^/(?P<set>[A-Za-z_]\w*)(?:\((?P<key>.*)\))?/?$", re.DOTALL)
 _TYPE_CHECKS = {
     INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
     STR: lambda v: isinstance(v, str),
@@ -166,10 +103,10 @@ _TYPE_CHECKS = {
 
 
 def format_timestamp(moment: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and `Z` (docs/architecture.md)."""
+    """ISO 8601 UTC with microseconds and `Z`."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _to_json(value: Any) -> Any:
@@ -181,9 +118,18 @@ def _to_json(value: Any) -> Any:
 
 
 def odata_error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    target: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+    detail = {"code": code, "message": message, "target": target}
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "details": [detail]}},
+        status,
+        headers=headers,
+    )
 
 
 def endpoint_key(scope: Scope) -> str:
@@ -196,8 +142,74 @@ def endpoint_key(scope: Scope) -> str:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status, self.code, self.message = status, code, message
+    def __init__(self, status: int, code: str, message: str, target: str | None = None) -> None:
+        self.status, self.code, self.message, self.target = status, code, message, target
+
+
+_KEY_PART = re.compile(r"\s*(?:(?P<name>[A-Za-z_]\w*)\s*=\s*)?(?P<value>'(?:[^']|'')*'|[^,']+)\s*")
+
+
+def parse_key(entity: EntitySet, raw: str) -> tuple[Any, ...]:
+    """Key values from `12`, `'DL'` or `OperatingCompanyCode='A',SalesLedgerId='X'`, in the
+    order of the set's key properties, each checked against its Edm type."""
+    text = unquote(raw)
+    parts: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _KEY_PART.match(text, position)
+        if not match or not match.group("value").strip():
+            raise _BadRequest(400, "BadRequest", f"the key segment '({raw})' cannot be parsed")
+        name = match.group("name")
+        if name is None:
+            if len(entity.keys) != 1 or parts:
+                raise _BadRequest(
+                    400,
+                    "BadRequest",
+                    f"'{entity.name}' has a composite key: name each of {', '.join(entity.keys)}",
+                )
+            name = entity.keys[0]
+        if name not in entity.keys or name in parts:
+            raise _BadRequest(400, "BadRequest", f"'{name}' is not a key property here")
+        parts[name] = match.group("value").strip()
+        position = match.end()
+        if position < len(text):
+            if text[position] != ",":
+                raise _BadRequest(400, "BadRequest", f"the key segment '({raw})' is malformed")
+            position += 1
+    if set(parts) != set(entity.keys):
+        raise _BadRequest(
+            400, "BadRequest", f"the key of '{entity.name}' is {', '.join(entity.keys)}"
+        )
+    values = []
+    for name in entity.keys:
+        literal = parts[name]
+        kind = entity.props[name].kind
+        if kind == STR:
+            if not (literal.startswith("'") and literal.endswith("'")):
+                raise _BadRequest(400, "BadRequest", f"the key '{name}' takes a quoted string")
+            values.append(literal[1:-1].replace("''", "'"))
+        else:
+            try:
+                values.append(int(literal))
+            except ValueError:
+                raise _BadRequest(
+                    400, "BadRequest", f"the key '{name}' {literal} is not an integer"
+                ) from None
+    return tuple(values)
+
+
+def key_segment(entity: EntitySet, record: dict[str, Any]) -> str:
+    """`12`, `'DL'` or `OperatingCompanyCode='A',SalesLedgerId='X'` for a record."""
+
+    def literal(name: str) -> str:
+        value = record.get(name)
+        if entity.props[name].kind == STR:
+            return "'" + str(value).replace("'", "''") + "'"
+        return str(value)
+
+    if len(entity.keys) == 1:
+        return literal(entity.keys[0])
+    return ",".join(f"{k}={literal(k)}" for k in entity.keys)
 
 
 class WorkspaceRateLimit:
@@ -246,8 +258,9 @@ class WorkspaceRateLimit:
 
 
 class TenantFactsBody(BaseModel):
-    operating_companies: int | None = Field(None, ge=1)
+    operating_companies: int | None = Field(None, ge=1, le=26)
     advanced_ledgers: bool | None = None
+    unleashed_sync: bool | None = None
 
 
 class RateLimitBody(BaseModel):
@@ -262,19 +275,19 @@ class CrmState:
         self.store = store
         self.initial_world = initial_world
         self.model = Model(ENTITY_SETS.values(), self.lookup)
-        self._last_ms = 0
+        self._last_us = 0
         # Bumped on every change, so cached sorted listings know when they are stale.
         self.version = 0
         if not any(store.all(name) for name in ENTITY_SETS) and initial_world is not None:
             self.load(initial_world.crm)
         self._ensure_tenant_rows()
-        self._last_ms = self._max_timestamp_ms()
+        self._last_us = self._max_timestamp_us()
 
     # -- reading ----------------------------------------------------------------------------
     def lookup(self, set_name: str, key: Any) -> dict[str, Any] | None:
         if key is None:
             return None
-        return self.store.get(set_name, str(key))
+        return self.store.get(set_name, ENTITY_SETS[set_name].doc_id(key))
 
     def rows(self, set_name: str) -> list[dict[str, Any]]:
         return self.store.all(set_name)
@@ -289,29 +302,34 @@ class CrmState:
             for name, entity in ENTITY_SETS.items():
                 records = []
                 for raw in crm.get(name, []):
-                    record = {f: None for f in entity.fields}
+                    record = {f: p.default for f, p in entity.props.items()}
                     record.update({k: _to_json(v) for k, v in raw.items()})
+                    if entity.timestamp:
+                        for copy in entity.touched:
+                            record[copy] = record[entity.timestamp]
                     records.append(record)
-                self.store.put_many(name, ((str(r[entity.key]), r) for r in records))
-                self.store.set_counter(name, max((r[entity.key] for r in records), default=0))
+                self.store.put_many(name, ((entity.record_id(r), r) for r in records))
+                if entity.generated_key:
+                    self.store.set_counter(name, max((r[entity.key] for r in records), default=0))
                 counts[name] = len(records)
             self._ensure_tenant_rows()
-            self._last_ms = max(self._last_ms, self._max_timestamp_ms())
+            self._last_us = max(self._last_us, self._max_timestamp_us())
         return counts
 
     def reset(self) -> None:
         self.load(self.initial_world.crm if self.initial_world is not None else {})
 
     def _ensure_tenant_rows(self) -> None:
-        if not self.store.all("OperatingCompanies"):
-            self.store.put(
-                "OperatingCompanies", "1", {"OperatingCompanyId": 1, "Name": "Main company"}
-            )
-            self.store.set_counter("OperatingCompanies", 1)
-        if not self.store.all("SystemSettings"):
-            self.store.put("SystemSettings", "1", {"SettingId": 1, "AdvancedLedgersEnabled": False})
+        if not self.store.all("HomeCurrencies"):
+            self._put("HomeCurrencies", {"OperatingCompanyCode": "A", "Description": "Main"})
 
-    def _max_timestamp_ms(self) -> int:
+    def _put(self, set_name: str, record: dict[str, Any]) -> None:
+        entity = ENTITY_SETS[set_name]
+        full = {f: p.default for f, p in entity.props.items()}
+        full.update(record)
+        self.store.put(set_name, entity.record_id(full), full)
+
+    def _max_timestamp_us(self) -> int:
         latest = 0
         for name, entity in ENTITY_SETS.items():
             if entity.timestamp is None:
@@ -322,139 +340,184 @@ class CrmState:
                 except ValueError:
                     continue
                 if moment is not None:
-                    latest = max(latest, int(moment.timestamp() * 1000))
+                    latest = max(latest, int(moment.timestamp() * 1_000_000))
         return latest
 
     # -- writing ----------------------------------------------------------------------------
     def next_timestamp(self) -> str:
-        """Now, but strictly after the previous write even within one millisecond, so that a
-        client cursor `LastModified gt <last seen>` never misses a write."""
+        """Now, but strictly after the previous write even within one microsecond, so that a
+        client cursor `LastUpdatedTimestamp gt <last seen>` never misses a write."""
         with self.store.lock:
-            self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
-            return format_timestamp(datetime.fromtimestamp(self._last_ms / 1000, UTC))
+            self._last_us = max(time.time_ns() // 1000, self._last_us + 1)
+            return format_timestamp(datetime.fromtimestamp(self._last_us / 1_000_000, UTC))
 
-    def validate_changes(self, entity: EntitySet, body: Any) -> dict[str, Any]:
+    def stamp(self, entity: EntitySet, record: dict[str, Any], *, created: bool) -> None:
+        if entity.timestamp is None and not (created and entity.created):
+            return
+        now = self.next_timestamp()
+        if entity.timestamp:
+            record[entity.timestamp] = now
+            for copy in entity.touched:
+                record[copy] = now
+        if created and entity.created:
+            record[entity.created] = now
+
+    def validate_changes(self, entity: EntitySet, body: Any, *, creating: bool) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise _BadRequest(400, "BadRequest", "the request body must be a JSON object")
         changes = {}
         for name, value in body.items():
             if name.startswith("@"):
                 continue  # OData annotations such as @odata.type
-            if name == entity.key or name == entity.timestamp:
-                message = f"the property '{name}' is read-only on '{entity.name}'"
-                raise _BadRequest(400, "ReadOnlyProperty", message)
+            prop = entity.props.get(name)
             if name in entity.navigations:
-                fk = entity.navigations[name][1]
+                fks = ", ".join(entity.navigations[name].fks)
                 raise _BadRequest(
                     400,
                     "BadRequest",
-                    f"navigation property '{name}' cannot be written; set '{fk}' instead",
+                    f"navigation property '{name}' cannot be written; set '{fks}' instead",
+                    name,
                 )
-            if name not in entity.fields:
+            if prop is None:
                 raise _BadRequest(
                     400,
-                    "UnknownProperty",
-                    f"the property '{name}' does not exist on type '{entity.name}'",
+                    "BadRequest",
+                    f"Could not find a property named '{name}' on type "
+                    f"'{NAMESPACE}.{entity.type_name}'.",
+                    name,
                 )
-            kind = entity.fields[name]
-            if value is not None and not _TYPE_CHECKS[kind](value):
+            writable_key = creating and not entity.generated_key and name in entity.keys
+            if (prop.computed or name in entity.keys) and not writable_key:
+                raise _BadRequest(
+                    400, "ReadOnlyProperty", f"the property '{name}' cannot be written", name
+                )
+            if value is None:
+                if not prop.nullable:
+                    raise _BadRequest(
+                        400, "NullValue", f"the property '{name}' cannot be null", name
+                    )
+            elif not _TYPE_CHECKS.get(prop.kind, lambda v: True)(value):
                 raise _BadRequest(
                     400,
                     "InvalidValue",
-                    f"the property '{name}' expects Edm.{_EDM[kind]}, got {value!r}",
+                    f"the property '{name}' expects {prop.type}, got {value!r}",
+                    name,
+                )
+            elif prop.type in EDM_RANGES and not (
+                EDM_RANGES[prop.type][0] <= value <= EDM_RANGES[prop.type][1]
+            ):
+                raise _BadRequest(
+                    400, "InvalidValue", f"{value} is out of range for {prop.type}", name
+                )
+            elif prop.max_length is not None and len(value) > prop.max_length:
+                raise _BadRequest(
+                    400,
+                    "InvalidValue",
+                    f"the property '{name}' is at most {prop.max_length} characters long",
+                    name,
                 )
             changes[name] = value
-        for nav, (target, fk) in entity.navigations.items():
-            if changes.get(fk) is not None and self.lookup(target, changes[fk]) is None:
-                raise _BadRequest(
-                    400,
-                    "InvalidValue",
-                    f"'{fk}' {changes[fk]} does not match any {target} (via {nav})",
-                )
         return changes
 
-    def patch(self, entity: EntitySet, key: int, changes: dict[str, Any]) -> dict[str, Any] | None:
+    def check_references(self, entity: EntitySet, record: dict[str, Any]) -> None:
+        """Every navigation whose foreign key is set must find its target (the live error
+        for a missing one is code -194)."""
+        for nav_name, nav in entity.navigations.items():
+            if set(nav.fks) & set(entity.keys) and nav.nullable:
+                continue  # the record's own satellite (an Xtra row): may not exist yet
+            values = tuple(record.get(f) for f in nav.fks)
+            if any(v is None for v in values):
+                continue
+            if self.lookup(nav.target, values) is None:
+                shown = ", ".join(f"{f}={v!r}" for f, v in zip(nav.fks, values, strict=True))
+                raise _BadRequest(
+                    400,
+                    "-194",
+                    f"No primary key value for foreign key '{nav_name}' ({shown}) in {nav.target}",
+                    nav.fks[0],
+                )
+
+    def patch(
+        self, entity: EntitySet, key: tuple[Any, ...], changes: dict[str, Any]
+    ) -> dict[str, Any] | None:
         with self.store.lock:
             current = self.lookup(entity.name, key)
             if current is None:
                 return None
             updated = {**current, **changes}
-            if entity.timestamp:
-                updated[entity.timestamp] = self.next_timestamp()
-            self.store.put(entity.name, str(key), updated)
+            self.check_references(entity, updated)
+            self.stamp(entity, updated, created=False)
+            self.store.put(entity.name, entity.doc_id(key), updated)
             self.version += 1
             return updated
 
     def create(self, entity: EntitySet, changes: dict[str, Any]) -> dict[str, Any]:
-        missing = [f for f in entity.required if changes.get(f) is None]
+        missing = [
+            f
+            for f in entity.required
+            if changes.get(f) is None and not (entity.generated_key and f in entity.keys)
+        ]
         if missing:
             raise _BadRequest(
-                400, "MissingProperty", f"'{entity.name}' requires {', '.join(missing)}"
+                400,
+                "MissingProperty",
+                f"'{entity.name}' requires {', '.join(missing)}",
+                missing[0],
             )
         with self.store.lock:
-            key = self.store.next_id(entity.name)
-            record = {f: CREATE_DEFAULTS.get(f) for f in entity.fields}
+            record = {f: p.default for f, p in entity.props.items()}
             record.update(changes)
-            record[entity.key] = key
-            if entity.timestamp:
-                record[entity.timestamp] = self.next_timestamp()
-            self.store.put(entity.name, str(key), record)
+            if entity.generated_key:
+                record[entity.key] = self.store.next_id(entity.name)
+            elif self.lookup(entity.name, tuple(record[k] for k in entity.keys)) is not None:
+                raise _BadRequest(
+                    409, "Conflict", f"{entity.name}({key_segment(entity, record)}) exists"
+                )
+            self.check_references(entity, record)
+            self.stamp(entity, record, created=True)
+            self.store.put(entity.name, entity.record_id(record), record)
+            if entity.name == "Divisions":  # the live server makes a Division's Xtra row too
+                self._put("DivisionXtras", {"DivisionId": record["DivisionId"]})
+            elif entity.name == "Contacts":
+                self._put("ContactXtras", {"ContactId": record["ContactId"]})
             self.version += 1
             return record
 
     # -- tenant facts -----------------------------------------------------------------------
+    def _option(self, name: str) -> bool:
+        row = self.store.get("SystemOptions", name) or {}
+        return str(row.get("Value") or "").strip().lower() in ("1", "true", "yes", "y", "on")
+
     def tenant_facts(self) -> dict[str, Any]:
-        settings = self.store.get("SystemSettings", "1") or {}
         return {
-            "operating_companies": len(self.store.all("OperatingCompanies")),
-            "advanced_ledgers": bool(settings.get("AdvancedLedgersEnabled")),
+            "operating_companies": len(self.store.all("HomeCurrencies")),
+            "advanced_ledgers": self._option(ADVANCED_LEDGERS_OPTION),
+            "unleashed_sync": self._option(UNLEASHED_SYNC_OPTION),
         }
 
     def set_tenant_facts(self, body: TenantFactsBody) -> dict[str, Any]:
         with self.store.lock:
             self.version += 1
             if body.operating_companies is not None:
-                rows = sorted(
-                    self.store.all("OperatingCompanies"), key=lambda r: r["OperatingCompanyId"]
-                )
-                for extra in rows[body.operating_companies :]:
-                    self.store.delete("OperatingCompanies", str(extra["OperatingCompanyId"]))
-                for _ in range(len(rows), body.operating_companies):
-                    key = self.store.next_id("OperatingCompanies")
-                    self.store.put(
-                        "OperatingCompanies",
-                        str(key),
-                        {"OperatingCompanyId": key, "Name": f"Operating company {key}"},
+                codes = sorted(r["OperatingCompanyCode"] for r in self.rows("HomeCurrencies"))
+                for extra in codes[body.operating_companies :]:
+                    self.store.delete("HomeCurrencies", extra)
+                for i in range(len(codes), body.operating_companies):
+                    code = chr(ord("A") + i)
+                    self._put(
+                        "HomeCurrencies",
+                        {"OperatingCompanyCode": code, "Description": f"Operating company {code}"},
                     )
-            if body.advanced_ledgers is not None:
-                self.store.put(
-                    "SystemSettings",
-                    "1",
-                    {"SettingId": 1, "AdvancedLedgersEnabled": body.advanced_ledgers},
-                )
+            for option, value in (
+                (ADVANCED_LEDGERS_OPTION, body.advanced_ledgers),
+                (UNLEASHED_SYNC_OPTION, body.unleashed_sync),
+            ):
+                if value is not None:
+                    self._put(
+                        "SystemOptions",
+                        {"Option": option, "Value": "1" if value else "0", "Group": "Accounts"},
+                    )
         return self.tenant_facts()
-
-
-_EDM = {INT: "Int32", STR: "String", BOOL: "Boolean", DATETIME: "DateTimeOffset"}
-
-
-def _parse_key(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise _BadRequest(400, "BadRequest", f"the key '{raw}' is not an integer") from None
-
-
-def _max_page_size(request: Request, default: int) -> int:
-    """`Prefer: odata.maxpagesize=N` (capped at 1000); other or unparseable preferences ignored."""
-    for preference in request.headers.get("prefer", "").split(","):
-        name, _, value = preference.strip().partition("=")
-        if name.strip().lower() == "odata.maxpagesize":
-            try:
-                return max(1, min(MAX_PAGE_SIZE, int(value.strip().strip('"'))))
-            except ValueError:
-                return default
-    return default
 
 
 def _non_negative_int(params: dict[str, str], option: str) -> int | None:
@@ -490,18 +553,23 @@ def create_app(
     rate_limit: int = 1200,
     rate_window_s: float = 600,
     faults: FaultConfig | None = None,
-    page_size: int = 100,
+    page_size: int = MAX_PAGE_SIZE,
+    next_links: bool = False,
 ) -> Starlette:
     """A Starlette app serving the CRM entity sets under `/` and admin endpoints under `/_admin`.
 
-    `world` (an object with `.crm`) is loaded only when the store is empty, so a restart with the
-    same `store_path` keeps the state.
+    `page_size` caps the rows of one answer (`$top` asks for fewer, never more). With
+    `next_links` a truncated answer also carries `@odata.nextLink` (the live service is not
+    known to send one; clients page with `$skip` either way). `world` (an object with `.crm`)
+    is loaded only when the store is empty, so a restart with the same `store_path` keeps the
+    state.
     """
     state = CrmState(DocumentStore(store_path), world)
     fault_state = FaultState(faults)
     rate = WorkspaceRateLimit(rate_limit, rate_window_s)
     expected_auth = f"Bearer {token}".encode()
     listings: dict[tuple, Any] = {}
+    metadata = metadata_xml(ENTITY_SETS.values(), NAMESPACE, CONTAINER)
 
     async def api(request: Request) -> Response:
         supplied = request.headers.get("authorization", "").encode()
@@ -520,12 +588,15 @@ def create_app(
                 f"workspace rate limit of {rate.limit} requests per {rate.window_s} s exceeded",
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        match = _SEGMENT.match(request.url.path)
+        path = request.url.path
+        if path in ("/", "") and request.method == "GET":
+            return JSONResponse(service_document(ENTITY_SETS.values(), _base(request)))
+        if path == "/$metadata" and request.method == "GET":
+            return Response(metadata, media_type="application/xml")
+        match = _SEGMENT.match(path)
         entity = ENTITY_SETS.get(match.group("set")) if match else None
         if entity is None:
-            return odata_error(
-                404, "NotFound", f"no resource found for the segment '{request.url.path}'"
-            )
+            return odata_error(404, "NotFound", f"No HTTP resource was found for '{path}'.")
         raw_key = match.group("key")
         try:
             if raw_key is None:
@@ -534,15 +605,15 @@ def create_app(
                 if request.method == "POST":
                     return await _create(request, entity)
             else:
-                key = _parse_key(raw_key)
+                key = parse_key(entity, raw_key)
                 if request.method == "GET":
                     return _get(request, entity, key)
                 if request.method == "PATCH":
                     return await _patch(request, entity, key)
         except ODataError as exc:
-            return odata_error(400, "BadRequest", str(exc))
+            return odata_error(400, "BadRequest", str(exc), target=exc.option)
         except _BadRequest as exc:
-            return odata_error(exc.status, exc.code, exc.message)
+            return odata_error(exc.status, exc.code, exc.message, target=exc.target)
         return odata_error(
             405, "MethodNotAllowed", f"{request.method} is not supported on {request.url.path}"
         )
@@ -559,7 +630,6 @@ def create_app(
         count = params.get("$count", "false").lower()
         if count not in ("true", "false"):
             raise ODataError("$count", f"must be true or false, not '{params['$count']}'")
-        max_page = _max_page_size(request, page_size)
 
         # Paging through a large set asks for the same sorted listing once per page: keep the
         # last few, keyed on the state version so any write makes them stale.
@@ -575,11 +645,11 @@ def create_app(
         keyed, compare = cached
         total = len(keyed)
         if "$skiptoken" in params:
-            after = decode_skiptoken(params["$skiptoken"], len(orderby) + 1)
+            after = decode_skiptoken(params["$skiptoken"], len(orderby) + len(entity.keys))
             keyed = rows_after(keyed, after, compare)
         else:
             keyed = keyed[skip:]
-        limit = max_page if top is None else min(max_page, top)
+        limit = page_size if top is None else min(page_size, top)
         page = keyed[:limit]
 
         body: dict[str, Any] = {"@odata.context": f"{_base(request)}/$metadata#{entity.name}"}
@@ -587,26 +657,29 @@ def create_app(
             body["@odata.count"] = total
         body["value"] = [shape(r, model, entity, select, expand) for _, r in page]
         more = len(keyed) > len(page) and (top is None or top > len(page))
-        if more and page:
+        if next_links and more and page:
             follow = [(k, v) for k, v in params.items() if k not in ("$skip", "$skiptoken", "$top")]
             if top is not None:
                 follow.append(("$top", str(top - len(page))))
             follow.append(("$skiptoken", encode_skiptoken(page[-1][0])))
             query = urlencode(follow, quote_via=quote, safe="$(),/:'")
             body["@odata.nextLink"] = str(request.url.replace(query=query))
-        headers = {}
-        if max_page != page_size:
-            headers["Preference-Applied"] = f"odata.maxpagesize={max_page}"
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body)
 
-    def _get(request: Request, entity: EntitySet, key: int) -> Response:
+    def _get(request: Request, entity: EntitySet, key: tuple[Any, ...]) -> Response:
         params = _query_options(request, SINGLE_OPTIONS)
         select = parse_select(params["$select"], entity) if "$select" in params else []
         expand = parse_expand(params["$expand"], state.model, entity) if "$expand" in params else []
         record = state.lookup(entity.name, key)
         if record is None:
             return _not_found(entity, key)
-        return JSONResponse(shape(record, state.model, entity, select, expand))
+        # The live service wraps even a single entity in a `value` array.
+        return JSONResponse(
+            {
+                "@odata.context": f"{_base(request)}/$metadata#{entity.name}",
+                "value": [shape(record, state.model, entity, select, expand)],
+            }
+        )
 
     async def _body(request: Request) -> Any:
         try:
@@ -614,21 +687,19 @@ def create_app(
         except ValueError:
             raise _BadRequest(400, "BadRequest", "the request body is not valid JSON") from None
 
-    async def _patch(request: Request, entity: EntitySet, key: int) -> Response:
+    async def _patch(request: Request, entity: EntitySet, key: tuple[Any, ...]) -> Response:
         _require_writable(entity, request.method)
-        changes = state.validate_changes(entity, await _body(request))
+        changes = state.validate_changes(entity, await _body(request), creating=False)
         record = state.patch(entity, key, changes)
         if record is None:
             return _not_found(entity, key)
-        if "return=minimal" in request.headers.get("prefer", ""):
-            return Response(status_code=204, headers={"Preference-Applied": "return=minimal"})
-        return JSONResponse(record)
+        return Response(status_code=204)
 
     async def _create(request: Request, entity: EntitySet) -> Response:
         _require_writable(entity, request.method)
-        changes = state.validate_changes(entity, await _body(request))
+        changes = state.validate_changes(entity, await _body(request), creating=True)
         record = state.create(entity, changes)
-        location = f"{_base(request)}/{entity.name}({record[entity.key]})"
+        location = f"{_base(request)}/{entity.name}({key_segment(entity, record)})"
         return JSONResponse(record, 201, headers={"Location": location})
 
     # -- admin ------------------------------------------------------------------------------
@@ -683,20 +754,26 @@ def create_app(
         if not isinstance(body, dict):
             return odata_error(400, "BadRequest", "the request body must be a JSON object")
         raw_key = request.path_params["key"]
+        try:
+            doc_id = entity.doc_id(parse_key(entity, raw_key))
+        except _BadRequest:
+            doc_id = raw_key  # a key the API could never address: planted as given
         with state.store.lock:
             if entity.timestamp and entity.timestamp not in body:
                 body[entity.timestamp] = state.next_timestamp()
-            state.store.put(entity.name, raw_key, body)
-            keys = [r[entity.key] for r in state.rows(entity.name) if _is_int(r.get(entity.key))]
-            keys += [int(raw_key)] if raw_key.isdigit() else []
-            # Records are never deleted, so the highest key is the counter: creations after a
-            # planted record never reuse its key.
-            state.store.set_counter(entity.name, max(keys, default=0))
+            state.store.put(entity.name, doc_id, body)
+            if entity.generated_key:
+                rows = state.rows(entity.name)
+                keys = [r[entity.key] for r in rows if _is_int(r.get(entity.key))]
+                keys += [int(doc_id)] if doc_id.isdigit() else []
+                # Records are never deleted, so the highest key is the counter: creations after
+                # a planted record never reuse its key.
+                state.store.set_counter(entity.name, max(keys, default=0))
             state.version += 1
         return JSONResponse(body)
 
     extra = [
-        Route("/_admin/raw/{entity_set}/{key}", put_raw, methods=["PUT"]),
+        Route("/_admin/raw/{entity_set}/{key:path}", put_raw, methods=["PUT"]),
         Route("/_admin/tenant", get_tenant, methods=["GET"]),
         Route("/_admin/tenant", put_tenant, methods=["PUT"]),
         Route("/_admin/ratelimit", get_rate, methods=["GET"]),
@@ -727,8 +804,9 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def _not_found(entity: EntitySet, key: int) -> JSONResponse:
-    return odata_error(404, "NotFound", f"{entity.name}({key}) does not exist")
+def _not_found(entity: EntitySet, key: tuple[Any, ...]) -> JSONResponse:
+    shown = ",".join(repr(k) if isinstance(k, str) else str(k) for k in key)
+    return odata_error(404, "NotFound", f"{entity.name}({shown}) does not exist")
 
 
 def _require_writable(entity: EntitySet, method: str) -> None:

@@ -21,9 +21,27 @@ from odata_query import ast
 from odata_query.exceptions import ODataException
 from odata_query.grammar import ODataLexer, ODataParser
 
-# Edm-like field types used by the entity model.
+# Value kinds the query evaluator works with; each Edm type maps to one.
 INT, STR, BOOL, DATETIME = "int", "str", "bool", "datetime"
 _NUMERIC = {INT, "float"}
+EDM_KINDS = {
+    "Edm.Int32": INT,
+    "Edm.Int16": INT,
+    "Edm.Byte": INT,
+    "Edm.Int64": INT,
+    "Edm.String": STR,
+    "Edm.Boolean": BOOL,
+    "Edm.DateTimeOffset": DATETIME,
+    "Edm.Decimal": "float",
+    "Edm.Double": "float",
+}
+# Inclusive value ranges of the integer types, checked on write.
+EDM_RANGES = {
+    "Edm.Byte": (0, 255),
+    "Edm.Int16": (-(2**15), 2**15 - 1),
+    "Edm.Int32": (-(2**31), 2**31 - 1),
+    "Edm.Int64": (-(2**63), 2**63 - 1),
+}
 
 
 class ODataError(Exception):
@@ -36,21 +54,73 @@ class ODataError(Exception):
 
 
 @dataclass(frozen=True)
+class Prop:
+    """One structural property, as `$metadata` declares it."""
+
+    type: str  # an Edm type name, e.g. "Edm.String"
+    nullable: bool = True
+    max_length: int | None = None
+    default: Any = None  # what the server stores when a create leaves the property out
+    computed: bool = False  # kept by the server (keys, timestamps): a write naming it is refused
+
+    @property
+    def kind(self) -> str:
+        return EDM_KINDS[self.type]
+
+
+@dataclass(frozen=True)
+class Navigation:
+    """A single-valued navigation: `fks` are this type's properties holding the target's key,
+    in the order of the target's key properties."""
+
+    target: str  # entity set
+    fks: tuple[str, ...]
+    nullable: bool = True
+
+
+@dataclass(frozen=True)
 class EntitySet:
-    """One entity set: key, typed fields and single-valued navigations (nav -> (set, fk field))."""
+    """One entity set: its entity type's name, key, typed properties and navigations."""
 
     name: str
-    key: str
-    fields: dict[str, str]
-    navigations: dict[str, tuple[str, str]] = field(default_factory=dict)
+    type_name: str
+    keys: tuple[str, ...]
+    props: dict[str, Prop]
+    navigations: dict[str, Navigation] = field(default_factory=dict)
     writable: bool = False
+    # Properties a POST must carry although the server cannot default them (checked first).
     required: tuple[str, ...] = ()
-    timestamp: str | None = "LastModified"
+    timestamp: str | None = "LastUpdatedTimestamp"
+    # Also set to the write time on every write (a second, visible copy of the timestamp).
+    touched: tuple[str, ...] = ("LastUpdated",)
+    created: str | None = "Created"  # set once, when the record is made
+    generated_key: bool = True  # an integer key the server assigns on POST
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """Property name -> value kind, for the query evaluator."""
+        return {name: prop.kind for name, prop in self.props.items()}
+
+    @property
+    def key(self) -> str:
+        """The key property of a single-key set."""
+        if len(self.keys) != 1:
+            raise ValueError(f"{self.name} has a composite key {self.keys}")
+        return self.keys[0]
+
+    def doc_id(self, values: Any) -> str:
+        """The store id of the record with these key values (a tuple, or one value)."""
+        if not isinstance(values, tuple):
+            values = (values,)
+        return "\x1f".join(str(v) for v in values)
+
+    def record_id(self, record: dict[str, Any]) -> str:
+        return self.doc_id(tuple(record.get(k) for k in self.keys))
 
 
-# A path to a value: ("Name",) or ("AccountManager", "Email").
+# A path to a value: ("Name",) or ("AccountManagerUser", "EmailAddress").
 Path = tuple[str, ...]
-Lookup = Callable[[str, Any], dict[str, Any] | None]  # (entity set, key) -> record
+Lookup = Callable[[str, Any], dict[str, Any] | None]  # (entity set, key values) -> record
 
 
 class Model:
@@ -66,16 +136,24 @@ class Model:
         for i, name in enumerate(path):
             last = i == len(path) - 1
             if name in current.navigations and not last:
-                current = self.sets[current.navigations[name][0]]
+                current = self.sets[current.navigations[name].target]
                 continue
-            if name in current.fields and last:
-                return current.fields[name]
+            if name in current.props and last:
+                return current.props[name].kind
             if name in current.navigations:
                 raise ODataError(option, f"'{name}' is a navigation property, not a value")
             raise ODataError(
-                option, f"could not find a property named '{name}' on '{current.name}'"
+                option,
+                f"Could not find a property named '{name}' on type '{current.type_name}'.",
             )
         raise ODataError(option, "empty property path")  # pragma: no cover
+
+    def follow(self, entity: EntitySet, record: dict[str, Any], nav: str) -> dict[str, Any] | None:
+        navigation = entity.navigations[nav]
+        values = tuple(record.get(f) for f in navigation.fks)
+        if any(v is None for v in values):
+            return None
+        return self.lookup(navigation.target, values)
 
     def resolve(self, entity: EntitySet, record: dict[str, Any] | None, path: Path) -> Any:
         current, value = entity, record
@@ -83,9 +161,8 @@ class Model:
             if value is None:
                 return None
             if name in current.navigations:
-                target, fk = current.navigations[name]
-                value = self.lookup(target, value.get(fk))
-                current = self.sets[target]
+                value = self.follow(current, value, name)
+                current = self.sets[current.navigations[name].target]
             else:
                 value = value.get(name)
         return value
@@ -152,7 +229,7 @@ def parse_timestamp(value: Any) -> datetime | None:
 
 # A stored timestamp that does not parse (planted through `/_admin/raw`) compares as the latest
 # instant: the server is taken to hold a recent value it serialises badly, so delta filters
-# (`LastModified gt ...`) keep returning the record instead of failing the whole listing.
+# (`LastUpdatedTimestamp gt ...`) keep returning the record instead of failing the whole listing.
 _UNPARSEABLE_TIMESTAMP = datetime.max.replace(tzinfo=UTC)
 
 
@@ -353,7 +430,7 @@ def _split_top_level(text: str, sep: str) -> list[str]:
 
 
 def parse_orderby(text: str, model: Model, entity: EntitySet) -> list[tuple[Path, bool]]:
-    """`Name desc, AccountManager/Email` -> [(path, descending)]."""
+    """`Name desc, AccountManagerUser/EmailAddress` -> [(path, descending)]."""
     keys: list[tuple[Path, bool]] = []
     for item in _split_top_level(text, ","):
         words = item.split()
@@ -373,8 +450,10 @@ def parse_select(text: str, entity: EntitySet, option: str = "$select") -> list[
     for name in names:
         if name == "*":
             continue
-        if name not in entity.fields:
-            raise ODataError(option, f"could not find a property named '{name}' on '{entity.name}'")
+        if name not in entity.props:
+            raise ODataError(
+                option, f"Could not find a property named '{name}' on type '{entity.type_name}'."
+            )
     return [] if "*" in names else names
 
 
@@ -388,7 +467,8 @@ _EXPAND = re.compile(r"^(\w+)(?:\((.*)\))?$", re.DOTALL)
 
 
 def parse_expand(text: str, model: Model, entity: EntitySet) -> list[ExpandItem]:
-    """`AccountManager($select=UserId,Email)` -> [ExpandItem]. Only `$select` may be nested."""
+    """`AccountManagerUser($select=UserCode,EmailAddress)` -> [ExpandItem]. Only `$select` may
+    be nested."""
     items = []
     for part in _split_top_level(text, ","):
         match = _EXPAND.match(part)
@@ -397,9 +477,10 @@ def parse_expand(text: str, model: Model, entity: EntitySet) -> list[ExpandItem]
         nav, nested = match.group(1), match.group(2)
         if nav not in entity.navigations:
             raise ODataError(
-                "$expand", f"could not find a navigation property named '{nav}' on '{entity.name}'"
+                "$expand",
+                f"Could not find a navigation property named '{nav}' on type '{entity.type_name}'.",
             )
-        target = model.sets[entity.navigations[nav][0]]
+        target = model.sets[entity.navigations[nav].target]
         select: list[str] = []
         for option in _split_top_level(nested, ";") if nested else []:
             name, _, value = option.partition("=")
@@ -420,8 +501,7 @@ def shape(
     """The record as the client sees it: selected fields plus expanded navigations."""
     out = {k: record.get(k) for k in select} if select else dict(record)
     for item in expand:
-        target_name, fk = entity.navigations[item.navigation]
-        target = model.lookup(target_name, record.get(fk))
+        target = model.follow(entity, record, item.navigation)
         if target is not None and item.select:
             target = {k: target.get(k) for k in item.select}
         out[item.navigation] = dict(target) if target is not None else None
@@ -463,8 +543,8 @@ def sort_rows(
     Sorted with one stable C-level sort per key (last key first), so a page of a large set costs
     a few sorts rather than a Python comparison per pair.
     """
-    paths = [p for p, _ in orderby] + [(entity.key,)]
-    descending = [d for _, d in orderby] + [False]
+    paths = [p for p, _ in orderby] + [(k,) for k in entity.keys]
+    descending = [d for _, d in orderby] + [False] * len(entity.keys)
     keyed = [([model.resolve(entity, r, p) for p in paths], r) for r in rows]
     for i in reversed(range(len(paths))):
         try:

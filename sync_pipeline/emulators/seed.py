@@ -21,16 +21,22 @@ Unleashed (`World.salespersons`, `World.customers`):
 - contacts: 1-5 per customer, and one customer with 130 (when N >= 10); first+last name is unique
   within a customer (CRM-only contacts included); ~6% have no email address.
 
-CRM (`World.crm`, keyed by entity set; integer keys from 1; `UnleashedGuid` is `None` everywhere,
-so the sync must link divisions by sales-ledger account code and contacts by email, then name):
-- one division + one sales ledger (`AccountCode` = `CustomerCode`) per linked customer;
+CRM (`World.crm`, keyed by entity set, in the live model of `prospect_model`; integer keys from
+1, user codes of three characters; no custom-field slot holds an Unleashed Guid, so the sync must
+link divisions by their sales ledger's `CustomerCode` and contacts by email, then name):
+- one company group (`Companies`, `TypeId` `CUS`), one division and one sales ledger
+  (`SalesLedgerId` `SL00001`…, `CustomerCode` = the Unleashed `CustomerCode`, pointed at by the
+  division's `OperatingCompanyCode` + `SalesLedgerId`) per linked customer;
   ~4% of customers (at least 1) exist only in Unleashed, created after the import (the standard
   import will create them); obsolete customers are split between linked and Unleashed-only.
 - ~4% extra divisions (at least 1) with no sales ledger (CRM-only, unlinked), with contacts.
 - users: one per salesperson (~20%, at least one, differ in email case only; the obsolete
-  salesperson's user is inactive; one salesperson's user has the same name but another email, so
-  it matches nobody) plus users with no salesperson (`Tom Fletcher` is an account manager).
-- `OperatingCompanies`: one row; `SystemSettings`: one row with `AdvancedLedgersEnabled: False`.
+  salesperson's user is `Obsolete`; one salesperson's user has the same name but another email,
+  so it matches nobody) plus users with no salesperson (`Tom Fletcher` is an account manager),
+  plus the house account `HSE` (no email address): the account manager of a division whose
+  customer has no salesperson (the CRM column cannot be empty).
+- contacts carry `RoleCode` `DECISN` (one of the tenant's `ContactRoles`).
+- `HomeCurrencies`: one operating company (`A`); `SystemOptions`: a few unrelated options.
 
 Drift between linked records (the side that changed was modified after `IMPORT_TIME`):
 - company: the same phone number in another format (~4%: `+44 20 7946 0123`, `020 7946 0123`,
@@ -60,6 +66,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 BASE_TIME = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+# The tenant's house account: the account manager of a company that has none (the CRM column
+# is NOT NULL). It has no email address, so the sync reads it as "no account manager".
+HOUSE_ACCOUNT = "HSE"
+CONTACT_ROLE = "DECISN"  # the role the seeded contacts carry, and the one the sync creates with
+_CONTACT_ROLES = (
+    {"RoleCode": "DECISN", "Description": "Decision maker"},
+    {"RoleCode": "ACCNTS", "Description": "Accounts"},
+    {"RoleCode": "OTHER", "Description": "Other"},
+)
+_SYSTEM_OPTIONS = (
+    {"Option": "DateFormat", "Value": "dd/MM/yyyy", "Group": "General", "Visible": 1},
+    {"Option": "DefaultCountry", "Value": "United Kingdom", "Group": "General", "Visible": 1},
+)
 IMPORT_TIME = BASE_TIME - timedelta(days=7)
 
 VARIETY_KINDS = (
@@ -76,8 +95,8 @@ VARIETY_KINDS = (
     "company_name_differs",  # DivisionIds
     "account_manager_differs",  # DivisionIds: another user that has a salesperson
     "account_manager_unmatched",  # DivisionIds whose account manager has no salesperson
-    "users_without_salesperson",  # UserIds
-    "users_email_case_differs",  # UserIds matching a salesperson only case-insensitively
+    "users_without_salesperson",  # UserCodes
+    "users_email_case_differs",  # UserCodes matching a salesperson only case-insensitively
     "salespersons_without_user",  # salesperson Guids
     "contact_email_case_differs",  # Unleashed contact Guids
     "contacts_matched_by_name_only",  # Unleashed contact Guids
@@ -114,7 +133,7 @@ class World:
             "crm_contacts": len(self.crm["Contacts"]),
             "crm_users": len(self.crm["Users"]),
             "crm_sales_ledgers": len(self.crm["SalesLedgers"]),
-            "crm_operating_companies": len(self.crm["OperatingCompanies"]),
+            "crm_operating_companies": len(self.crm["HomeCurrencies"]),
             "linked_companies": len(self.company_links),
             "linked_contacts": len(self.contact_links),
         }
@@ -316,6 +335,7 @@ class _Builder:
         self.crm_contacts: list[dict[str, Any]] = []
         self.users: list[dict[str, Any]] = []
         self.ledgers: list[dict[str, Any]] = []
+        self.companies: list[dict[str, Any]] = []
         self.codes: dict[str, int] = {}
         self.names: set[str] = set()
         self.tenant_name, self.tenant_domain = self.rng.choice(_TENANTS)
@@ -438,14 +458,14 @@ class _Builder:
                 local, domain = email.split("@")
                 email = f"{local.title()}@{domain}"
             user = self.add_user(sp["FullName"], email, active=not sp["Obsolete"])
-            sp["_user"] = None if i == no_user else user["UserId"]
+            sp["_user"] = None if i == no_user else user["UserCode"]
             if i == no_user:
                 self.variety["salespersons_without_user"].append(sp["Guid"])
-                self.variety["users_without_salesperson"].append(user["UserId"])
+                self.variety["users_without_salesperson"].append(user["UserCode"])
             elif i in case_differs:
-                self.variety["users_email_case_differs"].append(user["UserId"])
+                self.variety["users_email_case_differs"].append(user["UserCode"])
         extra = max(2, n_sp // 5)
-        self.unmatched_manager_ids: list[int] = []
+        self.unmatched_manager_ids: list[str] = []
         for i in range(extra):
             name, role = _STAFF_WITHOUT_SALESPERSON[i % len(_STAFF_WITHOUT_SALESPERSON)]
             if i >= len(_STAFF_WITHOUT_SALESPERSON):
@@ -453,21 +473,32 @@ class _Builder:
                 name, role = f"{first} {last}", "Account Manager"
             local = ".".join(_slug(part) for part in name.split())
             user = self.add_user(name, f"{local}@{self.tenant_domain}", active=True)
-            self.variety["users_without_salesperson"].append(user["UserId"])
+            self.variety["users_without_salesperson"].append(user["UserCode"])
             if role == "Account Manager":
-                self.unmatched_manager_ids.append(user["UserId"])
+                self.unmatched_manager_ids.append(user["UserCode"])
+        self.users.append(
+            {"UserCode": HOUSE_ACCOUNT, "UserName": "House account", "EmailAddress": None,
+             "Obsolete": 0, "AccountManager": 1, "Created": _ms(BASE_TIME - timedelta(days=900))}
+        )  # fmt: skip
         # Salespersons customers can have: active, and with a CRM user (the one whose user has
         # another email keeps no customers, so the unmatched account managers stay few).
         self.unmatched_users = set(self.variety["users_without_salesperson"])
         self.active_sps = [sp for sp in self.salespersons if sp["_user"] and not sp["Obsolete"]]
 
-    def add_user(self, name: str, email: str, *, active: bool) -> dict[str, Any]:
+    def add_user(self, name: str, email: str | None, *, active: bool) -> dict[str, Any]:
+        """A CRM user; its code is the initials and a number, three characters, unique."""
+        initials = "".join(_ascii(part)[0].upper() for part in name.split()[:2])
+        taken = {u["UserCode"] for u in self.users}
+        code = next(
+            c for c in (f"{initials}{n}"[:3] for n in range(1, 100)) if c not in taken
+        )
         user = {
-            "UserId": len(self.users) + 1,
-            "Name": name,
-            "Email": email,
-            "Active": active,
-            "LastModified": _ms(BASE_TIME - timedelta(days=self.rng.uniform(20, 700))),
+            "UserCode": code,
+            "UserName": name,
+            "EmailAddress": email,
+            "Obsolete": 0 if active else 1,
+            "AccountManager": 1,
+            "Created": _ms(BASE_TIME - timedelta(days=self.rng.uniform(20, 700))),
         }
         self.users.append(user)
         return user
@@ -626,19 +657,26 @@ class _Builder:
                 self.variety["unicode_names"].append(contact["Guid"])
 
     # ---- CRM copies --------------------------------------------------------------------------
-    def division(self, name: str, phone: str | None, website: str | None, manager: int | None,
+    def division(self, name: str, phone: str | None, website: str | None, manager: str | None,
                  modified: datetime) -> dict[str, Any]:  # fmt: skip
+        """A company group and its one division (what the CRM screen calls a company)."""
         division_id = len(self.divisions) + 1
+        self.companies.append(
+            {"CompanyId": division_id, "Name": name, "TypeId": "CUS",
+             "AccountManagerId": manager, "StatusFlag": "A", "LastUpdatedTimestamp": modified}
+        )  # fmt: skip
         division = {
             "DivisionId": division_id,
             "CompanyId": division_id,
+            "OperatingCompanyCode": "A",
             "Name": name,
-            "Phone": phone,
+            "PhoneNumber": phone,
             "Website": website,
-            "AccountManagerId": manager,
-            "UnleashedGuid": None,
+            "AccountManager": manager or HOUSE_ACCOUNT,
+            "SalesLedgerId": None,
             "StatusFlag": "A",
-            "LastModified": modified,
+            "Created": modified,
+            "LastUpdatedTimestamp": modified,
         }
         self.divisions.append(division)
         return division
@@ -653,12 +691,13 @@ class _Builder:
             "Forename": first,
             "Surname": last,
             "Email": email,
-            "Phone": phone,
-            "Mobile": mobile,
+            "PhoneNumber": phone,
+            "MobilePhoneNumber": mobile,
             "Fax": fax,
-            "UnleashedGuid": None,
+            "RoleCode": CONTACT_ROLE,
             "StatusFlag": "A",
-            "LastModified": modified,
+            "Created": modified,
+            "LastUpdatedTimestamp": modified,
         }
         self.crm_contacts.append(contact)
         return contact
@@ -760,14 +799,18 @@ class _Builder:
             division = self.division(crm_name, crm_phone, crm_website, manager, crm_modified)
             division_id = division["DivisionId"]
             self.company_links[customer["Guid"]] = division_id
+            ledger_id = f"SL{len(self.ledgers) + 1:05d}"
             self.ledgers.append(
                 {
-                    "SalesLedgerId": len(self.ledgers) + 1,
-                    "DivisionId": division_id,
-                    "AccountCode": customer["CustomerCode"],
-                    "LastModified": self.before_import(customer["CreatedOn"]),
+                    "OperatingCompanyCode": "A",
+                    "SalesLedgerId": ledger_id,
+                    "CustomerCode": customer["CustomerCode"],
+                    "Name": customer["CustomerName"],
+                    "DefaultDivisionId": division_id,
+                    "LastUpdatedTimestamp": self.before_import(customer["CreatedOn"]),
                 }
             )
+            division["SalesLedgerId"] = ledger_id
             for kind in kinds:
                 self.variety[kind].append(division_id)
             if manager in self.unmatched_users:
@@ -917,10 +960,15 @@ class _Builder:
             crm={
                 "Divisions": self.divisions,
                 "Contacts": self.crm_contacts,
+                "Companies": self.companies,
                 "Users": self.users,
                 "SalesLedgers": self.ledgers,
-                "OperatingCompanies": [{"OperatingCompanyId": 1, "Name": self.tenant_name}],
-                "SystemSettings": [{"SettingId": 1, "AdvancedLedgersEnabled": False}],
+                "ContactRoles": [dict(r) for r in _CONTACT_ROLES],
+                "HomeCurrencies": [
+                    {"OperatingCompanyCode": "A", "Description": self.tenant_name,
+                     "CurrencyCode": "GBP"}
+                ],
+                "SystemOptions": [dict(o) for o in _SYSTEM_OPTIONS],
             },
             variety=self.variety,
             company_links=self.company_links,

@@ -84,16 +84,52 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LinkSlot(_Model):
+    """The CRM custom-field slot that keeps a record's Unleashed Guid: a field of the record's
+    satellite row (`DivisionXtras` / `ContactXtras`, keyed by the record's own id), read through
+    the record's navigation to it and written with a PATCH of its own."""
+
+    entity_set: Name  # e.g. DivisionXtras
+    navigation: Name  # e.g. DivisionXtra (the record's navigation property to the row)
+    field: Name  # e.g. StandardTextField1
+
+    @property
+    def path(self) -> str:
+        """The slot as a field path of the expanded record (`DivisionXtra.StandardTextField1`)."""
+        return f"{self.navigation}.{self.field}"
+
+
+Scalar = str | int
+
+
+class ParentCreate(_Model):
+    """A record the CRM needs before this one can be created (a Division needs its company
+    group): created first, its key written into the new record's field of the same name."""
+
+    entity_set: Name  # e.g. Companies
+    key: Name  # e.g. CompanyId
+    values: dict[Name, Scalar] = Field(default_factory=dict)  # fixed values, e.g. TypeId: CUS
+    from_record: dict[Name, Name] = Field(default_factory=dict)  # parent field: record field
+
+
+class CreateSpec(_Model):
+    """What the CRM needs to create a record beyond the synced fields."""
+
+    values: dict[Name, Scalar] = Field(default_factory=dict)  # e.g. RoleCode: DECISN
+    parent: ParentCreate | None = None
+
+
 class CrmSource(_Model):
     """Where the CRM side of an entity is read from and written to."""
 
     entity_set: Name
     table: Name
     key: Name
-    modified: FieldPath
+    modified: Name
     expand: list[Expand] = Field(default_factory=list)
     parent_key: Name | None = None  # e.g. DivisionId on a contact
-    link_field: Name  # the CRM field that stores the Unleashed Guid
+    link: LinkSlot  # where the CRM keeps the Unleashed Guid
+    create: CreateSpec = Field(default_factory=CreateSpec)
 
 
 class ErpSource(_Model):
@@ -141,14 +177,18 @@ class Match(_Model):
 class Reference(_Model):
     """How a reference field is written: look the value up in a raw table, write what it finds.
 
-    `value` is the path of the field to write (e.g. UserId); null writes the whole record
-    object (Unleashed wants the full SalesPerson object).
+    `value` is the path of the field to write (e.g. UserCode); null writes the whole record
+    object (Unleashed wants the full SalesPerson object). `blank` is what to write for an
+    empty value where the target cannot hold none (the CRM's AccountManager is NOT NULL: the
+    code of a user that stands for "no account manager"); without it an empty value is not
+    written and the record is reported.
     """
 
     field: Name
     table: Name
     match: FieldPath
     value: FieldPath | None = None
+    blank: str | None = None
 
 
 class FieldSpec(_Model):
