@@ -108,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default: 3000)")
     dev.set_defaults(handler=run_dev)
 
+    check = commands.add_parser(
+        "check",
+        help="prove the configured CRM tenant and Unleashed account fit the mappings",
+        description="Check the credentials of both systems, every CRM name the mappings use "
+        "against the CRM's $metadata, the tenant guards (operating companies, advanced ledgers, "
+        "Prospect's own Unleashed integration), the contact role and the link slots, and print "
+        "a summary. Reads the same environment variables as the Dagster code location and "
+        "keeps the result in its DuckDB file: sync runs write only while the last check passed "
+        "for the mappings as they are. Exits 1 when the check fails.",
+    )
+    check.add_argument(
+        "--database",
+        default=None,
+        metavar="PATH",
+        help="the DuckDB file to keep the result in (default: the code location's, from "
+        "SYNC_DUCKDB_PATH or its default)",
+    )
+    check.set_defaults(handler=run_check)
+
     compact = commands.add_parser(
         "compact",
         help="rewrite the DuckDB file into a compact copy (gives back the space pruning freed)",
@@ -241,6 +260,39 @@ def run_dev(args: argparse.Namespace) -> int:
     from sync_pipeline.demo import run_dev as dev
 
     return dev(companies=args.companies, seed=args.seed, port=args.port)
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+def run_check(args: argparse.Namespace) -> int:
+    """The preflight against the tenant and account the environment names."""
+    from sync_pipeline import preflight, store
+    from sync_pipeline.defs.resources import (
+        ResourceConfigError,
+        connection_resources,
+        duckdb_path,
+    )
+    from sync_pipeline.mapping import MappingError
+
+    try:
+        crm, unleashed, sync_config = connection_resources()
+        mappings = sync_config.mappings()
+        settings = sync_config.settings()
+        with crm.get_client() as crm_client, unleashed.get_client() as unleashed_client:
+            report = preflight.run_preflight(
+                crm_client, unleashed_client, mappings, two_way_sync=settings.two_way_sync
+            )
+    except (ResourceConfigError, MappingError, ValueError) as exc:
+        print(f"Preflight FAILED: {exc}", file=sys.stderr)
+        return 1
+    database = args.database or duckdb_path()
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    with store.connect(database) as con:
+        preflight.record(con, report)
+    print(report.text())
+    print(f"Result kept in {database}.")
+    return 0 if report.ok else 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ from sync_pipeline.clients.crm import CrmClient
 
 
 def two_way_refusal(crm: CrmClient) -> str | None:
-    """A reason two-way sync must not run for this CRM tenant, or None when it may."""
+    """A reason the sync must not write to this CRM tenant at all, or None when it may (design
+    rule 7: more than one operating company, advanced ledgers, or Prospect's own Unleashed
+    integration running beside it)."""
     reason = crm.tenant_facts().refusal_reason()
     if reason is None:
         return None
     return (
-        f"Two-way sync refused: {reason}. Nothing was written. The standard import of new "
-        "Unleashed customers and contacts continues."
+        f"Sync refused for this CRM tenant: {reason}. Nothing was written: neither two-way "
+        "updates nor the standard import of new Unleashed customers and contacts."
     )

@@ -410,7 +410,8 @@ class CrmClient(BaseClient):
             str(o.get("Option")): str(o.get("Value") or "").strip().lower()
             for o in self.list("SystemOptions", count=False).items
         }
-        evidence = [f"{len(companies)} operating companies (HomeCurrencies)"]
+        plural = "company" if len(companies) == 1 else "companies"
+        evidence = [f"{len(companies)} operating {plural} (HomeCurrencies)"]
 
         def option_on(names: tuple[str, ...]) -> str | None:
             return next((n for n in names if options.get(n) in _TRUE_OPTION_VALUES), None)

@@ -14,10 +14,11 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
     from sync_pipeline.defs.automation import JOBS, SCHEDULES, SENSORS
     from sync_pipeline.defs.checks import CHECKS
     from sync_pipeline.defs.extract import CRM_EXTRACTS, UNLEASHED_EXTRACTS
+    from sync_pipeline.defs.preflight import sync_preflight
     from sync_pipeline.defs.sync import SYNC_ASSETS
 
     return dg.Definitions(
-        assets=[*CRM_EXTRACTS, *UNLEASHED_EXTRACTS, *SYNC_ASSETS],
+        assets=[sync_preflight, *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, *SYNC_ASSETS],
         asset_checks=CHECKS,
         jobs=JOBS,
         sensors=SENSORS,

@@ -20,6 +20,7 @@ from sync_pipeline.defs.extract import (
     crm_companies,
     crm_contacts,
 )
+from sync_pipeline.defs.preflight import preflight_job, sync_preflight
 from sync_pipeline.defs.resources import CrmResource, SyncConfigResource, UnleashedResource
 from sync_pipeline.defs.sync import (
     account_manager_candidates,
@@ -43,7 +44,7 @@ crm_push_job = dg.define_asset_job(
     # Only what a push needs: the CRM records that change, links, plan, push. Users and sales
     # ledgers (new links, account-manager lookups) and the asset checks come with the cycle.
     selection=dg.AssetSelection.assets(
-        crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed
+        sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed
     ).without_checks(),
     description="CRM changes to Unleashed, launched by the CRM change sensor within seconds.",
     tags={"sync/direction": "push"},
@@ -51,8 +52,8 @@ crm_push_job = dg.define_asset_job(
 )
 
 _cycle = dg.AssetSelection.assets(
-    *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, sync_plan, pull_to_crm, push_to_unleashed,
-    account_manager_candidates,
+    sync_preflight, *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, sync_plan, pull_to_crm,
+    push_to_unleashed, account_manager_candidates,
 )  # fmt: skip
 
 sync_cycle_job = dg.define_asset_job(
@@ -85,7 +86,7 @@ full_resync_job = dg.define_asset_job(
 account_manager_fix_job = dg.define_asset_job(
     "account_manager_fix_job",
     selection=dg.AssetSelection.assets(
-        *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, account_manager_fix
+        sync_preflight, *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, sync_links, account_manager_fix
     ),
     partitions_def=IMPORT_PARTITIONS,
     description="Nightly: CRM account managers set to the Unleashed salespersons.",
@@ -98,7 +99,14 @@ history_pruning_job = dg.define_asset_job(
     tags={"sync/trigger": "history-pruning"},
 )
 
-JOBS = [crm_push_job, sync_cycle_job, full_resync_job, account_manager_fix_job, history_pruning_job]
+JOBS = [
+    crm_push_job,
+    sync_cycle_job,
+    full_resync_job,
+    account_manager_fix_job,
+    history_pruning_job,
+    preflight_job,
+]
 
 
 TICK = timedelta(minutes=5)  # how often the schedules tick

@@ -5,6 +5,7 @@ from datetime import timedelta
 import dagster as dg
 
 from sync_pipeline import derived, extract
+from sync_pipeline.defs.preflight import sync_preflight
 from sync_pipeline.defs.resources import (
     CrmResource,
     SyncConfigResource,
@@ -36,6 +37,7 @@ def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
         group_name="extract",
         kinds={"duckdb"},
         pool="duckdb",
+        deps=[sync_preflight],
         description=description,
     )
     def _extract(
@@ -81,12 +83,14 @@ crm_users = _crm_asset("users", "CRM users (candidates for account manager), rea
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed customers, imported by hourly window.",
+            deps=[sync_preflight],
         ),
         dg.AssetSpec(
             ["unleashed", "contacts"],
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed contacts, read inside their customers' pages.",
+            deps=[sync_preflight],
         ),
     ],  # fmt: skip
     partitions_def=IMPORT_PARTITIONS,
@@ -132,6 +136,7 @@ def unleashed_customers(
     group_name="extract",
     kinds={"duckdb"},
     pool="duckdb",
+    deps=[sync_preflight],
     description="Unleashed salespersons (account managers are matched to them by email).",
 )
 def unleashed_salespersons(

@@ -197,6 +197,29 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
     }
 
 
+def connection_resources() -> tuple[CrmResource, UnleashedResource, SyncConfigResource]:
+    """The two API resources and the configuration, from the environment as it is now (for
+    commands that run outside Dagster, such as `sync-pipeline check`)."""
+    return (
+        CrmResource(
+            base_url=_env_or("CRM_BASE_URL", CrmResource.model_fields["base_url"].default),
+            token=_env_or("CRM_TOKEN", ""),
+        ),
+        UnleashedResource(
+            base_url=_env_or(
+                "UNLEASHED_BASE_URL", UnleashedResource.model_fields["base_url"].default
+            ),
+            api_id=_env_or("UNLEASHED_API_ID", ""),
+            api_key=_env_or("UNLEASHED_API_KEY", ""),
+            client_type=_env_or("UNLEASHED_CLIENT_TYPE", "acme/crmsync"),
+        ),
+        SyncConfigResource(
+            settings_file=_env_or("SYNC_SETTINGS_FILE", "settings.yaml"),
+            mappings_dir=_env_or("SYNC_MAPPINGS_DIR", DEFAULT_MAPPINGS),
+        ),
+    )
+
+
 def duckdb_path() -> str:
     """The DuckDB file the code location uses (also what `sync-pipeline compact` works on)."""
     return _env_or("SYNC_DUCKDB_PATH", DEFAULT_DB)

@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from sync_pipeline import account_managers, apply, duck, links, store
+from sync_pipeline import account_managers, apply, duck, links, preflight, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
@@ -67,8 +67,12 @@ def sync_plan(
 ) -> dg.MaterializeResult:
     settings = sync_config.settings()
     mappings = sync_config.mappings()
+    with duckdb.get_connection() as con:
+        block = preflight.write_block(con, mappings)
+    if block:
+        raise dg.Failure(description=f"Nothing written: {block}")
     with crm.get_client() as client:
-        refusal = two_way_refusal(client) if settings.two_way_sync else None
+        refusal = two_way_refusal(client)
     with duckdb.get_connection() as con:
         plan = diff_mod.plan_changes(
             con, mappings,
@@ -82,7 +86,7 @@ def sync_plan(
         )
         plan = queued["plan"]
     if refusal:
-        context.log.warning(refusal)
+        context.log.error(refusal)
     elif not settings.two_way_sync:
         context.log.info("Two-way sync is off: only the standard import (creations) is queued.")
     counts = plan["op"].value_counts().to_dict() if not plan.empty else {}
@@ -105,13 +109,13 @@ def sync_plan(
 def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: str | None) -> dict:
     """Record rejections and conflicts, then put what may run into the outbox (before any call).
 
-    Creations from Unleashed (the standard import) always run; updates only with two-way sync on
-    and no guard refusing it."""
+    Creations from Unleashed (the standard import) run whatever the options; updates only with
+    two-way sync on. A tenant the guard refuses gets nothing at all."""
     store.set_state(con, REFUSAL_KEY, refusal)
     plan = refused_as_rejections(con, plan)
     rejections = store.sync_rejections(con, plan)
     updates = two_way and not refusal
-    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if updates else set())
+    allowed = set() if refusal else set(CREATE_OPS) | (set(UPDATE_OPS) if updates else set())
     ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
     keep = store.op_keys(ops)
     # Conflicts decided this pass, including those whose winning value is refused (the decision
@@ -180,7 +184,9 @@ def push_to_unleashed(
 ) -> dg.MaterializeResult:
     settings = sync_config.settings()
     with duckdb.get_connection() as con:
-        refusal = store.get_state(con, REFUSAL_KEY)
+        refusal = store.get_state(con, REFUSAL_KEY) or preflight.write_block(
+            con, sync_config.mappings()
+        )
         if not settings.two_way_sync or refusal:
             why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
             context.log.info(why)
@@ -208,15 +214,22 @@ def pull_to_crm(
 ) -> dg.MaterializeResult:
     settings = sync_config.settings()
     with duckdb.get_connection() as con:
-        refusal = store.get_state(con, REFUSAL_KEY)
-        updates = settings.two_way_sync and not refusal
+        refusal = store.get_state(con, REFUSAL_KEY) or preflight.write_block(
+            con, sync_config.mappings()
+        )
+        if refusal:
+            context.log.error(refusal)
+            return dg.MaterializeResult(
+                metadata={"skipped": refusal, **_settings_metadata(sync_config)}
+            )
+        updates = settings.two_way_sync
         with crm.get_client() as client:
             stats = apply.apply_pull(
                 con, client, sync_config.mappings(), context.run_id, updates=updates
             )
     result = _apply_result(stats, sync_config)
     if not updates:
-        result.metadata["updates_skipped"] = refusal or "two-way sync is off in settings"
+        result.metadata["updates_skipped"] = "two-way sync is off in settings"
     return result
 
 
@@ -276,7 +289,15 @@ def account_manager_fix(
         context.log.info(why)
         return dg.MaterializeResult(metadata={"skipped": why, **_settings_metadata(sync_config)})
     mappings = sync_config.mappings()
+    with crm.get_client() as client:
+        refusal = two_way_refusal(client)
     with duckdb.get_connection() as con:
+        refusal = refusal or preflight.write_block(con, mappings)
+        if refusal:
+            context.log.error(refusal)
+            return dg.MaterializeResult(
+                metadata={"skipped": refusal, **_settings_metadata(sync_config)}
+            )
         fixes = account_managers.plan_fix(con, mappings)
         todo = fixes[fixes["op"] == "update_crm"]
         if len(todo):

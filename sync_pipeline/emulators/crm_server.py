@@ -321,7 +321,10 @@ class CrmState:
 
     def _ensure_tenant_rows(self) -> None:
         if not self.store.all("HomeCurrencies"):
-            self._put("HomeCurrencies", {"OperatingCompanyCode": "A", "Description": "Main"})
+            self._put(
+                "HomeCurrencies",
+                {"OperatingCompanyCode": "A", "Description": "Main", "Code": "GBP"},
+            )
 
     def _put(self, set_name: str, record: dict[str, Any]) -> None:
         entity = ENTITY_SETS[set_name]
@@ -515,7 +518,12 @@ class CrmState:
                 if value is not None:
                     self._put(
                         "SystemOptions",
-                        {"Option": option, "Value": "1" if value else "0", "Group": "Accounts"},
+                        {
+                            "Option": option,
+                            "Value": "1" if value else "0",
+                            "Group": "Accounts",
+                            "Description": option,
+                        },
                     )
         return self.tenant_facts()
 

@@ -71,13 +71,25 @@ BASE_TIME = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 HOUSE_ACCOUNT = "HSE"
 CONTACT_ROLE = "DECISN"  # the role the seeded contacts carry, and the one the sync creates with
 _CONTACT_ROLES = (
-    {"RoleCode": "DECISN", "Description": "Decision maker"},
-    {"RoleCode": "ACCNTS", "Description": "Accounts"},
-    {"RoleCode": "OTHER", "Description": "Other"},
+    {"Code": "DECISN", "Description": "Decision maker"},
+    {"Code": "ACCNTS", "Description": "Accounts"},
+    {"Code": "OTHER", "Description": "Other"},
 )
 _SYSTEM_OPTIONS = (
-    {"Option": "DateFormat", "Value": "dd/MM/yyyy", "Group": "General", "Visible": 1},
-    {"Option": "DefaultCountry", "Value": "United Kingdom", "Group": "General", "Visible": 1},
+    {
+        "Option": "DateFormat",
+        "Value": "dd/MM/yyyy",
+        "Group": "General",
+        "Description": "Date format",
+        "Visible": 1,
+    },
+    {
+        "Option": "DefaultCountry",
+        "Value": "United Kingdom",
+        "Group": "General",
+        "Description": "Default country",
+        "Visible": 1,
+    },
 )
 IMPORT_TIME = BASE_TIME - timedelta(days=7)
 
@@ -489,9 +501,7 @@ class _Builder:
         """A CRM user; its code is the initials and a number, three characters, unique."""
         initials = "".join(_ascii(part)[0].upper() for part in name.split()[:2])
         taken = {u["UserCode"] for u in self.users}
-        code = next(
-            c for c in (f"{initials}{n}"[:3] for n in range(1, 100)) if c not in taken
-        )
+        code = next(c for c in (f"{initials}{n}"[:3] for n in range(1, 100)) if c not in taken)
         user = {
             "UserCode": code,
             "UserName": name,
@@ -663,7 +673,8 @@ class _Builder:
         division_id = len(self.divisions) + 1
         self.companies.append(
             {"CompanyId": division_id, "Name": name, "TypeId": "CUS",
-             "AccountManagerId": manager, "StatusFlag": "A", "LastUpdatedTimestamp": modified}
+             "AccountManagerId": manager or HOUSE_ACCOUNT, "StatusFlag": "A",
+             "LastUpdatedTimestamp": modified}
         )  # fmt: skip
         division = {
             "DivisionId": division_id,
@@ -965,8 +976,7 @@ class _Builder:
                 "SalesLedgers": self.ledgers,
                 "ContactRoles": [dict(r) for r in _CONTACT_ROLES],
                 "HomeCurrencies": [
-                    {"OperatingCompanyCode": "A", "Description": self.tenant_name,
-                     "CurrencyCode": "GBP"}
+                    {"OperatingCompanyCode": "A", "Description": self.tenant_name, "Code": "GBP"}
                 ],
                 "SystemOptions": [dict(o) for o in _SYSTEM_OPTIONS],
             },
