@@ -19,13 +19,17 @@ RAW_TABLES = {
     "crm_companies": False,
     "crm_contacts": True,
     "crm_users": False,
-    "crm_sales_ledgers": True,
     "unleashed_customers": False,
     "unleashed_contacts": True,
     "unleashed_salespersons": False,
 }
 
 T0 = datetime(2026, 1, 1, 9, 0, 0)
+
+
+def user_code(user_id: int) -> str:
+    """The CRM user code the fixtures give user `user_id` (codes are three characters)."""
+    return f"U{user_id:02d}"
 
 
 class World:
@@ -102,8 +106,11 @@ class World:
     # Builders ------------------------------------------------------------------------------
 
     def user(self, user_id: int, email: str, name: str = "User", active: bool = True) -> None:
-        self._put("crm_users", str(user_id),
-                  {"UserId": user_id, "Name": name, "Email": email, "Active": active},
+        """A CRM user with the code `U<user_id>`."""
+        code = user_code(user_id)
+        self._put("crm_users", code,
+                  {"UserCode": code, "UserName": name, "EmailAddress": email,
+                   "Obsolete": 0 if active else 1},
                   active=active)  # fmt: skip
 
     def salesperson(self, guid: str, email: str, name: str = "Sales", active: bool = True) -> None:
@@ -126,13 +133,15 @@ class World:
         **extra: Any,
     ) -> str:
         data = {"DivisionId": division_id, "CompanyId": division_id, "Name": name,
-                "Phone": phone, "Website": website, "UnleashedGuid": guid,
-                "StatusFlag": "A" if active else "I", "AccountManagerId": None,
-                "AccountManager": {"Email": manager} if manager else None, **extra}  # fmt: skip
+                "PhoneNumber": phone, "Website": website,
+                "DivisionXtra": {"DivisionId": division_id, "StandardTextField1": guid},
+                "StatusFlag": "A" if active else "D", "AccountManager": "HSE",
+                "AccountManagerUser": {"UserCode": "HSE", "EmailAddress": manager},
+                "OperatingCompanyCode": "A",
+                "SalesLedgerId": f"SL{division_id}" if code is not None else None,
+                "SalesLedger": {"CustomerCode": code} if code is not None else None,
+                **extra}  # fmt: skip
         self._put("crm_companies", str(division_id), data, active=active, modified=modified)
-        if code is not None:
-            ledger = {"SalesLedgerId": division_id, "DivisionId": division_id, "AccountCode": code}
-            self._put("crm_sales_ledgers", f"L{division_id}", ledger, parent=str(division_id))
         return str(division_id)
 
     def customer(
@@ -171,8 +180,10 @@ class World:
         modified: datetime | None = None,
     ) -> str:
         data = {"ContactId": contact_id, "DivisionId": division_id, "Forename": first,
-                "Surname": last, "Email": email, "Phone": phone, "Mobile": mobile, "Fax": fax,
-                "UnleashedGuid": guid, "StatusFlag": "A" if active else "I"}  # fmt: skip
+                "Surname": last, "Email": email, "PhoneNumber": phone,
+                "MobilePhoneNumber": mobile, "Fax": fax, "RoleCode": "DECISN",
+                "ContactXtra": {"ContactId": contact_id, "StandardTextField1": guid},
+                "StatusFlag": "A" if active else "D"}  # fmt: skip
         self._put("crm_contacts", str(contact_id), data, parent=str(division_id), active=active,
                   modified=modified)  # fmt: skip
         return str(contact_id)

@@ -216,7 +216,7 @@ def test_a_conflict_seen_again_keeps_the_time_it_was_first_seen(w):
 
 
 def test_both_sides_changed_to_the_same_value_is_not_a_conflict(w):
-    w.edit("crm_companies", "12", Phone="020 7946 5555")
+    w.edit("crm_companies", "12", PhoneNumber="020 7946 5555")
     w.edit("unleashed_customers", "g-acme", PhoneNumber="+44 20 7946 5555")
     assert plan(w).empty
     w.edit("crm_companies", "12", Name="Later edit")
@@ -239,8 +239,11 @@ def test_invalid_website_is_rejected_and_other_fields_still_plan(w):
     assert one(plan(w), field="website")["op"] == "update_erp"
 
 
+BOB = {"UserCode": "U02", "EmailAddress": "bob@example.com"}  # CRM user 2, as $expand gives it
+
+
 def test_account_manager_without_salesperson_is_rejected(w):
-    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"})
+    w.edit("crm_companies", "12", AccountManagerUser=BOB)
     row = one(plan(w))
     assert row["op"] == "reject" and row["field"] == "account_manager"
     assert "'bob@example.com'" in row["reason"]
@@ -257,13 +260,13 @@ def test_salesperson_without_crm_user_is_rejected(w):
 
 def test_account_manager_synced_case_insensitively(w):
     w.salesperson("sp-bob", "BOB@example.com")
-    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"})
+    w.edit("crm_companies", "12", AccountManagerUser=BOB)
     row = one(plan(w))
     assert (row["op"], row["new_value"]) == ("update_erp", "bob@example.com")
 
 
 def test_account_manager_left_out_when_option_off(w):
-    w.edit("crm_companies", "12", AccountManager={"Email": "bob@example.com"}, Name="New")
+    w.edit("crm_companies", "12", AccountManagerUser=BOB, Name="New")
     p = plan(w, account_manager_sync=False)
     assert list(p["field"]) == ["name"]
 
@@ -323,8 +326,10 @@ def test_new_unleashed_contact_is_created_in_the_crm(w):
     import json
 
     payload = json.loads(row["payload"])
-    assert payload["DivisionId"] == 12 and payload["UnleashedGuid"] == "c-new"
-    assert (payload["Forename"], payload["Surname"], payload["Email"], payload["Phone"]) == (
+    # The Guid goes into the link slot (its own write, after the POST), not into the record.
+    assert payload["DivisionId"] == 12 and "c-new" not in payload.values()
+    assert payload["RoleCode"] == "DECISN"  # the tenant role the mapping creates contacts with
+    assert (payload["Forename"], payload["Surname"], payload["Email"], payload["PhoneNumber"]) == (
         "New", "Person", "new@acme.com", "0161 496 0000",
     )  # fmt: skip
 
@@ -334,16 +339,18 @@ def test_new_crm_contact_is_never_created_in_unleashed(w):
     assert plan(w).empty
 
 
-def test_new_unleashed_customer_is_imported_with_its_account_code(w):
+def test_new_unleashed_customer_is_imported_with_its_account_manager(w):
     w.customer("g-new", "NEW1", "Newco", website="https://newco.com", salesperson="ann@example.com")
     row = one(plan(w))
     import json
 
     payload = json.loads(row["payload"])
     assert row["op"] == "create_crm_company"
+    # The account manager as the CRM user's code; the operating company the mapping names.
+    # No sales ledger: ledgers come from the accounting integration, the link is the Guid slot.
     assert payload == {
-        "AccountCode": "NEW1", "AccountManagerId": 1, "Name": "Newco", "Phone": "",
-        "UnleashedGuid": "g-new", "Website": "https://newco.com",
+        "AccountManager": "U01", "Name": "Newco", "OperatingCompanyCode": "A",
+        "PhoneNumber": "", "Website": "https://newco.com",
     }  # fmt: skip
 
 
@@ -357,7 +364,7 @@ def test_contacts_of_a_new_customer_are_planned_with_it_in_the_same_pass(w):
     assert contact["erp_parent_id"] == "g-new" and pd.isna(contact["crm_parent_id"])
     payload = json.loads(contact["payload"])
     assert "DivisionId" not in payload  # filled in by apply from the company it creates
-    assert payload["Forename"] == "Nina" and payload["UnleashedGuid"] == "c-new"
+    assert payload["Forename"] == "Nina" and "c-new" not in payload.values()
     assert contact["reason"].endswith("under a customer created in the CRM in this same cycle")
 
 
@@ -498,7 +505,7 @@ def test_values_only_python_can_normalise_are_compared_in_python(w):
     planner must fill them with the Python normalisers (decide.fill_python), or they would
     neither agree nor plan. Both sides edited to equal spellings: nothing planned, and the
     baseline takes both spellings; a real difference is still planned."""
-    w.edit("crm_companies", "12", Name="Zoë   Trading", Phone="+33 1 42 68 53 00")
+    w.edit("crm_companies", "12", Name="Zoë   Trading", PhoneNumber="+33 1 42 68 53 00")
     w.edit("unleashed_customers", "g-acme", CustomerName=" Zoë Trading", PhoneNumber="+33142685300")
     assert plan(w).empty
     agreed = baseline.baseline_values(w.con, "company", "g-acme")

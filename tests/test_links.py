@@ -184,7 +184,7 @@ def _linked_world() -> World:
 def test_a_field_edit_reuses_the_links_and_keeps_reporting_ambiguity():
     w = _linked_world()
     diff.plan_changes(w.con, w.mappings)  # the linked pairs agree: their baseline is set
-    w.edit("crm_contacts", "10", Phone="020 7946 0000")
+    w.edit("crm_contacts", "10", PhoneNumber="020 7946 0000")
     w.edit("unleashed_customers", "g-acme", CustomerName="Acme Ltd")
     result = links.update_links(w.con, w.mappings)
     assert result.skipped
@@ -211,8 +211,8 @@ def _moved_to_two(w: World) -> None:
 
 
 def _ledger_for_five(w: World) -> None:
-    w._put("crm_sales_ledgers", "L5", {"SalesLedgerId": 5, "DivisionId": 5, "AccountCode": "FIVE"},
-           parent="5")  # fmt: skip
+    """The division is pointed at a sales ledger (it comes expanded with the division)."""
+    w.edit("crm_companies", "5", SalesLedgerId="SL5", SalesLedger={"CustomerCode": "FIVE"})
 
 
 CONTACTS_ONLY = "full for contacts; skipped for companies: no record's status or parent"
@@ -296,7 +296,7 @@ def _full_pass_result(w: World) -> tuple[set, set, list]:
             id="a linked customer's code",
         ),
         pytest.param(
-            lambda w: w.edit("crm_sales_ledgers", "L1", AccountCode="ACME-B"), None,
+            lambda w: w.edit("crm_companies", "1", SalesLedger__CustomerCode="ACME-B"), None,
             id="a linked company's sales ledger code",
         ),
     ],
@@ -389,9 +389,8 @@ def _write(w: World, state: dict, before: dict | None) -> None:
 
     for i, (code, active) in enumerate(state["crm_co"]):
         if changed("crm_co", i):
-            w.crm_company(i + 1, f"Co {i}", active=active)
-            ledger = {"SalesLedgerId": i + 1, "DivisionId": i + 1, "AccountCode": code}
-            w._put("crm_sales_ledgers", f"L{i + 1}", ledger, parent=str(i + 1), active=bool(code))
+            # An empty code: a division without a sales ledger.
+            w.crm_company(i + 1, f"Co {i}", active=active, code=code or None)
     for i, (code, active) in enumerate(state["erp_co"]):
         if changed("erp_co", i):
             w.customer(f"g{i}", code, f"Cu {i}", active=active)
