@@ -20,6 +20,10 @@ from sync_pipeline.settings import SettingsError, load_settings
 from tests.harness import Harness, current_partition, failure_messages, run_failing
 
 LONG = "L" * 100_000
+# Where the CRM keeps a record's Unleashed Guid: a custom-field slot of its Xtra row.
+COMPANY_SLOT = "DivisionXtra/StandardTextField1"
+CONTACT_SLOT = "ContactXtra/StandardTextField1"
+STAMPS = ("LastUpdatedTimestamp", "LastUpdated")  # kept by the server on every write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,8 +144,8 @@ def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(h
     _plant_customer(h, pair["erp_id"], Contacts=contacts, CustomerName="Customer Still Syncs")
     h.cycle()
     assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "Customer Still Syncs"
-    assert len(h.crm.find("Contacts", "UnleashedGuid", good_guid)) == 1
-    assert h.crm.find("Contacts", "UnleashedGuid", bad_guid) == []
+    assert len(h.crm.find("Contacts", CONTACT_SLOT, good_guid)) == 1
+    assert h.crm.find("Contacts", CONTACT_SLOT, bad_guid) == []
     # The customer's contact list is incomplete: none of its contacts is read as deleted.
     assert (
         h.query(
@@ -163,7 +167,7 @@ def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(h
     ]
     _plant_customer(h, pair["erp_id"], Contacts=fixed)
     h.cycle()
-    created = h.crm.find("Contacts", "UnleashedGuid", bad_guid)
+    created = h.crm.find("Contacts", CONTACT_SLOT, bad_guid)
     assert len(created) == 1 and created[0]["Forename"] == "Fixed"
     # Fixed and synced: no longer reported as malformed.
     assert _open_bad(h, "Unleashed", bad_guid) == []
@@ -205,14 +209,14 @@ def test_unleashed_customer_missing_required_fields_is_reported_not_created(harn
     _plant_customer(h, guid, PhoneNumber="0161 000 0000")  # no CustomerCode, no CustomerName
     h.unleashed.save_customer({"Guid": other, "CustomerCode": "OKCO1", "CustomerName": "Ok Co"})
     h.cycle()
-    assert len(h.crm.find("Divisions", "UnleashedGuid", other)) == 1
-    assert h.crm.find("Divisions", "UnleashedGuid", guid) == []
+    assert len(h.crm.find("Divisions", COMPANY_SLOT, other)) == 1
+    assert h.crm.find("Divisions", COMPANY_SLOT, guid) == []
     reasons = _open_bad(h, "Unleashed", guid)
     assert len(reasons) == 1 and "CustomerCode" in reasons[0] and "CustomerName" in reasons[0]
 
     _plant_customer(h, guid, CustomerCode="FIXED1", CustomerName="Fixed Later Ltd")
     h.cycle()
-    created = h.crm.find("Divisions", "UnleashedGuid", guid)
+    created = h.crm.find("Divisions", COMPANY_SLOT, guid)
     assert len(created) == 1 and created[0]["Name"] == "Fixed Later Ltd"
     assert _open_bad(h, "Unleashed", guid) == []
 
@@ -224,7 +228,7 @@ def test_unknown_unleashed_fields_survive_a_push_untouched(harness):
     custom = {"Colour": "teal", "Tags": [1, "two", {"three": None}]}
     _plant_customer(h, pair["erp_id"], XCustomBlock=custom, XCustomText="keep me")
     h.cycle()
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0777"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0777"})
     h.push()
     after = _raw_customer(h, pair["erp_id"])
     assert after["PhoneNumber"] == "0113 496 0777"
@@ -236,9 +240,9 @@ def test_unknown_unleashed_fields_survive_a_push_untouched(harness):
 # Malformed CRM records
 # ------------------------------------------------------------------------------------------------
 CRM_CASES = [
-    ("LastModified", "last tuesday", ["LastModified", "last tuesday"]),
+    ("LastUpdatedTimestamp", "last tuesday", ["LastUpdatedTimestamp", "last tuesday"]),
     ("Name", 12345, ["Name", "12345"]),
-    ("Phone", {"number": "0161"}, ["Phone", "number"]),
+    ("PhoneNumber", {"number": "0161"}, ["PhoneNumber", "number"]),
     ("Website", ["https://a.example.com"], ["Website", "a.example.com"]),
 ]
 
@@ -252,9 +256,10 @@ def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, f
     bad_pair, good_pair = _two_pairs(h)
     division = h.crm.get("Divisions", bad_pair["crm_id"])
     erp_before = h.unleashed.get_customer(bad_pair["erp_id"]).to_wire()
-    fresh = {k: v for k, v in division.items() if k != "LastModified"}  # the server stamps it
+    # The server stamps the change timestamp (and its visible copy) on the planted record.
+    fresh = {k: v for k, v in division.items() if k not in STAMPS}
     _plant_crm(h, "Divisions", bad_pair["crm_id"], {**fresh, "Name": "Must Not Travel", field: bad})
-    h.crm.patch("Divisions", good_pair["crm_id"], {"Phone": "0161 496 0555"})
+    h.crm.patch("Divisions", good_pair["crm_id"], {"PhoneNumber": "0161 496 0555"})
 
     result = h.cycle()
 
@@ -281,13 +286,13 @@ def test_crm_record_without_its_key_is_reported_and_others_sync(harness):
     h.cycle()
     bad_pair, good_pair = _two_pairs(h)
     division = h.crm.get("Divisions", bad_pair["crm_id"])
-    keyless = {k: v for k, v in division.items() if k not in ("DivisionId", "LastModified")}
+    keyless = {k: v for k, v in division.items() if k not in ("DivisionId", *STAMPS)}
     _plant_crm(h, "Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless One"})
     other = h.crm.get("Divisions", good_pair["crm_id"])
-    other_keyless = {k: v for k, v in other.items() if k not in ("DivisionId", "LastModified")}
+    other_keyless = {k: v for k, v in other.items() if k not in ("DivisionId", *STAMPS)}
     spare = int(h.query("SELECT max(id::INTEGER) AS m FROM crm_companies").iloc[0]["m"]) + 1
     _plant_crm(h, "Divisions", spare, {**other_keyless, "Name": "Keyless Two"})
-    h.crm.patch("Divisions", good_pair["crm_id"], {"Phone": "0161 496 0556"})
+    h.crm.patch("Divisions", good_pair["crm_id"], {"PhoneNumber": "0161 496 0556"})
     h.cycle()
     assert h.unleashed.get_customer(good_pair["erp_id"]).PhoneNumber == "0161 496 0556"
     assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName != "Keyless One"
@@ -306,10 +311,10 @@ def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):
     pair, _ = _two_pairs(h)
     division = h.crm.get("Divisions", pair["crm_id"])
     extra = {"ZzLegacyFlag": "keep-me", "ZzScores": [1, 2, 3]}
-    # LastModified left to the server (a fresh write time).
+    # The change timestamp left to the server (a fresh write time).
     _plant_crm(
         h, "Divisions", pair["crm_id"],
-        {k: v for k, v in {**division, **extra}.items() if k != "LastModified"},
+        {k: v for k, v in {**division, **extra}.items() if k not in STAMPS},
     )  # fmt: skip
     h.unleashed.update_customer(pair["erp_id"], {"CustomerName": "Renamed In Unleashed"})
     h.cycle()
@@ -323,23 +328,43 @@ def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):
 
 
 # ------------------------------------------------------------------------------------------------
-# Very long strings: neither side sets a length limit, so a 100k-character value syncs whole
+# Very long strings: Unleashed sets no length limit, the CRM's Division.Name is String(250)
 # ------------------------------------------------------------------------------------------------
-def test_very_long_strings_sync_whole_both_ways(harness):
+def test_very_long_strings_sync_whole_or_are_refused_whole(harness):
     h = harness
     h.cycle()
     a, b = _two_pairs(h)
-    h.crm.patch("Divisions", a["crm_id"], {"Name": LONG})
-    h.unleashed.update_customer(b["erp_id"], {"CustomerName": "U" * 100_000})
-    h.cycle()
-    assert h.unleashed.get_customer(a["erp_id"]).CustomerName == LONG
-    assert h.crm.get("Divisions", b["crm_id"])["Name"] == "U" * 100_000
-    assert h.query("SELECT * FROM bad_records WHERE resolved_at IS NULL").empty
-    # The audit keeps the whole value too (an operator can see what was written).
+    crm_name_b = h.crm.get("Divisions", b["crm_id"])["Name"]
+    longest = "L" * 250  # the most the CRM column holds
+    h.crm.patch("Divisions", a["crm_id"], {"Name": longest})
+    h.unleashed.update_customer(b["erp_id"], {"CustomerName": LONG, "PhoneNumber": "0161 496 0999"})
+    result = h.cycle()
+    # The longest CRM name reaches Unleashed whole; the audit keeps the whole value too.
+    assert h.unleashed.get_customer(a["erp_id"]).CustomerName == longest
     audit = h.query(
         "SELECT new_value FROM audit_log WHERE crm_id = ? AND field = 'name'", [str(a["crm_id"])]
     )
-    assert list(audit["new_value"]) == [LONG]
+    assert list(audit["new_value"]) == [longest]
+    # A name the CRM cannot hold is not cut short: the CRM keeps its own and the run says why.
+    assert h.crm.get("Divisions", b["crm_id"])["Name"] == crm_name_b
+    errors = h.materialization_metadata(result, ["sync", "pull_to_crm"])["errors"]
+    assert "Name" in errors and "250" in errors, errors
+    assert h.query("SELECT * FROM bad_records WHERE resolved_at IS NULL").empty
+    # By the next cycle the customer's other change has arrived without it, and the refused
+    # name is a rejection naming the record, the field and the limit.
+    h.cycle()
+    division = h.crm.get("Divisions", b["crm_id"])
+    assert division["Name"] == crm_name_b
+    assert division["PhoneNumber"] == "0161 496 0999", "a valid change held back by a refused one"
+    rejected = h.query(
+        "SELECT reason FROM rejections WHERE crm_id = ? AND field = 'name' AND resolved_at IS NULL",
+        [str(b["crm_id"])],
+    )["reason"]
+    assert len(rejected) == 1 and "250" in rejected[0], list(rejected)
+    # Not sent again while the value stays the same.
+    before = h.emu.stats("crm")["requests"].get("PATCH /Divisions({key})", 0)
+    h.cycle()
+    assert h.emu.stats("crm")["requests"].get("PATCH /Divisions({key})", 0) == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +375,9 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
     shutil.copytree(DEFAULT_MAPPINGS, mappings)
     company = mappings / "company.yaml"
     company.write_text(
-        company.read_text().replace("    crm: Phone\n", "    crm: Phone\n    colour: blue\n")
+        company.read_text().replace(
+            "    crm: PhoneNumber\n", "    crm: PhoneNumber\n    colour: blue\n", 1
+        )
     )
     monkeypatch.setenv("SYNC_MAPPINGS_DIR", str(mappings))
     monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))

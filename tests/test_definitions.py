@@ -17,13 +17,15 @@ def test_definitions_are_loadable_and_complete():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {
-        "crm/companies", "crm/contacts", "crm/users", "crm/sales_ledgers",
+        "sync/preflight", "crm/companies", "crm/contacts", "crm/users",
         "unleashed/customers", "unleashed/contacts", "unleashed/salespersons",
         "sync/links", "sync/plan", "sync/push_to_unleashed", "sync/pull_to_crm",
         "sync/account_manager_fix", "crm/account_manager_candidates", "sync/history",
     } <= keys  # fmt: skip
+    # The sales ledger's customer code comes expanded with the division: no asset of its own.
+    assert "crm/sales_ledgers" not in keys
     jobs = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job",
-            "history_pruning_job")  # fmt: skip
+            "history_pruning_job", "preflight_job")  # fmt: skip
     for job in jobs:
         defs.resolve_job_def(job)
     sensor = defs.resolve_sensor_def("crm_change_sensor")
@@ -56,3 +58,22 @@ def test_api_pacing_window_is_shared_through_a_file_next_to_the_database(monkeyp
     assert resources["crm"].pacing_file == resources["unleashed"].pacing_file == beside
     monkeypatch.setenv("SYNC_PACING_FILE", str(tmp_path / "pacing.sqlite"))
     assert default_resources()["crm"].pacing_file == str(tmp_path / "pacing.sqlite")
+
+
+# Jobs that talk to the CRM or Unleashed; history pruning only deletes old rows in DuckDB.
+API_JOBS = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job")
+
+
+def test_every_job_that_reads_or_writes_starts_with_the_preflight():
+    """`sync/preflight` is in every job that calls an API, and every other asset of the job is
+    downstream of it: nothing is read into the sync or written before the preflight passed."""
+    graph = defs.resolve_asset_graph()
+    preflight = dg.AssetKey(["sync", "preflight"])
+    for name in API_JOBS:
+        selected = defs.resolve_job_def(name).asset_layer.selected_asset_keys
+        assert preflight in selected, name
+        for key in selected - {preflight}:
+            upstream = dg.AssetSelection.assets(key).upstream().resolve(graph)
+            assert preflight in upstream, f"{name}: {key.to_user_string()} can run before it"
+    only = defs.resolve_job_def("preflight_job").asset_layer.selected_asset_keys
+    assert only == {preflight}

@@ -149,11 +149,23 @@ def test_emulators_serve_both_apis_with_the_printed_settings_and_stop_on_ctrl_c(
         wrong = signed_headers(env["UNLEASHED_API_ID"], "not-the-key", query)
         assert httpx.get(url, headers=wrong, timeout=10).status_code == 403
 
-        crm = f"{env['CRM_BASE_URL']}/Divisions?$top=3&$expand=AccountManager"
+        crm = (
+            f"{env['CRM_BASE_URL']}/Divisions?$top=3"
+            "&$expand=AccountManagerUser($select=UserCode,EmailAddress)"
+        )
         response = httpx.get(crm, headers={"Authorization": f"Bearer {env['CRM_TOKEN']}"})
         assert response.status_code == 200, response.text
-        assert len(response.json()["value"]) == 3
+        divisions = response.json()["value"]
+        assert len(divisions) == 3
+        # The account manager is a user code, expanded to the user it names.
+        for division in divisions:
+            assert division["AccountManagerUser"]["UserCode"] == division["AccountManager"]
         assert httpx.get(crm).status_code == 401
+        metadata = httpx.get(
+            f"{env['CRM_BASE_URL']}/$metadata",
+            headers={"Authorization": f"Bearer {env['CRM_TOKEN']}"},
+        )
+        assert metadata.status_code == 200 and 'Namespace="ProspectSoft.OData"' in metadata.text
 
         code, output, stderr = stop(running, signal.SIGINT)
     assert code == 0, stderr
@@ -177,7 +189,9 @@ def test_a_restart_on_the_same_data_dir_keeps_changes(tmp_path: Path) -> None:
         env = running.exports
         auth = {"Authorization": f"Bearer {env['CRM_TOKEN']}"}
         response = httpx.get(f"{env['CRM_BASE_URL']}/Divisions(1)", headers=auth)
-        assert response.json()["Name"] == "Renamed Ltd"
+        # The live service wraps even a single entity in a `value` array.
+        (division,) = response.json()["value"]
+        assert division["Name"] == "Renamed Ltd"
         stop(running, signal.SIGTERM)
 
 

@@ -24,10 +24,40 @@ def test_shipped_mappings_load_with_the_specified_fields():
         "first_name", "last_name", "email", "phone", "mobile", "fax",
     ]  # fmt: skip
     am = m["company"].fields["account_manager"]
-    assert (am.crm, am.erp, am.option) == ("AccountManager.Email", "SalesPerson.Email",
+    assert (am.crm, am.erp, am.option) == ("AccountManagerUser.EmailAddress", "SalesPerson.Email",
                                            "account_manager_sync")  # fmt: skip
-    assert am.crm_write.field == "AccountManagerId" and am.erp_write.field == "SalesPerson"
-    assert m["company"].crm.expand == ["AccountManager($select=UserId,Email)"]
+    # The CRM gets the 3-character user code of the user with that email; the column is NOT
+    # NULL, so "no account manager" is written as the house user.
+    w = am.crm_write
+    assert (w.field, w.table, w.match, w.value, w.blank) == (
+        "AccountManager", "crm_users", "EmailAddress", "UserCode", "HSE",
+    )  # fmt: skip
+    assert am.erp_write.field == "SalesPerson"
+    company, contact = m["company"].crm, m["contact"].crm
+    assert company.expand == [
+        "AccountManagerUser($select=UserCode,EmailAddress)", "SalesLedger($select=CustomerCode)",
+    ]  # fmt: skip
+    assert (company.modified, contact.modified) == ("LastUpdatedTimestamp",) * 2
+    # The Unleashed Guid lives in a custom-field slot of the record's Xtra row.
+    assert (company.link.entity_set, company.link.path) == (
+        "DivisionXtras", "DivisionXtra.StandardTextField1",
+    )  # fmt: skip
+    assert (contact.link.entity_set, contact.link.path) == (
+        "ContactXtras", "ContactXtra.StandardTextField1",
+    )  # fmt: skip
+    keys = {k.name: k.crm for k in m["company"].match.keys}
+    assert keys == {
+        "unleashed_guid": ["DivisionXtra.StandardTextField1"],
+        "account_code": ["SalesLedger.CustomerCode"],
+    }
+    assert m["contact"].match.keys[0].crm == ["ContactXtra.StandardTextField1"]
+    # A division is created under a new company group; a contact with the tenant's role.
+    assert company.create.values == {"OperatingCompanyCode": "A"}
+    parent = company.create.parent
+    assert (parent.entity_set, parent.key, parent.values, parent.from_record) == (
+        "Companies", "CompanyId", {"TypeId": "CUS"}, {"Name": "Name"},
+    )  # fmt: skip
+    assert contact.create.values == {"RoleCode": "DECISN"} and contact.create.parent is None
 
 
 def _bad(tmp_path: Path, old: str, new: str) -> str:
@@ -81,6 +111,26 @@ def _bad(tmp_path: Path, old: str, new: str) -> str:
         ),
         ("    crm: Website\n", "    crm: Web site\n", "fields.website.crm", "unsafe identifier"),
         ("  website:\n", "  phone:\n", "fields.phone", "duplicate key on line"),
+        (
+            "  link:                      # the Unleashed Guid, kept in a custom-field slot of "
+            "the division\n    entity_set: DivisionXtras\n    navigation: DivisionXtra\n"
+            "    field: StandardTextField1\n",
+            "",
+            "crm.link",
+            "required key is missing",
+        ),
+        (
+            "      key: CompanyId\n",
+            "      key: CompanyId\n      colour: red\n",
+            "crm.create.parent",
+            "unknown key 'colour'",
+        ),
+        (
+            "    values: {OperatingCompanyCode: A}\n",
+            "    values: {OperatingCompanyCode: [A]}\n",
+            "crm.create.values.OperatingCompanyCode",
+            "valid string",
+        ),
     ],
 )
 def test_bad_mapping_entries_fail_at_load_naming_file_entry_and_problem(
@@ -99,7 +149,9 @@ def test_two_fields_on_one_path_are_refused(tmp_path):
 
 def test_projection_sql_reads_every_mapped_field_by_json_path():
     m = load_mappings(MAPPINGS_DIR)
-    assert "'$.AccountManager.Email'" in crm_side(m["company"])
+    assert "'$.AccountManagerUser.EmailAddress'" in crm_side(m["company"])
+    assert "'$.PhoneNumber'" in crm_side(m["company"])
+    assert "'$.MobilePhoneNumber'" in crm_side(m["contact"])
     assert "'$.SalesPerson.Email'" in erp_side(m["company"])
     w = World()
     w.crm_company(12, "Acme", phone="020 7946 0000", manager="ann@x.com")

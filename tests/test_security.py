@@ -106,7 +106,7 @@ def test_no_secret_in_output_logs_events_or_tables(tmp_path, caplog, capfd, monk
         try:
             runs = [h.cycle()]
             pair = h.linked_company()
-            h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0100"})
+            h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0100"})
             # Seed 1: the first six draws after the two 429s hold a 500 and a dropped
             # connection, however many requests the cycle makes after them.
             for system in ("unleashed", "crm"):
@@ -117,7 +117,7 @@ def test_no_secret_in_output_logs_events_or_tables(tmp_path, caplog, capfd, monk
             runs.append(_run(h, "sync_cycle_job"))
             injected = {s: emu.stats(s)["injected"] for s in ("unleashed", "crm")}
             # A 400 rejection from Unleashed on the next push.
-            h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0200"})
+            h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0200"})
             emu.set_faults("crm")
             emu.set_faults("unleashed", error_rate=1.0, error_statuses=[400])
             runs.append(_run(h, "crm_push_job"))
@@ -206,11 +206,35 @@ INJECTIONS = [
     ("fields.name.erp", "    erp: CustomerName\n", '    erp: "$.x"\n'),
     ("crm.table", "  table: crm_companies\n", '  table: "crm_companies; DROP TABLE x"\n'),
     ("crm.entity_set", "  entity_set: Divisions\n", '  entity_set: "Divisions?$top=1"\n'),
-    ("crm.link_field", "  link_field: UnleashedGuid\n", "  link_field: \"x eq 'a' or 1 eq 1\"\n"),
+    (
+        "crm.link.field",
+        "    field: StandardTextField1\n",
+        "    field: \"StandardTextField1 eq 'a' or 1 eq 1\"\n",
+    ),
+    (
+        "crm.link.entity_set",
+        "    entity_set: DivisionXtras\n",
+        '    entity_set: "DivisionXtras(1)/Division"\n',
+    ),
     (
         "crm.expand.0",
-        '  expand: ["AccountManager($select=UserId,Email)"]\n',
-        '  expand: ["AccountManager($filter=1 eq 1)"]\n',
+        '    - "AccountManagerUser($select=UserCode,EmailAddress)"\n',
+        '    - "AccountManagerUser($filter=1 eq 1)"\n',
+    ),
+    (
+        "match.keys.1.crm.0",
+        "      crm: [SalesLedger.CustomerCode]\n",
+        '      crm: ["SalesLedger.CustomerCode\') OR 1=1 --"]\n',
+    ),
+    (
+        "crm.create.values",
+        "    values: {OperatingCompanyCode: A}\n",
+        "    values: {\"OperatingCompanyCode eq 'A' or 1 eq 1\": A}\n",
+    ),
+    (
+        "fields.account_manager.crm_write.value",
+        "      value: UserCode\n",
+        '      value: "UserCode; DROP TABLE crm_users"\n',
     ),
 ]
 
