@@ -747,24 +747,41 @@ def _complete_creation(
 
 
 def _refused(ops: pd.DataFrame, exc: ApiError, mapping: Any) -> set[str]:
-    """The operations a server refusal is about: those whose Unleashed field the server named,
-    else the only operation of the request. Empty when the refusal did not come from a server
-    (e.g. a reference that did not resolve at apply time: retried)."""
+    """The operations a server refusal is about: those whose field the server named (Unleashed's
+    `Items[].Field`, the CRM's `error.details[].target`), else the only operation of the
+    request. Empty when the refusal did not come from a server (e.g. a reference that did not
+    resolve at apply time: retried)."""
     if not isinstance(exc, ValidationError) or exc.status is None:
         return set()
-    named = {f.lower() for f in getattr(exc, "fields", [])}
+    named = {f.lower() for f in _named_fields(exc)}
     if named and mapping is not None:
         hit = set()
-        for op_id, name in zip(ops["op_id"], ops["field"], strict=True):
+        for op_id, name, op in zip(ops["op_id"], ops["field"], ops["op"], strict=True):
             spec = mapping.fields.get(name) if isinstance(name, str) else None
-            tops = {spec.erp.split(".")[0].lower()} if spec is not None else set()
-            if spec is not None and spec.erp_write is not None:
-                tops.add(spec.erp_write.field.lower())
+            if spec is None:
+                continue
+            crm = op == "update_crm"
+            path, ref = (spec.crm, spec.crm_write) if crm else (spec.erp, spec.erp_write)
+            tops = {path.split(".")[0].lower()}
+            if ref is not None:
+                tops.add(ref.field.lower())
             if tops & named:
                 hit.add(op_id)
         if hit:
             return hit
     return set(ops["op_id"]) if len(ops) == 1 else set()
+
+
+def _named_fields(exc: ApiError) -> list[str]:
+    """The fields a refusal names: Unleashed's problem items, or the CRM's error details."""
+    fields = list(getattr(exc, "fields", []) or [])
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details or []:
+        if isinstance(detail, dict) and isinstance(detail.get("target"), str):
+            fields.append(detail["target"])
+    return fields
 
 
 def _mark_in_flight(con: duckdb.DuckDBPyConnection, ops: pd.DataFrame) -> None:

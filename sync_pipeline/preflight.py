@@ -482,11 +482,17 @@ def _single_fk(etype: EntityType, target: EntityType, nav_name: str) -> str | No
 
 
 def _closest_rows(crm: CrmClient, entity_set: str, key: str, value: Any) -> str:
+    """The nearest values of a small lookup set; all of them when none is near."""
     try:
-        rows = crm.list(entity_set, count=False).items
+        rows = crm.list(entity_set).items
     except ApiError:
         return ""
-    return _closest(str(value), [str(r.get(key)) for r in rows if r.get(key) is not None])
+    values = sorted(str(r.get(key)) for r in rows if r.get(key) is not None)
+    near = _closest(str(value), values)
+    if near or not values:
+        return near
+    shown = ", ".join(values[:12]) + (", …" if len(values) > 12 else "")
+    return f"; the tenant has: {shown}"
 
 
 def _check_blank_users(

@@ -64,16 +64,16 @@ SOAK_WORLD = {"companies": 20, "seed": 23}
 # ------------------------------------------------------------------------------------------------
 COMPANY_FIELDS = {
     "name": ("Name", "CustomerName", "name"),
-    "phone": ("Phone", "PhoneNumber", "phone"),
+    "phone": ("PhoneNumber", "PhoneNumber", "phone"),
     "website": ("Website", "Website", "website"),
-    "account_manager": ("AccountManagerId", "SalesPerson", "email"),
+    "account_manager": ("AccountManager", "SalesPerson", "email"),
 }
 CONTACT_FIELDS = {
     "first_name": ("Forename", "FirstName", "name"),
     "last_name": ("Surname", "LastName", "name"),
     "email": ("Email", "EmailAddress", "email"),
-    "phone": ("Phone", "PhoneNumber", "phone"),
-    "mobile": ("Mobile", "MobilePhone", "phone"),
+    "phone": ("PhoneNumber", "PhoneNumber", "phone"),
+    "mobile": ("MobilePhoneNumber", "MobilePhone", "phone"),
     "fax": ("Fax", "FaxNumber", "phone"),
 }
 FIELDS = {"company": COMPANY_FIELDS, "contact": CONTACT_FIELDS}
@@ -166,7 +166,7 @@ class Baseline:
     db_file: Path
     companies: list[Pair]
     contacts: list[Pair]
-    users: list[dict[str, Any]]  # UserId, Email, Active, salesperson (bool)
+    users: list[dict[str, Any]]  # UserCode, EmailAddress, Email (the same), salesperson (bool)
     salespersons: list[dict[str, Any]]  # Guid, Email, Obsolete, user (bool)
     dup_email_groups: set[tuple[str, Any, str]] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)  # audit/conflict rows after capture
@@ -218,11 +218,12 @@ def capture(emu: Any, workdir: Path) -> Baseline:
     customers = copy.deepcopy(erp.store.all("customers"))
     salespersons = copy.deepcopy(erp.store.all("salespersons"))
     sp_emails = {str(s["Email"]).lower() for s in salespersons if not s.get("Obsolete")}
-    user_emails = {str(u["Email"]).lower() for u in crm_docs["Users"] if u.get("Active")}
+    # Users who can be account managers: active, with an email (the house account has none).
+    people = [u for u in crm_docs["Users"] if not u.get("Obsolete") and u.get("EmailAddress")]
+    user_emails = {str(u["EmailAddress"]).lower() for u in people}
     users = [
-        {**u, "salesperson": str(u["Email"]).lower() in sp_emails}
-        for u in crm_docs["Users"]
-        if u.get("Active")
+        {**u, "Email": u["EmailAddress"], "salesperson": u["EmailAddress"].lower() in sp_emails}
+        for u in people
     ]
     sps = [{**s, "user": str(s["Email"]).lower() in user_emails} for s in salespersons]
     base = Baseline(
@@ -361,7 +362,8 @@ def one_certificate_bundle(folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 def live(emu: Any) -> dict[str, Any]:
     crm, erp = _servers(emu)
-    users = {u["UserId"]: u for u in crm.rows("Users")}
+    users = {u["UserCode"]: u for u in crm.rows("Users")}
+    slots = {x["ContactId"]: x.get("StandardTextField1") for x in crm.rows("ContactXtras")}
     customers = {c["Guid"]: c for c in erp.store.all("customers")}
     contacts = {}
     for c in customers.values():
@@ -369,7 +371,9 @@ def live(emu: Any) -> dict[str, Any]:
             contacts[k["Guid"]] = {**k, "_customer": c["Guid"]}
     return {
         "divisions": {d["DivisionId"]: d for d in crm.rows("Divisions")},
-        "crm_contacts": {c["ContactId"]: c for c in crm.rows("Contacts")},
+        "crm_contacts": {
+            c["ContactId"]: {**c, "_guid": slots.get(c["ContactId"])} for c in crm.rows("Contacts")
+        },
         "users": users,
         "customers": customers,
         "erp_contacts": contacts,
@@ -380,8 +384,8 @@ def crm_value(state: dict[str, Any], entity: str, crm_id: int, field_name: str) 
     if entity == "company":
         record = state["divisions"].get(crm_id) or {}
         if field_name == "account_manager":
-            user = state["users"].get(record.get("AccountManagerId"))
-            return user.get("Email") if user else None
+            user = state["users"].get(record.get("AccountManager"))
+            return user.get("EmailAddress") if user else None
         return record.get(COMPANY_FIELDS[field_name][0])
     return (state["crm_contacts"].get(crm_id) or {}).get(CONTACT_FIELDS[field_name][0])
 

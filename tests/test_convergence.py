@@ -46,6 +46,7 @@ from hypothesis.stateful import (
 from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.emulators.run import Emulators
+from sync_pipeline.emulators.seed import CONTACT_ROLE, HOUSE_ACCOUNT
 from sync_pipeline.settings import Settings, save_settings
 from tests import convergence_model as cm
 from tests.harness import Harness
@@ -365,7 +366,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
 
     def _crm_contact_id(self, pair: cm.Pair) -> int | None:
         if pair.crm_id is None and pair.erp_id is not None:
-            found = self.h.crm.find("Contacts", "UnleashedGuid", pair.erp_id)
+            found = self.h.crm.find("Contacts", "ContactXtra/StandardTextField1", pair.erp_id)
             if found:
                 pair.crm_id = int(found[0]["ContactId"])
                 pair.crm_parent = int(found[0]["DivisionId"])
@@ -408,7 +409,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
             body = {crm_col: value}
             shown = value
             if field == "account_manager":
-                body = {crm_col: value["UserId"] if value else None}
+                # No account manager: the house account (the CRM column cannot be empty).
+                body = {crm_col: value["UserCode"] if value else HOUSE_ACCOUNT}
                 shown = value["Email"] if value else None
             note(f"  CRM {entity} {crm_id}: {field} {before!r} -> {shown!r}")
             entity_set = "Divisions" if entity == "company" else "Contacts"
@@ -530,7 +532,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 made = self.h.crm.create(
                     "Contacts",
                     {"DivisionId": parent.crm_id, "Forename": first, "Surname": last,
-                     "Email": address, "StatusFlag": "A"},
+                     "Email": address, "RoleCode": CONTACT_ROLE},
                 )  # fmt: skip
                 pair = cm.Pair("contact", int(made["ContactId"]), None, parent.crm_id, None, "crm")
             else:
@@ -898,13 +900,23 @@ class ConvergenceMachine(RuleBasedStateMachine):
         dup = 0
         by_guid: dict[str, list[int]] = {}
         for c in state["crm_contacts"].values():
-            if c.get("UnleashedGuid"):
-                by_guid.setdefault(str(c["UnleashedGuid"]).lower(), []).append(c["ContactId"])
+            if c.get("_guid"):
+                by_guid.setdefault(str(c["_guid"]).lower(), []).append(c["ContactId"])
         for guid, ids in by_guid.items():
             if len(ids) > 1:
                 dup += 1
                 problems.append(
                     f"CRM contacts {ids} were all created from Unleashed contact {guid}"
+                )
+        # A contact the sync made keeps its Guid in the link slot, written after the POST; one
+        # made by the sync without it (its slot write lost) would be created again next time.
+        seeded = max((c["ContactId"] for c in self.base.crm_docs["Contacts"]), default=0)
+        by_person = {p.crm_id for p in self.contacts if p.origin == "crm"}
+        for c in state["crm_contacts"].values():
+            if c["ContactId"] > seeded and c["ContactId"] not in by_person and not c["_guid"]:
+                dup += 1
+                problems.append(
+                    f"CRM contact {c['ContactId']} was made by the sync without its Guid"
                 )
         for frame, side in ((contact_links, "crm_id"), (contact_links, "erp_id")):
             for value, n in frame[side].value_counts().items():

@@ -24,6 +24,9 @@ from sync_pipeline.report import cycle_report
 from tests.harness import failure_messages, run_failing
 
 VOLATILE = {"LastModifiedOn"}
+# Where the CRM keeps a record's Unleashed Guid (the mappings' link slots), as a $filter path.
+COMPANY_SLOT = "DivisionXtra/StandardTextField1"
+CONTACT_SLOT = "ContactXtra/StandardTextField1"
 
 
 def _customer(h, guid) -> dict:
@@ -46,7 +49,7 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     h.cycle()
     pair = h.linked_company()
     before = _customer(h, pair["erp_id"])
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "+44 161 496 0123"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "+44 161 496 0123"})
     h.emu.reset_stats("unleashed")
     result = h.push()
     # One read and one write for the record; the push job reads nothing else from Unleashed.
@@ -60,7 +63,7 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     # rows in its CRM extract). A second phone edit cannot link or unlink anything: the link step
     # says it did not compare the tables, and the edit still arrives.
     assert h.materialization_metadata(result, ["sync", "links"])["pass"] == "full"
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "+44 161 496 0124"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "+44 161 496 0124"})
     result = h.push()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "+44 161 496 0124"
     links_meta = h.materialization_metadata(result, ["sync", "links"])
@@ -87,8 +90,8 @@ def test_a_second_crm_edit_before_the_next_import_is_pushed_at_once(harness):
     h = harness
     pair, contact = _linked_company_and_contact(h)
     for phone, mobile in (("0161 496 0201", "07700 900201"), ("0161 496 0202", "07700 900202")):
-        h.crm.patch("Divisions", pair["crm_id"], {"Phone": phone})
-        h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": mobile})
+        h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": phone})
+        h.crm.patch("Contacts", int(contact["crm_id"]), {"MobilePhoneNumber": mobile})
         h.push()
         assert _customer(h, pair["erp_id"])["PhoneNumber"] == phone
         mobiles = {str(c.Guid): c.MobilePhone for c in h.unleashed.list_contacts(pair["erp_id"])}
@@ -153,7 +156,7 @@ def test_contact_created_in_unleashed_appears_in_crm_once(harness):
     )  # fmt: skip
     h.cycle()
     h.cycle()
-    found = h.crm.find("Contacts", "UnleashedGuid", str(created.Guid))
+    found = h.crm.find("Contacts", CONTACT_SLOT, str(created.Guid))
     assert len(found) == 1
     assert found[0]["Forename"] == "Søren"
     assert found[0]["Email"] == "soren@example.dk"
@@ -176,13 +179,13 @@ def test_new_customer_and_its_contacts_reach_the_crm_in_one_cycle(harness):
     h.cycle()
     guid, contact_guid = _new_customer_with_contact(h)
     h.cycle()
-    (company,) = h.crm.find("Divisions", "UnleashedGuid", guid)
-    (contact,) = h.crm.find("Contacts", "UnleashedGuid", contact_guid)
+    (company,) = h.crm.find("Divisions", COMPANY_SLOT, guid)
+    (contact,) = h.crm.find("Contacts", CONTACT_SLOT, contact_guid)
     assert contact["DivisionId"] == company["DivisionId"]
     assert contact["Forename"] == "Farah"
     h.cycle()
-    assert len(h.crm.find("Divisions", "UnleashedGuid", guid)) == 1
-    assert len(h.crm.find("Contacts", "UnleashedGuid", contact_guid)) == 1
+    assert len(h.crm.find("Divisions", COMPANY_SLOT, guid)) == 1
+    assert len(h.crm.find("Contacts", CONTACT_SLOT, contact_guid)) == 1
     linked = h.query("SELECT crm_id FROM contact_links WHERE erp_id = ?", [contact_guid])
     assert list(linked["crm_id"]) == [str(contact["ContactId"])]
 
@@ -209,11 +212,11 @@ def test_contact_waits_when_its_new_customer_could_not_be_created(harness):
     waiting = h.query("SELECT status, last_error FROM outbox WHERE erp_id = ?", [contact_guid])
     assert list(waiting["status"]) == ["deferred"]
     assert "not in the CRM yet" in waiting["last_error"].iloc[0]
-    assert h.crm.find("Contacts", "UnleashedGuid", contact_guid) == []
+    assert h.crm.find("Contacts", CONTACT_SLOT, contact_guid) == []
     h.cycle()
     h.cycle()
-    (company,) = h.crm.find("Divisions", "UnleashedGuid", guid)
-    (contact,) = h.crm.find("Contacts", "UnleashedGuid", contact_guid)
+    (company,) = h.crm.find("Divisions", COMPANY_SLOT, guid)
+    (contact,) = h.crm.find("Contacts", CONTACT_SLOT, contact_guid)
     assert contact["DivisionId"] == company["DivisionId"]
 
 
@@ -224,7 +227,7 @@ def test_crm_only_contact_never_appears_in_unleashed(harness):
     h.crm.create(
         "Contacts",
         {"DivisionId": pair["crm_id"], "Forename": "Only", "Surname": "InCrm",
-         "Email": "only.in.crm@example.com", "StatusFlag": "A"},
+         "Email": "only.in.crm@example.com", "RoleCode": "DECISN"},
     )  # fmt: skip
     h.push()
     h.cycle()
@@ -239,10 +242,10 @@ def test_conflict_follows_newest_policy_and_is_recorded(harness):
     h = harness
     h.cycle()
     pair = h.linked_company()
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 000 1111"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 000 1111"})
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 000 2222"})  # later
     h.cycle()
-    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 000 2222"
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 000 2222"
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 000 2222"
     conflicts = h.query("SELECT * FROM conflicts WHERE erp_id = ?", [pair["erp_id"]])
     assert len(conflicts) == 1
@@ -260,10 +263,10 @@ def test_conflict_policy_crm_from_settings(harness):
     h.set_settings(conflict_policies={"company.phone": "crm"})
     pair = h.linked_company()
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 000 2222"})
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 000 1111"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 000 1111"})
     h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 000 1111"
-    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 000 1111"
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 000 1111"
     winner = h.query("SELECT winner FROM conflicts WHERE erp_id = ?", [pair["erp_id"]])
     assert list(winner["winner"]) == ["crm"]
 
@@ -300,13 +303,15 @@ def test_invalid_website_is_reported_not_sent_while_other_fields_sync(harness):
 # Account managers
 # ------------------------------------------------------------------------------------------------
 def _user_without_salesperson(h) -> dict:
+    """An active CRM user with an email that no Unleashed salesperson has."""
     frame = h.query(
-        """SELECT u.id, u.data->>'$.Email' AS email FROM crm_users u
-           WHERE u.active AND NOT EXISTS (SELECT 1 FROM unleashed_salespersons s
-             WHERE lower(s.data->>'$.Email') = lower(u.data->>'$.Email'))
+        """SELECT u.id, u.data->>'$.EmailAddress' AS email FROM crm_users u
+           WHERE u.active AND u.data->>'$.EmailAddress' IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM unleashed_salespersons s
+             WHERE lower(s.data->>'$.Email') = lower(u.data->>'$.EmailAddress'))
            ORDER BY u.id LIMIT 1"""
     )
-    return {"id": int(frame.iloc[0]["id"]), "email": frame.iloc[0]["email"]}
+    return {"code": frame.iloc[0]["id"], "email": frame.iloc[0]["email"]}
 
 
 def test_account_manager_without_salesperson_is_rejected_then_clears(harness):
@@ -315,7 +320,9 @@ def test_account_manager_without_salesperson_is_rejected_then_clears(harness):
     pair = h.linked_company()
     user = _user_without_salesperson(h)
     h.crm.patch(
-        "Divisions", pair["crm_id"], {"AccountManagerId": user["id"], "Phone": "0113 496 0000"}
+        "Divisions",
+        pair["crm_id"],
+        {"AccountManager": user["code"], "PhoneNumber": "0113 496 0000"},
     )
     h.push()
     after = _customer(h, pair["erp_id"])
@@ -349,15 +356,15 @@ def test_account_manager_sync_off_leaves_account_managers_alone(harness):
     before = _customer(h, pair["erp_id"])["SalesPerson"]
     other = h.query(
         """SELECT u.id FROM crm_users u JOIN unleashed_salespersons s
-             ON lower(s.data->>'$.Email') = lower(u.data->>'$.Email') AND s.active
-           WHERE u.active AND lower(u.data->>'$.Email') <> lower(?) LIMIT 1""",
+             ON lower(s.data->>'$.Email') = lower(u.data->>'$.EmailAddress') AND s.active
+           WHERE u.active AND lower(u.data->>'$.EmailAddress') <> lower(?) LIMIT 1""",
         [before["Email"]],
     ).iloc[0]["id"]
-    h.crm.patch("Divisions", pair["crm_id"], {"AccountManagerId": int(other)})
+    h.crm.patch("Divisions", pair["crm_id"], {"AccountManager": other})
     h.push()
     h.cycle()
     assert _customer(h, pair["erp_id"])["SalesPerson"]["Guid"] == before["Guid"]
-    assert h.crm.get("Divisions", pair["crm_id"])["AccountManagerId"] == int(other)
+    assert h.crm.get("Divisions", pair["crm_id"])["AccountManager"] == other
 
 
 def test_overnight_fix_sets_crm_account_managers_from_unleashed(harness):
@@ -370,7 +377,8 @@ def test_overnight_fix_sets_crm_account_managers_from_unleashed(harness):
     mismatched = h.query(
         """SELECT l.crm_id FROM company_links l
            JOIN unleashed_customers u ON u.id = l.erp_id AND u.active
-           JOIN crm_users cu ON lower(cu.data->>'$.Email') = lower(u.data->>'$.SalesPerson.Email')
+           JOIN crm_users cu
+             ON lower(cu.data->>'$.EmailAddress') = lower(u.data->>'$.SalesPerson.Email')
            WHERE u.data->>'$.SalesPerson.Email' IS NOT NULL"""
     )
     for crm_id in mismatched["crm_id"]:
@@ -380,8 +388,8 @@ def test_overnight_fix_sets_crm_account_managers_from_unleashed(harness):
             "JOIN company_links l ON l.erp_id = u.id WHERE l.crm_id = ?",
             [crm_id],
         ).iloc[0]["e"]
-        user = h.crm.get("Users", division["AccountManagerId"])
-        assert user["Email"].lower() == customer_email.lower()
+        user = h.crm.get("Users", division["AccountManager"])
+        assert user["EmailAddress"].lower() == customer_email.lower()
 
 
 def test_overnight_fix_off_changes_nothing(harness):
@@ -413,16 +421,20 @@ def test_all_options_off_stops_two_way_but_standard_import_continues(harness):
     )
     h.cycle()
     assert _customer(h, pair["erp_id"])["CustomerName"] == before["CustomerName"]
-    created = h.crm.find("Divisions", "UnleashedGuid", guid)
+    created = h.crm.find("Divisions", COMPANY_SLOT, guid)
     assert len(created) == 1 and created[0]["Name"] == "Brand New Customer Ltd"
-    ledgers = h.crm.find("SalesLedgers", "DivisionId", created[0]["DivisionId"])
-    assert [x["AccountCode"] for x in ledgers] == ["NEWCO1"]
+    # A division in a company group of its own, of the tenant's customer type, in the
+    # operating company the mapping names.
+    group = h.crm.get("Companies", created[0]["CompanyId"])
+    assert (group["Name"], group["TypeId"]) == ("Brand New Customer Ltd", "CUS")
+    assert created[0]["OperatingCompanyCode"] == "A"
 
 
 @pytest.mark.parametrize(
     "facts, words",
     [({"operating_companies": 2}, "operating companies"),
-     ({"advanced_ledgers": True}, "advanced ledgers")],
+     ({"advanced_ledgers": True}, "advanced ledgers"),
+     ({"unleashed_sync": True}, "Prospect's own Unleashed integration")],
 )  # fmt: skip
 def test_guard_refuses_two_way_sync_and_writes_nothing(harness, facts, words):
     h = harness
@@ -432,6 +444,11 @@ def test_guard_refuses_two_way_sync_and_writes_nothing(harness, facts, words):
     pair = h.linked_company()
     h.crm.patch("Divisions", pair["crm_id"], {"Name": "Should Not Travel"})
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0200 000 0000"})
+    # A new Unleashed customer is not created in a refused tenant either (the standard import
+    # would have to choose an operating company, or would fight Prospect's own import).
+    h.unleashed.save_customer(
+        {"Guid": str(uuid.uuid4()), "CustomerCode": "REFUSE1", "CustomerName": "Not Imported Ltd"}
+    )
     h.emu.reset_stats("unleashed")
     h.emu.reset_stats("crm")
     result = h.cycle()
@@ -459,7 +476,7 @@ def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
         pair["erp_id"],
         {"FirstName": "Crash", "LastName": "Test", "EmailAddress": "crash@example.com"},
     )
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0999"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0999"})
     # Plan, then die right after the API writes, before the baseline and audit are written.
     for job in ("sync_cycle_job",):
         with pytest.raises(Exception):  # noqa: B017 - the crash is the point
@@ -467,7 +484,7 @@ def test_crash_between_write_and_baseline_recovers_without_duplicates(harness):
     h.cycle()
     h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0113 496 0999"
-    assert len(h.crm.find("Contacts", "UnleashedGuid", str(contact.Guid))) == 1
+    assert len(h.crm.find("Contacts", CONTACT_SLOT, str(contact.Guid))) == 1
     audit = h.query("SELECT * FROM audit_log WHERE erp_id = ?", [str(contact.Guid)])
     assert len(audit) == 1  # the creation is logged once, after recovery
     phone_audit = h.query(
@@ -490,8 +507,8 @@ def test_a_crm_edit_after_a_recovered_push_is_pushed_at_once(harness):
         found = {str(c.Guid): c.MobilePhone for c in h.unleashed.list_contacts(pair["erp_id"])}
         return found[contact["erp_id"]]
 
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0301"})
-    h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": "07700 900301"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 496 0301"})
+    h.crm.patch("Contacts", int(contact["crm_id"]), {"MobilePhoneNumber": "07700 900301"})
     # The first push dies after writing the customer; the second completes the customer's
     # operation from what Unleashed holds, then dies after writing the contact.
     for _ in range(2):
@@ -500,8 +517,8 @@ def test_a_crm_edit_after_a_recovered_push_is_pushed_at_once(harness):
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0301"
     assert mobile() == "07700 900301"
     h.push()  # completes the contact's operation without writing
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0302"})
-    h.crm.patch("Contacts", int(contact["crm_id"]), {"Mobile": "07700 900302"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 496 0302"})
+    h.crm.patch("Contacts", int(contact["crm_id"]), {"MobilePhoneNumber": "07700 900302"})
     h.push()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0302"
     assert mobile() == "07700 900302"
@@ -517,7 +534,7 @@ def test_an_unleashed_change_found_by_a_push_is_never_written_over(harness):
     h = harness
     h.cycle()
     pair = h.linked_company()
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0401"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 496 0401"})
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0402"})
     h.push()
     deferred = h.query(
@@ -536,7 +553,7 @@ def test_an_unleashed_change_found_by_a_push_is_never_written_over(harness):
         {"crm_value": "0161 496 0401", "erp_value": "0161 496 0402", "winner": "erp"}
     ]
     h.cycle()
-    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0402"
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 496 0402"
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0402"
 
 
@@ -549,11 +566,11 @@ def test_write_recovered_after_a_crash_does_not_overwrite_a_later_crm_edit(harne
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0001"})
     with pytest.raises(Exception):  # noqa: B017 - the crash is the point
         _run_with_crash(h, "sync_cycle_job")
-    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0001"  # written
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0161 496 0002"})  # a person, later
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 496 0001"  # written
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0161 496 0002"})  # a person, later
     h.cycle()
     h.cycle()
-    assert h.crm.get("Divisions", pair["crm_id"])["Phone"] == "0161 496 0002"
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 496 0002"
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "0161 496 0002"
     stale = h.query(
         "SELECT status, last_error FROM outbox WHERE op = 'update_crm' AND new_value = ?",
@@ -572,8 +589,8 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     h.cycle()
     pair = h.linked_company()
     before = _customer(h, pair["erp_id"])["PhoneNumber"]
-    original = h.crm.get("Divisions", pair["crm_id"])["Phone"]
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0555"})
+    original = h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"]
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0555"})
     # Reads answer, every write fails with a 5xx: was it written? (It was not; nobody knows.)
     h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])
     h.push()
@@ -582,7 +599,7 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     assert list(held["status"]) == ["in_flight"]
     with store.connect(h.db) as con:  # the operator's report says so
         assert "Writes whose outcome is not known yet" in cycle_report(con, since=datetime.min)
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": original})  # the person undoes it
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": original})  # the person undoes it
     result = h.cycle()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == before
     # The run's metadata says it set one write aside (not "deferred": nothing waits for it).
@@ -604,7 +621,7 @@ def test_a_push_left_in_doubt_that_did_land_is_recorded_once(harness):
     h = harness
     h.cycle()
     pair = h.linked_company()
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0666"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0666"})
     h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])  # the write fails with a 5xx
     h.push()
     h.emu.set_faults("unleashed")
@@ -629,7 +646,7 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
     h.cycle()
     pairs = h.query("SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 4")
     for n, crm_id in enumerate(pairs["crm_id"]):
-        h.crm.patch("Divisions", int(crm_id), {"Phone": f"0113 496 07{n:02d}"})
+        h.crm.patch("Divisions", int(crm_id), {"PhoneNumber": f"0113 496 07{n:02d}"})
     h.emu.set_faults("unleashed", error_rate=1.0)
     before = _unleashed_requests(h)
     result = h.push()
@@ -665,7 +682,7 @@ def test_unleashed_usage_limit_used_up_pauses_the_sync_and_nothing_is_lost(harne
     h.cycle()
     pairs = h.query("SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 2")
     for n, crm_id in enumerate(pairs["crm_id"]):
-        h.crm.patch("Divisions", int(crm_id), {"Phone": f"0113 496 08{n:02d}"})
+        h.crm.patch("Divisions", int(crm_id), {"PhoneNumber": f"0113 496 08{n:02d}"})
     used = h.emu.set_unleashed_quota(None)["used"]
     h.emu.set_unleashed_quota(used, used=used)  # this month's requests are used up
     reset = datetime.fromisoformat(h.emu.set_unleashed_quota(used)["resets_at"])
@@ -760,7 +777,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     ).itertuples(index=False)
     h.crm.patch("Divisions", int(rejected.crm_id), {"Website": "www.acme .com"})
     h.push()
-    h.crm.patch("Divisions", int(failing.crm_id), {"Phone": "0113 496 0555"})
+    h.crm.patch("Divisions", int(failing.crm_id), {"PhoneNumber": "0113 496 0555"})
     h.emu.set_faults("unleashed", error_rate=1.0)
     h.push()
     h.emu.set_faults("unleashed")
@@ -795,7 +812,7 @@ def test_a_write_that_timed_out_after_landing_is_checked_not_sent_again(harness)
     h = harness
     h.cycle()
     pair = h.linked_company()
-    h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0321"})
+    h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0321"})
 
     def lost_answer(op_ids):
         raise TransientApiError(
@@ -849,7 +866,7 @@ def test_sensor_cursor_and_run_keys(harness):
             json.loads(cursor).get("Divisions")
         )
         pair = h.linked_company()
-        h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 1234"})
+        h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 1234"})
         second = crm_change_sensor(context)
         assert isinstance(second, dg.RunRequest)
         assert second.run_key != first.run_key
@@ -954,8 +971,8 @@ def test_two_overlapping_runs_do_not_fail_on_the_duckdb_lock(harness, tmp_path):
         assert "cycle ok" in out
     # Both runs completed and nothing was created twice.
     dupes = h.query(
-        "SELECT data->>'$.UnleashedGuid' g, count(*) n FROM crm_contacts "
-        "WHERE data->>'$.UnleashedGuid' IS NOT NULL GROUP BY 1 HAVING n > 1"
+        "SELECT data->>'$.ContactXtra.StandardTextField1' g, count(*) n FROM crm_contacts "
+        "WHERE g IS NOT NULL GROUP BY 1 HAVING n > 1"
     )
     assert dupes.empty
 
@@ -1129,7 +1146,7 @@ def test_nightly_pruning_through_dagster_and_the_same_change_queued_again(harnes
     edited = "+44 161 496 0777"
 
     def edit(phone):
-        h.crm.patch("Divisions", pair["crm_id"], {"Phone": phone})
+        h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": phone})
         h.push()
         assert _customer(h, pair["erp_id"])["PhoneNumber"] == phone
 

@@ -32,7 +32,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "DivisionSalesLedgers": ("DivisionId", "OperatingCompanyCode", "SalesLedgerId"),
     "DivisionXtras": ("DivisionId",),
     "ContactXtras": ("ContactId",),
-    "ContactRoles": ("RoleCode",),
+    "ContactRoles": ("Code",),
     "HomeCurrencies": ("OperatingCompanyCode",),
     "SystemOptions": ("Option",),
     "UnleashedContacts": ("OperatingCompanyCode", "AccountsId"),
@@ -264,20 +264,21 @@ class CrmClient(BaseClient):
         filter: str | None = None,
         select: list[str] | None = None,
         expand: str | None = None,
-        orderby: str | None = None,
         count: bool = True,
         page_size: int | None = None,
     ) -> ListResult[dict]:
-        """Every record matching the options, paged with `$top`/`$skip` in a stable order.
+        """Every record matching the options, paged with `$top`/`$skip` in key order.
 
-        The order is `orderby` (if given) then the key properties, so the pages do not overlap
-        or leave gaps while nothing is deleted. The service returns at most `MAX_PAGE_SIZE`
-        rows whatever `$top` says; paging goes on until a page comes back empty, the reported
-        `@odata.count` is reached, or (without a count) a page is shorter than the pages
-        before it. An `@odata.nextLink`, if the service sends one, is followed instead. The key
-        (and the change timestamp, where the set has one) is always selected. A record without
-        its key or with an unparseable timestamp goes to `bad`; the rest continue. A record seen
-        twice (moved while paging) is kept once, in its later version.
+        Key order is the one order a write cannot change, so no record moves across a page
+        boundary while the pages are read (a timestamp order would shift every later row when
+        one is edited, and `$skip` would then jump a row). The service returns at most
+        `MAX_PAGE_SIZE` rows whatever `$top` says; paging goes on until a page comes back
+        empty, the reported `@odata.count` is reached, or (without a count) a page is shorter
+        than the pages before it. An `@odata.nextLink`, if the service sends one, is followed
+        to the end of that request's rows before `$skip` moves on. The key (and the change
+        timestamp, where the set has one) is always selected. A record without its key or with
+        an unparseable timestamp goes to `bad`; the rest continue. A record seen twice is kept
+        once, in its later version.
         """
         keys = KEYS.get(entity_set, ())
         options: list[tuple[str, str]] = []
@@ -288,11 +289,8 @@ class CrmClient(BaseClient):
             options.append(("$select", ",".join(dict.fromkeys([*always, *select]))))
         if expand:
             options.append(("$expand", expand))
-        order = [orderby] if orderby else []
-        named = {part.split()[0] for part in order[0].split(",")} if order else set()
-        order += [k for k in keys if k not in named]
-        if order:
-            options.append(("$orderby", ",".join(order)))
+        if keys:
+            options.append(("$orderby", ",".join(keys)))
         if count:
             options.append(("$count", "true"))
         size = max(1, min(MAX_PAGE_SIZE, page_size or self.page_size))
@@ -300,41 +298,41 @@ class CrmClient(BaseClient):
 
         result: ListResult[dict] = ListResult()
         position: dict[Any, int] = {}
-        next_url: str | None = None
-        offset = 0
-        longest = 0
+        offset = longest = 0
         while True:
             query = [*options, ("$top", str(size))] + ([("$skip", str(offset))] if offset else [])
-            body = self.request(
-                "GET",
-                f"/{entity_set}",
-                query=encode_query(query) if next_url is None else "",
-                label=f"/{entity_set}",
-                absolute_url=next_url,
-            )
-            if not isinstance(body, dict) or not isinstance(body.get("value"), list):
-                raise ApiError(
-                    SYSTEM, "GET", f"/{entity_set}", 200, "list body has no 'value' array"
+            got, reported, next_url = 0, None, None
+            while True:  # one `$top`/`$skip` request, and the nextLinks it leads to
+                body = self.request(
+                    "GET",
+                    f"/{entity_set}",
+                    query=encode_query(query) if next_url is None else "",
+                    label=f"/{entity_set}",
+                    absolute_url=next_url,
                 )
-            rows = body["value"]
-            result.pages += 1
-            reported = body.get("@odata.count")
-            if isinstance(reported, int) and not isinstance(reported, bool):
-                result.reported_total = reported
-            for record in rows:
-                self._collect(entity_set, keys, record, result, position, endpoint)
-            link = body.get("@odata.nextLink")
-            if link:
+                if not isinstance(body, dict) or not isinstance(body.get("value"), list):
+                    raise ApiError(
+                        SYSTEM, "GET", f"/{entity_set}", 200, "list body has no 'value' array"
+                    )
+                result.pages += 1
+                count_here = body.get("@odata.count")
+                if isinstance(count_here, int) and not isinstance(count_here, bool):
+                    reported = result.reported_total = count_here
+                for record in body["value"]:
+                    self._collect(entity_set, keys, record, result, position, endpoint)
+                got += len(body["value"])
+                link = body.get("@odata.nextLink")
+                if not link:
+                    break
                 next_url = self._checked_next_link(entity_set, link, next_url)
-                continue
-            if next_url is not None or not rows:
-                return result  # a server-driven listing ends where its links end
-            offset += len(rows)
-            if isinstance(reported, int) and offset >= reported:
+            if got == 0:
                 return result
-            if not isinstance(reported, int) and len(rows) < longest:
+            offset += got
+            if reported is not None and offset >= reported:
                 return result
-            longest = max(longest, len(rows))
+            if reported is None and got < longest:
+                return result
+            longest = max(longest, got)
 
     def _collect(
         self,

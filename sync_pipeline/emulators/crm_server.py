@@ -161,7 +161,13 @@ def parse_key(entity: EntitySet, raw: str) -> tuple[Any, ...]:
             raise _BadRequest(400, "BadRequest", f"the key segment '({raw})' cannot be parsed")
         name = match.group("name")
         if name is None:
-            if len(entity.keys) != 1 or parts:
+            if len(entity.keys) == 1 and parts:
+                raise _BadRequest(
+                    400,
+                    "BadRequest",
+                    f"'{entity.name}' has a single key ({entity.keys[0]}): give one value",
+                )
+            if len(entity.keys) != 1:
                 raise _BadRequest(
                     400,
                     "BadRequest",

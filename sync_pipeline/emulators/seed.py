@@ -8,7 +8,7 @@ Unleashed customers. Empty values are `None` on both sides. Every kind below is 
 companies=50 (checked at several seeds by tests/test_seed.py); rates are of the records the kind
 applies to, so the figures scale with N. At N=50, seed=42 (`World.summary()`): 50 customers
 (2 obsolete), 6 salespersons, 252 Unleashed contacts; 49 divisions, 47 sales ledgers, 250 CRM
-contacts, 8 users.
+contacts, 9 users.
 
 Unleashed (`World.salespersons`, `World.customers`):
 - salespersons: max(6, N/8) capped at 60, exactly one `Obsolete`; emails unique and lower case.
