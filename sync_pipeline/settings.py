@@ -14,6 +14,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sync_pipeline.configfile import ConfigFileError, read_config
+
 DEFAULT_SETTINGS_FILE = "settings.yaml"
 SETTINGS_ENV = "SYNC_SETTINGS_FILE"
 
@@ -142,9 +144,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
     if not path.exists():
         return Settings()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        raw = read_config(path) or {}
+    except ConfigFileError as exc:
+        raise SettingsError(str(exc)) from None
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected a mapping of setting: value at the top level")
     try:
