@@ -16,7 +16,7 @@ import pytest
 
 from sync_pipeline.defs import build_defs
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS, default_resources
-from sync_pipeline.settings import SettingsError, load_settings
+from sync_pipeline.settings import Settings, SettingsError, load_settings, save_settings
 from tests.harness import Harness, current_partition, failure_messages, run_failing
 
 LONG = "L" * 100_000
@@ -353,7 +353,7 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
         company.read_text().replace("    crm: Phone\n", "    crm: Phone\n    colour: blue\n")
     )
     monkeypatch.setenv("SYNC_MAPPINGS_DIR", str(mappings))
-    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(save_settings(Settings(), tmp_path / "s.yaml")))
     monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
     for name, value in emulators.env().items():
         monkeypatch.setenv(name, value)
@@ -370,7 +370,7 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
 
 SETTINGS_CASES = [
     ("bad_yaml", "two_way_sync: [true\n", ["not valid YAML"]),
-    ("unknown_key", "two_way_sync: true\nturbo_mode: true\n", ["turbo_mode", "xtra"]),
+    ("unknown_key", "two_way_sync: true\nturbo_mode: true\n", ["turbo_mode", "unknown setting"]),
     ("bad_timezone", "timezone: Mars/Olympus_Mons\n", ["timezone", "Mars/Olympus_Mons"]),
     ("wrong_type", "imports:\n  every_minutes: often\n", ["imports.every_minutes", "integer"]),
 ]
@@ -407,7 +407,7 @@ def test_settings_file_with_python_tag_is_refused_and_nothing_runs(tmp_path):
 # Environment variables
 # ------------------------------------------------------------------------------------------------
 def _env_defs(emulators, tmp_path: Path, monkeypatch, **overrides: str | None):
-    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(save_settings(Settings(), tmp_path / "s.yaml")))
     monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
     monkeypatch.delenv("SYNC_MAPPINGS_DIR", raising=False)
     for name, value in {**emulators.env(), **overrides}.items():

@@ -21,7 +21,7 @@ from sync_pipeline.clients.base import RetrySettings, UsageBlock, UsageLog, usag
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
-from sync_pipeline.settings import Settings, load_settings
+from sync_pipeline.settings import Settings, load_settings, parse_settings, policy_fields
 
 DEFAULT_DB = ".data/sync.duckdb"
 DEFAULT_MAPPINGS = str(Path(__file__).resolve().parents[2] / "mappings")
@@ -145,31 +145,31 @@ class SyncConfigResource(dg.ConfigurableResource):
     mappings_dir: str = DEFAULT_MAPPINGS
 
     def settings(self) -> Settings:
-        """The settings as the file says now. Parsed again only when its bytes change: every
-        asset of a run asks (about ten times a cycle) and YAML parsing costs milliseconds, while
-        reading the bytes costs microseconds. Keyed on content, not on modification time, so two
-        writes within one clock tick can never serve a stale copy."""
+        """The settings as the file says now, conflict_policies checked against the mappings.
+        Parsed again only when its bytes (or the mapped fields) change: every asset of a run asks
+        (about ten times a cycle) and YAML parsing costs milliseconds, while reading the bytes
+        costs microseconds. Keyed on content, not on modification time, so two writes within one
+        clock tick can never serve a stale copy."""
         path = Path(self.settings_file)
+        fields = policy_fields(self.mappings())
         try:
             raw = path.read_bytes()
         except OSError:
-            return load_settings(path)  # missing: defaults; unreadable: the loader says why
+            # Missing: the defaults if it is the default file, else an error; unreadable: why.
+            return load_settings(path, policy_fields=fields)
+        key = (raw, fields)
         cached = _SETTINGS_CACHE.get(str(path))
-        if cached is not None and cached[0] == raw:
+        if cached is not None and cached[0] == key:
             return cached[1].model_copy(deep=True)
-        settings = load_settings(path)
-        try:
-            if path.read_bytes() == raw:  # not rewritten while it was being parsed
-                _SETTINGS_CACHE[str(path)] = (raw, settings.model_copy(deep=True))
-        except OSError:
-            pass
+        settings = parse_settings(raw, str(path), policy_fields=fields)
+        _SETTINGS_CACHE[str(path)] = (key, settings.model_copy(deep=True))
         return settings
 
     def mappings(self) -> dict:
         return load_mappings(self.mappings_dir)
 
 
-_SETTINGS_CACHE: dict[str, tuple[bytes, Settings]] = {}
+_SETTINGS_CACHE: dict[str, tuple[tuple[bytes, frozenset[str]], Settings]] = {}
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
