@@ -1,6 +1,9 @@
 """Operator settings: one validated model, read from a YAML file at every run and sensor tick.
 
-Changing the file takes effect on the next tick or run: no code change, no restart.
+Changing the file takes effect on the next tick or run, with no code change or restart, except
+for the times the schedules run at (the import window, the nightly times, the time zone): those
+are the schedules' cron strings, read when the code location loads, so a change to them takes
+effect once the code location is reloaded.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import difflib
 import os
 import re
 from collections.abc import Collection, Mapping
-from datetime import datetime, time
+from datetime import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -44,6 +47,9 @@ ENTITIES = ("company", "contact")
 # mappings define, so that conflict_policies can be checked against them.
 POLICY_FIELDS = "policy_fields"
 _POLICY_KEY = re.compile(rf"({'|'.join(ENTITIES)})\.[A-Za-z_][A-Za-z0-9_]*")
+# Intervals that divide the hour, or whole hours that divide the day: the ones a cron schedule
+# runs at exactly, the same minutes every hour (5 minutes at least: an import takes a while).
+EVERY_MINUTES = (5, 6, 10, 12, 15, 20, 30, 60, 120, 180, 240, 360, 480, 720, 1440)
 _CLOCK = re.compile(r"(\d{1,2}):\d{2}(:\d{2}(\.\d{1,6})?)?")
 
 
@@ -89,7 +95,7 @@ class ImportWindow(BaseModel):
     days: list[str] = Field(
         default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"], min_length=1
     )
-    every_minutes: int = Field(15, ge=5, le=240)
+    every_minutes: int = 15
 
     @field_validator("days")
     @classmethod
@@ -104,9 +110,12 @@ class ImportWindow(BaseModel):
 
     @field_validator("every_minutes")
     @classmethod
-    def _whole_ticks(cls, minutes: int) -> int:
-        if minutes % 5:
-            raise ValueError("must be a multiple of 5 (the import schedule ticks every 5 minutes)")
+    def _cron_interval(cls, minutes: int) -> int:
+        if minutes not in EVERY_MINUTES:
+            raise ValueError(
+                f"{minutes} minutes is not an interval a cron schedule can keep; use one of "
+                f"{', '.join(map(str, EVERY_MINUTES))}"
+            )
         return minutes
 
     @model_validator(mode="after")
@@ -117,13 +126,6 @@ class ImportWindow(BaseModel):
                 "and end on the same day"
             )
         return self
-
-    def is_open(self, local: datetime) -> bool:
-        return (
-            WEEKDAYS[local.weekday()] in self.days
-            and self.start <= local.time() <= self.end
-            and (local.minute % self.every_minutes) < 5
-        )
 
 
 class Settings(BaseModel):
