@@ -1,28 +1,88 @@
 """Operator settings: one validated model, read from a YAML file at every run and sensor tick.
 
-Changing the file takes effect on the next tick or run: no code change, no restart.
+Changing the file takes effect on the next tick or run, with no code change or restart, except
+for the times the schedules run at (the import window, the nightly times, the time zone): those
+are the schedules' cron strings, read when the code location loads, so a change to them takes
+effect once the code location is reloaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from datetime import datetime, time
+import re
+from collections.abc import Collection, Mapping
+from datetime import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import phonenumbers
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from sync_pipeline.configfile import ConfigFileError, parse_config
+
+if TYPE_CHECKING:
+    from sync_pipeline.mapping import EntityMapping
 
 DEFAULT_SETTINGS_FILE = "settings.yaml"
 SETTINGS_ENV = "SYNC_SETTINGS_FILE"
 
 Policy = Literal["newest", "crm", "erp"]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+ENTITIES = ("company", "contact")
+# The validation context key under which the loader passes the `<entity>.<field>` names the
+# mappings define, so that conflict_policies can be checked against them.
+POLICY_FIELDS = "policy_fields"
+_POLICY_KEY = re.compile(rf"({'|'.join(ENTITIES)})\.[A-Za-z_][A-Za-z0-9_]*")
+# Intervals that divide the hour, or whole hours that divide the day: the ones a cron schedule
+# runs at exactly, the same minutes every hour (5 minutes at least: an import takes a while).
+EVERY_MINUTES = (5, 6, 10, 12, 15, 20, 30, 60, 120, 180, 240, 360, 480, 720, 1440)
+_CLOCK = re.compile(r"(\d{1,2}):\d{2}(:\d{2}(\.\d{1,6})?)?")
 
 
 class SettingsError(ValueError):
     """A settings file that cannot be used; the message names the file, the setting and why."""
+
+
+def _time_of_day(value: Any) -> Any:
+    # Only text that looks like a time: pydantic would otherwise read a number as seconds after
+    # midnight (the way an unquoted 19:00, YAML 1.1's 1140, became 00:19).
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str) and (match := _CLOCK.fullmatch(value.strip())):
+        text = value.strip()
+        return f"0{text}" if len(match.group(1)) == 1 else text
+    raise ValueError(f"{value!r} is not a time of day: write it as HH:MM, e.g. 19:00")
+
+
+def _local(value: time) -> time:
+    if value.tzinfo is not None:
+        raise ValueError("no UTC offset here: every time is in the `timezone` setting")
+    return value
+
+
+def _whole_minute(value: time) -> time:
+    if value.second or value.microsecond:
+        raise ValueError(f"{value} is not a whole minute: a run starts on a minute (HH:MM)")
+    return value
+
+
+ClockTime = Annotated[time, BeforeValidator(_time_of_day), AfterValidator(_local)]
+# A time something runs at: whole minutes, as a cron schedule counts.
+RunTime = Annotated[ClockTime, AfterValidator(_whole_minute)]
 
 
 class ImportWindow(BaseModel):
@@ -30,32 +90,42 @@ class ImportWindow(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: time = time(7, 0)
-    end: time = time(19, 0)
-    days: list[str] = Field(default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"])
-    every_minutes: int = Field(15, ge=5, le=240)
+    start: RunTime = time(7, 0)
+    end: ClockTime = time(19, 0)
+    days: list[str] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"], min_length=1
+    )
+    every_minutes: int = 15
 
     @field_validator("days")
     @classmethod
     def _known_days(cls, days: list[str]) -> list[str]:
-        bad = [d for d in days if d.lower()[:3] not in WEEKDAYS]
+        # mon, Mon, Monday, thurs: the start of a day's name, three letters at least.
+        bad = [
+            d for d in days if len(d) < 3 or not any(n.startswith(d.lower()) for n in _DAY_NAMES)
+        ]
         if bad:
             raise ValueError(f"unknown day(s) {bad}; use {', '.join(WEEKDAYS)}")
-        return [d.lower()[:3] for d in days]
+        return list(dict.fromkeys(d.lower()[:3] for d in days))
 
     @field_validator("every_minutes")
     @classmethod
-    def _whole_ticks(cls, minutes: int) -> int:
-        if minutes % 5:
-            raise ValueError("must be a multiple of 5 (the import schedule ticks every 5 minutes)")
+    def _cron_interval(cls, minutes: int) -> int:
+        if minutes not in EVERY_MINUTES:
+            raise ValueError(
+                f"{minutes} minutes is not an interval a cron schedule can keep; use one of "
+                f"{', '.join(map(str, EVERY_MINUTES))}"
+            )
         return minutes
 
-    def is_open(self, local: datetime) -> bool:
-        return (
-            WEEKDAYS[local.weekday()] in self.days
-            and self.start <= local.time() <= self.end
-            and (local.minute % self.every_minutes) < 5
-        )
+    @model_validator(mode="after")
+    def _start_before_end(self) -> ImportWindow:
+        if self.start > self.end:
+            raise ValueError(
+                f"start {self.start:%H:%M} is after end {self.end:%H:%M}: the window must start "
+                "and end on the same day"
+            )
+        return self
 
 
 class Settings(BaseModel):
@@ -72,13 +142,13 @@ class Settings(BaseModel):
     )
     timezone: str = "Europe/London"
     imports: ImportWindow = Field(default_factory=ImportWindow)
-    overnight_fix_at: time = time(2, 0)
+    overnight_fix_at: RunTime = time(2, 0)
     initial_policy: Literal["crm", "erp"] = "erp"
     conflict_policies: dict[str, Policy] = Field(
         default_factory=dict,
         description="Overrides of the mapping's per-field policy, keyed 'company.phone' etc.",
     )
-    default_phone_region: str = Field("GB", min_length=2, max_length=2)
+    default_phone_region: str = "GB"
     extract_overlap_seconds: int = Field(120, ge=0, le=86400)
     keep_history_days: int = Field(
         365,
@@ -87,7 +157,7 @@ class Settings(BaseModel):
         description="Days of finished history kept (audit log, conflict log, applied operations, "
         "resolved rejections and bad records); pruned nightly; 0 keeps everything",
     )
-    history_pruning_at: time = time(3, 0)
+    history_pruning_at: RunTime = time(3, 0)
     unleashed_monthly_request_limit: int | None = Field(
         None,
         ge=1,
@@ -103,6 +173,27 @@ class Settings(BaseModel):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("conflict_policies")
+    @classmethod
+    def _known_fields(cls, policies: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        known: Collection[str] | None = (info.context or {}).get(POLICY_FIELDS)
+        problems = [_policy_key_problem(key, known) for key in policies]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return policies
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        # The region phonenumbers parses national numbers in, so its list is the one that counts.
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(
+                f"unknown phone region {value!r}: use a two-letter ISO 3166 country code, "
+                "e.g. GB, IE, US"
+            )
+        return value.upper()
 
     @property
     def zone(self) -> ZoneInfo:
@@ -132,29 +223,89 @@ class Settings(BaseModel):
         }
 
 
+def _policy_key_problem(key: str, known: Collection[str] | None) -> str | None:
+    """Why `key` is not a conflict_policies key (None: it is one). Without the mappings' field
+    names at hand only its form is checked."""
+    form = (
+        "keys are <entity>.<field>, the entity company or contact and the field one of "
+        "mappings/<entity>.yaml"
+    )
+    if known is None:
+        return None if _POLICY_KEY.fullmatch(key) else f"bad key {key!r}: {form}"
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key, sorted(known), n=3)
+    if close:
+        return f"unknown field {key!r}; did you mean {' or '.join(map(repr, close))}?"
+    return f"unknown field {key!r}: {form} ({', '.join(sorted(known))})"
+
+
+def policy_fields(mappings: Mapping[str, EntityMapping]) -> frozenset[str]:
+    """The keys conflict_policies may use: `<entity>.<field>` for every mapped field."""
+    return frozenset(f"{entity}.{name}" for entity, m in mappings.items() for name in m.fields)
+
+
+# The models whose keys a misspelt key is compared with, by where it stands in the file.
+_KEYS_AT: dict[tuple[str, ...], type[BaseModel]] = {(): Settings, ("imports",): ImportWindow}
+
+
+def _describe(err: Any) -> tuple[str, str]:
+    loc = tuple(str(p) for p in err["loc"])
+    entry = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = list(_KEYS_AT[loc[:-1]].model_fields) if loc[:-1] in _KEYS_AT else []
+        close = difflib.get_close_matches(loc[-1], valid, n=2)
+        if close:
+            return entry, f"unknown setting; did you mean {' or '.join(map(repr, close))}?"
+        return entry, f"unknown setting; the settings here are {', '.join(valid)}"
+    if err["type"] == "literal_error":
+        return entry, f"bad value {err['input']!r}: expected {err['ctx']['expected']}"
+    msg = err["msg"]
+    return entry, msg.removeprefix("Value error, ")
+
+
 def settings_path() -> Path:
     return Path(os.environ.get(SETTINGS_ENV) or DEFAULT_SETTINGS_FILE)
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Read and validate the settings file. A missing file means all defaults."""
-    path = Path(path) if path is not None else settings_path()
-    if not path.exists():
-        return Settings()
+def parse_settings(
+    data: bytes, source: str, *, policy_fields: Collection[str] | None = None
+) -> Settings:
+    """Validate the bytes of a settings file (`source` names it in errors). `policy_fields`, the
+    fields the mappings define (see `policy_fields()`), checks the conflict_policies keys."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        raw = parse_config(data, source)
+    except ConfigFileError as exc:
+        raise SettingsError(str(exc)) from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise SettingsError(f"{path}: expected a mapping of setting: value at the top level")
+        raise SettingsError(f"{source}: (top level): expected a mapping of setting: value")
     try:
-        return Settings.model_validate(raw)
+        return Settings.model_validate(raw, context={POLICY_FIELDS: policy_fields})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise SettingsError(f"{path}: invalid settings: {problems}") from None
+        lines = [f"{source}: {entry}: {problem}" for entry, problem in map(_describe, exc.errors())]
+        raise SettingsError("\n".join(lines)) from None
+
+
+def load_settings(
+    path: str | Path | None = None, *, policy_fields: Collection[str] | None = None
+) -> Settings:
+    """Read and validate the settings file. Only the default file may be missing (then every
+    setting has its default): a file named explicitly that is not there is a mistake."""
+    path = Path(path) if path is not None else settings_path()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if path == Path(DEFAULT_SETTINGS_FILE):
+            return Settings()
+        raise SettingsError(
+            f"{path}: no such settings file (only the default, {DEFAULT_SETTINGS_FILE} in the "
+            "working directory, may be missing: then every setting has its default)"
+        ) from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_settings(data, str(path), policy_fields=policy_fields)
 
 
 def save_settings(settings: Settings, path: str | Path | None = None) -> Path:

@@ -86,6 +86,14 @@ class Harness:
         )
         save_settings(current.model_copy(update=changes), self.settings_file)
 
+    def reload(self) -> None:
+        """Build the definitions again, as reloading the code location does: the schedules' cron
+        strings are the settings file's times when the definitions are built."""
+        self.defs = build_defs(self.resources)
+
+    def schedule(self, name: str) -> dg.ScheduleDefinition:
+        return self.defs.resolve_schedule_def(name)
+
     # -- looking ----------------------------------------------------------------------------------
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
         with store.connect(self.db) as con:

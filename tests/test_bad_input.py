@@ -16,7 +16,7 @@ import pytest
 
 from sync_pipeline.defs import build_defs
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS, default_resources
-from sync_pipeline.settings import SettingsError, load_settings
+from sync_pipeline.settings import Settings, SettingsError, load_settings, save_settings
 from tests.harness import Harness, current_partition, failure_messages, run_failing
 
 LONG = "L" * 100_000
@@ -380,7 +380,7 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
         )
     )
     monkeypatch.setenv("SYNC_MAPPINGS_DIR", str(mappings))
-    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(save_settings(Settings(), tmp_path / "s.yaml")))
     monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
     for name, value in emulators.env().items():
         monkeypatch.setenv(name, value)
@@ -397,7 +397,7 @@ def test_broken_mapping_dir_fails_the_run_naming_file_and_entry(emulators, tmp_p
 
 SETTINGS_CASES = [
     ("bad_yaml", "two_way_sync: [true\n", ["not valid YAML"]),
-    ("unknown_key", "two_way_sync: true\nturbo_mode: true\n", ["turbo_mode", "xtra"]),
+    ("unknown_key", "two_way_sync: true\nturbo_mode: true\n", ["turbo_mode", "unknown setting"]),
     ("bad_timezone", "timezone: Mars/Olympus_Mons\n", ["timezone", "Mars/Olympus_Mons"]),
     ("wrong_type", "imports:\n  every_minutes: often\n", ["imports.every_minutes", "integer"]),
 ]
@@ -434,7 +434,7 @@ def test_settings_file_with_python_tag_is_refused_and_nothing_runs(tmp_path):
 # Environment variables
 # ------------------------------------------------------------------------------------------------
 def _env_defs(emulators, tmp_path: Path, monkeypatch, **overrides: str | None):
-    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(tmp_path / "settings.yaml"))
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(save_settings(Settings(), tmp_path / "s.yaml")))
     monkeypatch.setenv("SYNC_DUCKDB_PATH", str(tmp_path / "sync.duckdb"))
     monkeypatch.delenv("SYNC_MAPPINGS_DIR", raising=False)
     for name, value in {**emulators.env(), **overrides}.items():
@@ -507,3 +507,78 @@ def test_malformed_environment_variable_is_named_with_the_reason(
         assert repr(value) in text  # the operator sees what was wrong
     else:
         assert not value or value not in text  # a credential is never echoed
+
+
+@pytest.mark.parametrize(
+    "variable, ending",
+    [("CRM_TOKEN", "\r"), ("CRM_TOKEN", "\n"), ("UNLEASHED_API_KEY", "\r\n"),
+     ("UNLEASHED_API_ID", "\r")],
+)  # fmt: skip
+def test_a_secret_ending_in_a_line_break_is_refused_naming_the_variable_never_the_value(
+    emulators, tmp_path, monkeypatch, variable, ending
+):
+    """An .env file with Windows line endings leaves a \\r on every value: refused before any
+    request, the message naming the variable; the value is nowhere in the run's events."""
+    secret = emulators.env()[variable]
+    defs = _env_defs(emulators, tmp_path, monkeypatch, **{variable: secret + ending})
+    job = "crm_push_job" if variable.startswith("CRM") else "sync_cycle_job"
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance,
+            partition_key=current_partition() if job == "sync_cycle_job" else None,
+            raise_on_error=False,
+        )
+        events = "\n".join(repr(entry) for entry in instance.all_logs(result.run_id))
+    assert not result.success
+    text = failure_messages(result)
+    assert f"{variable} contains a line break" in text, text[:3000]
+    assert secret not in text and secret not in events
+
+
+def test_a_sensor_tick_with_a_secret_ending_in_a_line_break_names_only_the_variable(tmp_path):
+    from sync_pipeline.defs.automation import crm_change_sensor
+    from sync_pipeline.defs.resources import CrmResource, SyncConfigResource, UnleashedResource
+
+    token = f"token-{uuid.uuid4().hex}"
+    resources = {
+        "crm": CrmResource(base_url="https://crm.test", token=f"{token}\r"),
+        "unleashed": UnleashedResource(
+            base_url="https://unleashed.test", api_id=str(uuid.uuid4()), api_key="key"
+        ),
+        "sync_config": SyncConfigResource(
+            settings_file=str(save_settings(Settings(), tmp_path / "s.yaml"))
+        ),
+    }
+    with (
+        pytest.raises(Exception) as raised,
+        dg.build_sensor_context(resources=resources) as context,
+    ):
+        crm_change_sensor(context)
+    chain, error = [], raised.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    text = "\n".join(chain)
+    assert "CRM_TOKEN contains a line break" in text, text
+    assert token not in text
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("\u201ctoken\u201d", "contains a character other than printable ASCII"),
+        (" token", "starts or ends with a space"),
+        ("tok\x00en", "contains a character other than printable ASCII"),
+    ],
+)
+def test_a_secret_with_other_stray_characters_is_refused_without_its_value(value, problem):
+    from sync_pipeline.defs.resources import CrmResource, ResourceConfigError
+
+    with pytest.raises(ResourceConfigError) as raised:
+        CrmResource(base_url="https://crm.test", token=value).get_client()
+    assert f"CRM_TOKEN {problem}" in str(raised.value)
+    assert "token" not in str(raised.value).replace("CRM_TOKEN", "")
+    with pytest.raises(ResourceConfigError) as raised:
+        CrmResource(base_url="https://crm.test\r", token="token").get_client()
+    assert "CRM_BASE_URL contains a line break" in str(raised.value)
+    assert "'https://crm.test\\r'" in str(raised.value)  # not a secret: shown

@@ -9,6 +9,8 @@ from pathlib import Path
 import dagster as dg
 
 from sync_pipeline.definitions import defs
+from sync_pipeline.settings import load_settings
+from sync_pipeline.timetable import import_crons
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,11 @@ def test_definitions_are_loadable_and_complete():
                  "history_pruning_schedule")  # fmt: skip
     for name in schedules:
         assert defs.resolve_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
+    # The schedules run at the times of the settings file the code location loaded.
+    settings = load_settings(ROOT / "settings.yaml")
+    imports = defs.resolve_schedule_def("daytime_import_schedule")
+    assert imports.cron_schedule == import_crons(settings.imports)
+    assert imports.execution_timezone == settings.timezone
 
 
 def test_code_location_loads_from_workspace_yaml(tmp_path):

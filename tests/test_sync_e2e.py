@@ -14,12 +14,7 @@ import pytest
 
 from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
-from sync_pipeline.defs.automation import (
-    crm_change_sensor,
-    daytime_import_schedule,
-    history_pruning_schedule,
-    overnight_account_manager_fix_schedule,
-)
+from sync_pipeline.defs.automation import crm_change_sensor
 from sync_pipeline.report import cycle_report
 from tests.harness import failure_messages, run_failing
 
@@ -892,7 +887,7 @@ def test_daytime_import_schedule_hours(harness, local, fires):
     with dg.build_schedule_context(
         instance=h.instance, scheduled_execution_time=when, resources=h.resources
     ) as context:
-        result = daytime_import_schedule(context)
+        result = h.schedule("daytime_import_schedule")(context)
     if fires:
         assert isinstance(result, dg.RunRequest)
         assert result.partition_key == when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
@@ -911,7 +906,7 @@ def test_overnight_schedule_fires_once_at_the_configured_time(harness):
         with dg.build_schedule_context(
             instance=h.instance, scheduled_execution_time=when, resources=h.resources
         ) as context:
-            results.append(overnight_account_manager_fix_schedule(context))
+            results.append(h.schedule("overnight_account_manager_fix_schedule")(context))
     assert [isinstance(r, dg.RunRequest) for r in results] == [False, True, False]
     assert results[1].run_key == "account-manager-fix:2026-11-24"
 
@@ -1185,7 +1180,7 @@ def test_history_pruning_schedule_fires_once_at_its_time_and_not_when_keeping_al
         with dg.build_schedule_context(
             instance=h.instance, scheduled_execution_time=when, resources=h.resources
         ) as context:
-            return history_pruning_schedule(context)
+            return h.schedule("history_pruning_schedule")(context)
 
     results = [tick(t) for t in ("02:55", "03:00", "03:05")]
     assert [isinstance(r, dg.RunRequest) for r in results] == [False, True, False]

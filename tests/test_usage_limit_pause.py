@@ -12,15 +12,10 @@ import dagster as dg
 import pytest
 
 from sync_pipeline.clients.base import usage_log
-from sync_pipeline.defs.automation import (
-    crm_change_sensor,
-    daytime_import_schedule,
-    history_pruning_schedule,
-    overnight_account_manager_fix_schedule,
-)
+from sync_pipeline.defs.automation import build_schedules, crm_change_sensor
 from sync_pipeline.defs.checks import _unleashed_usage
 from sync_pipeline.defs.resources import SyncConfigResource, UnleashedResource
-from sync_pipeline.settings import WEEKDAYS, ImportWindow, Settings, save_settings
+from sync_pipeline.settings import WEEKDAYS, ImportWindow, Settings, load_settings, save_settings
 from tests.harness import failure_messages, run_failing
 
 UNLEASHED_URL = "https://unleashed.test"  # never called: a paused tick sends no request
@@ -50,6 +45,17 @@ def _resources(tmp_path, **settings) -> dict:
     }
 
 
+def _schedules(resources) -> list[dg.ScheduleDefinition]:
+    """The import, overnight-fix and pruning schedules, built from the settings file as the code
+    location builds them."""
+    return build_schedules(load_settings(resources["sync_config"].settings_file))
+
+
+def _on_the_schedule(when: datetime) -> datetime:
+    """The import tick at or before `when`, every 5 minutes."""
+    return when.replace(minute=when.minute - when.minute % 5, second=0, microsecond=0)
+
+
 def _tick(schedule, resources, when: datetime, instance):
     with dg.build_schedule_context(
         instance=instance, scheduled_execution_time=when, resources=resources
@@ -72,6 +78,7 @@ def test_daytime_imports_skip_while_the_limit_is_used_up_and_probe_once_an_hour(
     Unleashed; evaluating a tick writes nothing, so a retried or previewed tick changes nothing;
     once the block is cleared, or its reset time has come, the ticks import as before."""
     resources = _resources(tmp_path, timezone="Europe/Berlin")  # UTC+1 in November
+    daytime_import_schedule, _, _ = _schedules(resources)
     log = usage_log(resources["unleashed"].pacing_file, UNLEASHED_URL)
     log.block(RESET, now=SEEN)
     pacing = Path(resources["unleashed"].pacing_file)
@@ -183,6 +190,7 @@ def test_the_overnight_fix_skips_while_the_limit_is_used_up_and_pruning_runs(tmp
     """The overnight account-manager fix reads Unleashed: on its night while the limit is used up
     it skips, saying why and until when. History pruning sends no API request and runs."""
     resources = _resources(tmp_path)
+    _, overnight_account_manager_fix_schedule, history_pruning_schedule = _schedules(resources)
     usage_log(resources["unleashed"].pacing_file, UNLEASHED_URL).block(RESET, now=SEEN)
     fix_at = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)  # 02:00 in London (UTC in November)
     fix = _tick(overnight_account_manager_fix_schedule, resources, fix_at, instance)
@@ -225,6 +233,8 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
     h.use_pacing_file(tmp_path / "api-pacing.sqlite")
     h.set_settings(imports=ImportWindow(start=time(0, 0), end=time.max, days=list(WEEKDAYS),
                                         every_minutes=5))  # fmt: skip
+    h.reload()
+    daytime_import_schedule = h.schedule("daytime_import_schedule")
     unleashed = h.resources["unleashed"]
     h.cycle()
     with dg.build_sensor_context(instance=h.instance, resources=h.resources) as sensor:
@@ -247,7 +257,8 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
         assert f"until the limit resets on {reset:%Y-%m-%d %H:%M} UTC" in paused.skip_message
         assert "CRM changes are not pushed meanwhile" in paused.skip_message
         assert sensor.cursor == cursor
-        tick = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), instance)
+        now = _on_the_schedule(datetime.now(UTC))
+        tick = _tick(daytime_import_schedule, h.resources, now, instance)
         assert isinstance(tick, dg.SkipReason), tick
         assert f"until the limit resets on {reset:%Y-%m-%d %H:%M} UTC" in tick.skip_message
         assert "Europe/London" in tick.skip_message
@@ -257,13 +268,14 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
         log = usage_log(unleashed.pacing_file, unleashed.base_url)
         block = log.current_block()
         log.block(block.resets_at, now=block.seen_at - timedelta(hours=1))  # an hour later
-        probe = _tick(daytime_import_schedule, h.resources, datetime.now(UTC), instance)
+        now = _on_the_schedule(datetime.now(UTC))
+        probe = _tick(daytime_import_schedule, h.resources, now, instance)
         assert isinstance(probe, dg.RunRequest), probe
         assert probe.tags["sync/trigger"] == "usage-limit-probe"
         h.run("sync_cycle_job", probe.partition_key, tags=probe.tags)
         assert unleashed.usage_blocked_until() is None
         assert h.unleashed.get_customer(pair["erp_id"]).PhoneNumber == "0113 496 0909"
-        later = datetime.now(UTC) + timedelta(minutes=5)
+        later = now + timedelta(minutes=5)
         tick = _tick(daytime_import_schedule, h.resources, later, instance)
         assert isinstance(tick, dg.RunRequest) and tick.tags["sync/trigger"] == "daytime-import"
 

@@ -1,7 +1,12 @@
-"""Jobs, the CRM change sensor and the schedules. Every tick re-reads the settings file, so an
-operator's change takes effect on the next tick, and a tick that does nothing says why. While
-Unleashed's monthly usage limit is used up, the ticks that would call Unleashed skip, saying until
-when, and the daytime import probes once an hour whether it was raised."""
+"""Jobs, the CRM change sensor and the schedules.
+
+The schedules are cron schedules built from the settings file when the code location loads
+(`build_schedules`), so the Dagster UI shows when they really run; a change to those times takes
+effect once the code location is reloaded. Everything else is read again at every tick: the
+on/off options and the usage-limit pause, so an operator's change to those takes effect on the
+next tick, and a tick that does nothing says why. While Unleashed's monthly usage limit is used
+up, the ticks that would call Unleashed skip, saying until when, and the daytime import probes
+once an hour whether it was raised."""
 
 import json
 from collections.abc import Callable
@@ -32,7 +37,8 @@ from sync_pipeline.defs.sync import (
     sync_plan,
 )
 from sync_pipeline.guards import two_way_refusal
-from sync_pipeline.settings import Settings
+from sync_pipeline.settings import WEEKDAYS, Settings
+from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_due, next_import_time
 
 GUARD_RECHECK = timedelta(minutes=10)
 WATCHED_SETS = ("Divisions", "Contacts")
@@ -109,8 +115,6 @@ JOBS = [
 ]
 
 
-TICK = timedelta(minutes=5)  # how often the schedules tick
-TICK_CRON = f"*/{TICK.seconds // 60} * * * *"
 PROBE_KEY_TAG = "sync/usage-limit-probe"  # a usage-limit probe's run: its refusal and hour
 
 
@@ -197,26 +201,64 @@ def crm_change_sensor(
     )
 
 
-@dg.schedule(
-    job=sync_cycle_job,
-    cron_schedule=TICK_CRON,
-    default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daytime imports from Unleashed (hours, days and interval from the settings file).",
-)
-def daytime_import_schedule(
+def _import_window(settings: Settings) -> str:
+    w = settings.imports
+    return (
+        f"{','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} every {w.every_minutes} min, "
+        f"{settings.timezone}"
+    )
+
+
+def _reload_note(loaded: str, now: str) -> str:
+    """What a tick adds when the settings file's times are no longer those the schedule was
+    built from: they take effect only once the code location is reloaded."""
+    if loaded == now:
+        return ""
+    return (
+        f" The settings file's times changed since the code location loaded (this schedule "
+        f"still runs at {loaded}): reload the code location for the schedule to follow them."
+    )
+
+
+def _import_schedule(loaded: Settings) -> dg.ScheduleDefinition:
+    crons = import_crons(loaded.imports)
+
+    @dg.schedule(
+        name="daytime_import_schedule",
+        job=sync_cycle_job,
+        cron_schedule=crons[0] if len(crons) == 1 else crons,
+        execution_timezone=loaded.timezone,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Daytime imports from Unleashed: {_import_window(loaded)} (the imports "
+        "settings when the code location loaded; reload it after changing them). The usage-limit "
+        "pause is decided at each tick.",
+    )
+    def daytime_import_schedule(
+        context: dg.ScheduleEvaluationContext,
+        sync_config: SyncConfigResource,
+        unleashed: UnleashedResource,
+    ):
+        settings = sync_config.settings()
+        when = context.scheduled_execution_time or datetime.now(UTC)
+        local = when.astimezone(settings.zone)
+        if not is_due(import_times(settings.imports), settings.imports.days, settings.zone, when):
+            return dg.SkipReason(
+                f"Outside the import window ({_import_window(settings)}); local time "
+                f"{local:%a %H:%M}."
+                + _reload_note(_import_window(loaded), _import_window(settings))
+            )
+        return _import_or_probe(context, settings, unleashed, when)
+
+    return daytime_import_schedule
+
+
+def _import_or_probe(
     context: dg.ScheduleEvaluationContext,
-    sync_config: SyncConfigResource,
+    settings: Settings,
     unleashed: UnleashedResource,
-):
-    settings = sync_config.settings()
-    when = context.scheduled_execution_time or datetime.now(UTC)
-    local = when.astimezone(settings.zone)
-    if not settings.imports.is_open(local):
-        w = settings.imports
-        return dg.SkipReason(
-            f"Outside the import window ({','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} "
-            f"every {w.every_minutes} min, {settings.timezone}); local time {local:%a %H:%M}."
-        )
+    when: datetime,
+) -> dg.RunRequest | dg.SkipReason:
+    """An import tick: the import, or while the usage limit is used up a skip or a probe."""
     block = unleashed.usage_block(when)
     if block is None:
         return dg.RunRequest(
@@ -230,7 +272,9 @@ def daytime_import_schedule(
         "runs the import as a probe once no request has been refused for about an hour: "
     )
     if not block.probe_due(when):
-        next_probe = _next_probe(settings, block, max(block.next_probe(), when + TICK))
+        # Imports are whole minutes apart, so a minute on is past this one.
+        earliest = max(block.next_probe(), when + timedelta(minutes=1))
+        next_probe = _next_probe(settings, block, earliest)
         return dg.SkipReason(_usage_limit_pause(block, settings, f"{paused}{next_probe}."))
     # The probe is the normal import: if the limit was raised, it imports and clears the block;
     # if not, it is refused within seconds, which records the block anew and so puts the next
@@ -264,41 +308,33 @@ def daytime_import_schedule(
     )
 
 
-def _next_import_tick(settings: Settings, earliest: datetime) -> datetime | None:
-    """The first tick of the import schedule at or after `earliest` that imports (in the
-    window), within the next 8 days (None: the window never opens)."""
-    tick = datetime.fromtimestamp(
-        -(-earliest.timestamp() // TICK.total_seconds()) * TICK.total_seconds(), UTC
-    )
-    for _ in range(8 * 24 * 12):
-        if settings.imports.is_open(tick.astimezone(settings.zone)):
-            return tick
-        tick += TICK
-    return None
-
-
 def _next_probe(settings: Settings, block: UsageBlock, earliest: datetime) -> str:
-    """When the next probe comes, if no request is refused meanwhile: the first import tick at
-    or after `earliest`, unless the reset comes first."""
-    tick = _next_import_tick(settings, earliest)
+    """When the next probe comes, if no request is refused meanwhile: the first import at or
+    after `earliest`, unless the reset comes first."""
+    tick = next_import_time(settings.imports, settings.zone, earliest)
     if tick is None or tick >= block.resets_at:
         return "the reset comes first"
     return f"the next at {_utc_and_local(tick, settings)}"
 
 
 def _nightly_schedule(
+    loaded: Settings,
     job: Any,
     name: str,
-    description: str,
+    what: str,
     off: Callable[[Settings], str | None],
     at: Callable[[Settings], time],
     request: Callable[[datetime, datetime], dg.RunRequest],
     while_usage_limited: str | None = None,
 ) -> dg.ScheduleDefinition:
-    """A nightly schedule: it ticks every 5 minutes and runs on the tick at its set local time
-    (`at`), unless the settings switch it off (`off` says why). `request(when, local)` is the
-    run to launch. A job that calls Unleashed passes `while_usage_limited` (what happens to it
-    while the account's monthly usage limit is used up): it is then skipped, saying so."""
+    """A nightly schedule: it runs once a day at its set local time (`at`, read from `loaded`,
+    the settings when the code location loaded), unless the settings switch it off (`off` says
+    why). `request(when, local)` is the run to launch. A job that calls Unleashed passes
+    `while_usage_limited` (what happens to it while the account's monthly usage limit is used
+    up): it is then skipped, saying so."""
+
+    def run_at(settings: Settings) -> str:
+        return f"{at(settings):%H:%M} {settings.timezone}"
 
     def evaluate(
         context: dg.ScheduleEvaluationContext,
@@ -310,10 +346,11 @@ def _nightly_schedule(
             return dg.SkipReason(why)
         when = context.scheduled_execution_time or datetime.now(UTC)
         local = when.astimezone(settings.zone)
-        run_at = at(settings)
-        minutes = local.hour * 60 + local.minute - (run_at.hour * 60 + run_at.minute)
-        if not 0 <= minutes < TICK.seconds // 60:
-            return dg.SkipReason(f"Runs at {run_at:%H:%M} {settings.timezone}; now {local:%H:%M}.")
+        if not is_due([at(settings)], WEEKDAYS, settings.zone, when):
+            return dg.SkipReason(
+                f"Runs at {run_at(settings)}; now {local:%H:%M}."
+                + _reload_note(run_at(loaded), run_at(settings))
+            )
         block = unleashed.usage_block(when) if unleashed is not None else None
         if block is not None and while_usage_limited:
             return dg.SkipReason(_usage_limit_pause(block, settings, while_usage_limited))
@@ -322,9 +359,11 @@ def _nightly_schedule(
     spec: dict[str, Any] = dict(
         name=name,
         job=job,
-        cron_schedule=TICK_CRON,
+        cron_schedule=daily_cron(at(loaded)),
+        execution_timezone=loaded.timezone,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=description,
+        description=f"{what} at {run_at(loaded)} (the settings when the code location loaded; "
+        "reload it after changing the time). Whether it runs is decided at each tick.",
     )
     # Only a schedule whose job calls Unleashed asks for the Unleashed resource.
     if while_usage_limited:
@@ -346,43 +385,42 @@ def _nightly_schedule(
     return _schedule
 
 
-overnight_account_manager_fix_schedule = _nightly_schedule(
-    account_manager_fix_job,
-    "overnight_account_manager_fix_schedule",
-    "Overnight account-manager fix at the time set in the settings file.",
-    off=lambda s: (
-        None
-        if s.overnight_account_manager_fix
-        else "The overnight account-manager fix is off in the settings "
-        "(overnight_account_manager_fix: false)."
-    ),
-    at=lambda s: s.overnight_fix_at,
-    request=lambda when, local: dg.RunRequest(
-        run_key=f"account-manager-fix:{local:%Y-%m-%d}",
-        partition_key=_hour_partition(when),
-        tags={"sync/trigger": "overnight-fix"},
-    ),
-    while_usage_limited="The overnight account-manager fix is skipped tonight; it runs again on "
-    "the first night after the limit resets or is raised.",
-)
-
-history_pruning_schedule = _nightly_schedule(
-    history_pruning_job,
-    "history_pruning_schedule",
-    "Nightly pruning of finished history at the time set in the settings file.",
-    off=lambda s: (
-        "All history is kept (keep_history_days: 0 in the settings)."
-        if s.keep_history_days == 0
-        else None
-    ),
-    at=lambda s: s.history_pruning_at,
-    request=lambda when, local: dg.RunRequest(run_key=f"history-pruning:{local:%Y-%m-%d}"),
-)
+def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+    """The three schedules, their cron strings and time zone from `settings`."""
+    overnight_fix = _nightly_schedule(
+        settings,
+        account_manager_fix_job,
+        "overnight_account_manager_fix_schedule",
+        "Overnight account-manager fix",
+        off=lambda s: (
+            None
+            if s.overnight_account_manager_fix
+            else "The overnight account-manager fix is off in the settings "
+            "(overnight_account_manager_fix: false)."
+        ),
+        at=lambda s: s.overnight_fix_at,
+        request=lambda when, local: dg.RunRequest(
+            run_key=f"account-manager-fix:{local:%Y-%m-%d}",
+            partition_key=_hour_partition(when),
+            tags={"sync/trigger": "overnight-fix"},
+        ),
+        while_usage_limited="The overnight account-manager fix is skipped tonight; it runs again "
+        "on the first night after the limit resets or is raised.",
+    )
+    history_pruning = _nightly_schedule(
+        settings,
+        history_pruning_job,
+        "history_pruning_schedule",
+        "Nightly pruning of finished history",
+        off=lambda s: (
+            "All history is kept (keep_history_days: 0 in the settings)."
+            if s.keep_history_days == 0
+            else None
+        ),
+        at=lambda s: s.history_pruning_at,
+        request=lambda when, local: dg.RunRequest(run_key=f"history-pruning:{local:%Y-%m-%d}"),
+    )
+    return [_import_schedule(settings), overnight_fix, history_pruning]
 
 
 SENSORS = [crm_change_sensor]
-SCHEDULES = [
-    daytime_import_schedule,
-    overnight_account_manager_fix_schedule,
-    history_pruning_schedule,
-]

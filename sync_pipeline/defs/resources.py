@@ -21,7 +21,7 @@ from sync_pipeline.clients.base import RetrySettings, UsageBlock, UsageLog, usag
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
 from sync_pipeline.mapping import load_mappings
-from sync_pipeline.settings import Settings, load_settings
+from sync_pipeline.settings import Settings, load_settings, parse_settings, policy_fields
 
 DEFAULT_DB = ".data/sync.duckdb"
 DEFAULT_MAPPINGS = str(Path(__file__).resolve().parents[2] / "mappings")
@@ -32,6 +32,11 @@ class ResourceConfigError(ValueError):
 
 
 def _check_url(value: str, variable: str) -> str:
+    if value and not value.isprintable():
+        raise ResourceConfigError(
+            f"{variable} contains a line break or another control character, as an .env file "
+            f"with Windows line endings leaves at the end of each value: {value!r}"
+        )
     url = httpx.URL(value) if value and " " not in value else None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise ResourceConfigError(
@@ -41,8 +46,23 @@ def _check_url(value: str, variable: str) -> str:
 
 
 def _check_secret(value: str, variable: str) -> str:
+    # Never put the value in a message: it would reach the Dagster event log and the UI.
     if not value or not value.strip():
         raise ResourceConfigError(f"{variable} is empty: set it to the account's credential")
+    if "\r" in value or "\n" in value:
+        raise ResourceConfigError(
+            f"{variable} contains a line break (\\r or \\n), as an .env file with Windows line "
+            "endings leaves at the end of each value: remove it (the value is not shown)"
+        )
+    if not all(" " <= c <= "~" for c in value):
+        raise ResourceConfigError(
+            f"{variable} contains a character other than printable ASCII (a control character, "
+            "or a typographic quote or space from a copy): remove it (the value is not shown)"
+        )
+    if value != value.strip():
+        raise ResourceConfigError(
+            f"{variable} starts or ends with a space: remove it (the value is not shown)"
+        )
     return value
 
 
@@ -60,10 +80,20 @@ class CrmResource(dg.ConfigurableResource):
     retry_initial_wait_s: float = 0.2
     retry_max_wait_s: float = 20
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Checked as the resource is built for a run or a tick, before any request: a bad value
+        # would otherwise fail every request, quoted back in each error (httpx's "Illegal header
+        # value" holds the token).
+        self._connection()
+
+    def _connection(self) -> tuple[str, str]:
+        return _check_url(self.base_url, "CRM_BASE_URL"), _check_secret(self.token, "CRM_TOKEN")
+
     def get_client(self) -> CrmClient:
+        base_url, token = self._connection()
         return CrmClient(
-            _check_url(self.base_url, "CRM_BASE_URL"),
-            _check_secret(self.token, "CRM_TOKEN"),
+            base_url,
+            token,
             timeout=self.timeout_s,
             rate_limit=self.rate_limit,
             rate_window_s=self.rate_window_s,
@@ -87,15 +117,24 @@ class UnleashedResource(dg.ConfigurableResource):
     retry_initial_wait_s: float = 0.2
     retry_max_wait_s: float = 20
 
-    def get_client(self) -> UnleashedClient:
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # As for the CRM: checked before any request, naming the variable and never its value.
+        self._connection()
+
+    def _connection(self) -> tuple[str, str, str]:
+        base_url = _check_url(self.base_url, "UNLEASHED_BASE_URL")
         api_id = _check_secret(self.api_id, "UNLEASHED_API_ID")
-        if not _GUID_RE.match(api_id.strip()):
+        if not _GUID_RE.match(api_id):
             # The id is treated as a secret too: say what is wrong, never echo it.
             raise ResourceConfigError("UNLEASHED_API_ID must be the account's API id, a GUID")
+        return base_url, api_id, _check_secret(self.api_key, "UNLEASHED_API_KEY")
+
+    def get_client(self) -> UnleashedClient:
+        base_url, api_id, api_key = self._connection()
         return UnleashedClient(
-            _check_url(self.base_url, "UNLEASHED_BASE_URL"),
-            api_id.strip(),
-            _check_secret(self.api_key, "UNLEASHED_API_KEY"),
+            base_url,
+            api_id,
+            api_key,
             self.client_type,
             timeout=self.timeout_s,
             requests_per_minute=self.requests_per_minute,
@@ -145,31 +184,31 @@ class SyncConfigResource(dg.ConfigurableResource):
     mappings_dir: str = DEFAULT_MAPPINGS
 
     def settings(self) -> Settings:
-        """The settings as the file says now. Parsed again only when its bytes change: every
-        asset of a run asks (about ten times a cycle) and YAML parsing costs milliseconds, while
-        reading the bytes costs microseconds. Keyed on content, not on modification time, so two
-        writes within one clock tick can never serve a stale copy."""
+        """The settings as the file says now, conflict_policies checked against the mappings.
+        Parsed again only when its bytes (or the mapped fields) change: every asset of a run asks
+        (about ten times a cycle) and YAML parsing costs milliseconds, while reading the bytes
+        costs microseconds. Keyed on content, not on modification time, so two writes within one
+        clock tick can never serve a stale copy."""
         path = Path(self.settings_file)
+        fields = policy_fields(self.mappings())
         try:
             raw = path.read_bytes()
         except OSError:
-            return load_settings(path)  # missing: defaults; unreadable: the loader says why
+            # Missing: the defaults if it is the default file, else an error; unreadable: why.
+            return load_settings(path, policy_fields=fields)
+        key = (raw, fields)
         cached = _SETTINGS_CACHE.get(str(path))
-        if cached is not None and cached[0] == raw:
+        if cached is not None and cached[0] == key:
             return cached[1].model_copy(deep=True)
-        settings = load_settings(path)
-        try:
-            if path.read_bytes() == raw:  # not rewritten while it was being parsed
-                _SETTINGS_CACHE[str(path)] = (raw, settings.model_copy(deep=True))
-        except OSError:
-            pass
+        settings = parse_settings(raw, str(path), policy_fields=fields)
+        _SETTINGS_CACHE[str(path)] = (key, settings.model_copy(deep=True))
         return settings
 
     def mappings(self) -> dict:
         return load_mappings(self.mappings_dir)
 
 
-_SETTINGS_CACHE: dict[str, tuple[bytes, Settings]] = {}
+_SETTINGS_CACHE: dict[str, tuple[tuple[bytes, frozenset[str]], Settings]] = {}
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sync_pipeline.configfile import ConfigFileError, read_config
 
 PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -254,44 +255,6 @@ class EntityMapping(_Model):
 # Loading ----------------------------------------------------------------------------------
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, entry: str, line: int, first_line: int) -> None:
-        super().__init__(entry)
-        self.entry, self.line, self.first_line = entry, line, first_line
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate keys (plain safe_load silently keeps the last one)."""
-
-    def compose_document(self):  # type: ignore[no-untyped-def]
-        node = super().compose_document()
-        self._paths: dict[int, str] = {}
-        self._walk(node, "")
-        return node
-
-    def _walk(self, node: yaml.Node, path: str) -> None:
-        self._paths[id(node)] = path
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-                self._walk(value_node, f"{path}.{key}" if path else str(key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._walk(item, f"{path}[{i}]")
-
-    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                parent = getattr(self, "_paths", {}).get(id(node), "")
-                entry = f"{parent}.{key}" if parent else str(key)
-                raise _DuplicateKey(entry, line, seen[key])
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
     loc = [str(p) for p in err["loc"]]
     kind = err["type"]
@@ -324,20 +287,10 @@ def parse_mapping(data: Any, source: str) -> EntityMapping:
 
 def load_mapping(path: str | Path) -> EntityMapping:
     """Load and validate one mapping file; any problem raises MappingError."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as dup:
-        raise MappingError(
-            f"{path}: {dup.entry}: duplicate key on line {dup.line} "
-            f"(first defined on line {dup.first_line})"
-        ) from None
-    except yaml.YAMLError as exc:
-        raise MappingError(f"{path}: (yaml): {exc}") from None
+        data = read_config(path)
+    except ConfigFileError as exc:
+        raise MappingError(str(exc)) from None
     return parse_mapping(data, str(path))
 
 
