@@ -92,9 +92,10 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
     ext = "TIMESTAMP '2026-01-01 00:10'"
     ts = "TIMESTAMP '2026-01-01' + to_seconds(i % 86400)"
     con.execute(
-        f"""INSERT INTO crm_users ({cols}) SELECT i::VARCHAR, TIMESTAMP '2026-01-01', true,
-             json_object('UserId', i, 'Name', 'User ' || i, 'Email', 'rep' || i || '@example.com',
-                         'Active', true), {ext} FROM range(20) t(i)"""
+        f"""INSERT INTO crm_users ({cols}) SELECT 'R' || i, TIMESTAMP '2026-01-01', true,
+             json_object('UserCode', 'R' || i, 'UserName', 'User ' || i,
+                         'EmailAddress', 'rep' || i || '@example.com', 'Obsolete', 0), {ext}
+           FROM range(20) t(i)"""
     )
     con.execute(
         f"""INSERT INTO unleashed_salespersons ({cols}) SELECT {_guid("-i - 1")},
@@ -105,17 +106,14 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
     con.execute(
         f"""INSERT INTO crm_companies ({cols}) SELECT i::VARCHAR, {ts}, true, json_object(
               'DivisionId', i, 'CompanyId', i, 'Name', 'Company ' || i,
-              'Phone', CASE WHEN i % 2 = 0 THEN {_intl("i")} ELSE {_phone("i")} END,
-              'Website', 'c' || i || '.example.com/', 'AccountManagerId', i % 20,
-              'AccountManager',
-                  json_object('UserId', i % 20, 'Email', 'rep' || (i % 20) || '@example.com'),
-              'UnleashedGuid', NULL, 'StatusFlag', 'A', 'LastModified', '2026-01-01T00:00:00.000Z'),
+              'PhoneNumber', CASE WHEN i % 2 = 0 THEN {_intl("i")} ELSE {_phone("i")} END,
+              'Website', 'c' || i || '.example.com/', 'AccountManager', 'R' || (i % 20),
+              'AccountManagerUser', json_object('UserCode', 'R' || (i % 20),
+                  'EmailAddress', 'rep' || (i % 20) || '@example.com'),
+              'SalesLedgerId', 'SL' || i, 'SalesLedger', json_object('CustomerCode', 'C' || i),
+              'DivisionXtra', json_object('StandardTextField1', NULL),
+              'StatusFlag', 'A', 'LastUpdatedTimestamp', '2026-01-01T00:00:00.000000Z'),
               {ext} FROM range({n}) t(i)"""
-    )
-    con.execute(
-        f"""INSERT INTO crm_sales_ledgers ({pcols}) SELECT 'L' || i, i::VARCHAR, {ts}, true,
-              json_object('SalesLedgerId', i, 'DivisionId', i, 'AccountCode', 'C' || i), {ext}
-            FROM range({n}) t(i)"""
     )
     con.execute(
         f"""INSERT INTO unleashed_customers ({cols}) SELECT {_guid("i")}, {ts}, true, json_object(
@@ -130,9 +128,9 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
         f"""INSERT INTO crm_contacts ({pcols}) SELECT j::VARCHAR, (j // 3)::VARCHAR,
               {ts.replace("i", "j")}, true, json_object('ContactId', j, 'DivisionId', j // 3,
               'Title', '', 'Forename', 'First' || j, 'Surname', 'Last' || j,
-              'Email', 'Person' || j || '@Example.com', 'Phone', {_phone("j + 7")},
-              'Mobile', '07700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'), 'Fax', '',
-              'UnleashedGuid', NULL, 'StatusFlag', 'A'), {ext}
+              'Email', 'Person' || j || '@Example.com', 'PhoneNumber', {_phone("j + 7")},
+              'MobilePhoneNumber', '07700 ' || lpad((j % 1000000)::VARCHAR, 6, '0'), 'Fax', '',
+              'ContactXtra', json_object('StandardTextField1', NULL), 'StatusFlag', 'A'), {ext}
             FROM range({3 * n}) t(j)"""
     )
     con.execute(
@@ -241,7 +239,7 @@ def _edit(con, mappings, n: int, every: int = 100) -> dict:
                 path = getattr(spec, side)
                 if name == "account_manager":
                     new = (
-                        "json_object('UserId', 3, 'Email', 'rep3@example.com')"
+                        "json_object('UserCode', 'R3', 'EmailAddress', 'rep3@example.com')"
                         if side == "crm"
                         else "json_object('Guid', 'x', 'FullName', 'Rep 4', "
                         "'Email', 'Rep4@Example.com')"
@@ -439,12 +437,12 @@ def measure_push(db: str) -> dict:
     full_links = time.perf_counter() - t0
     plan_changes(con, mappings)  # the settled world: nothing pending
     out: dict = {"full_links_s": full_links, "steps": []}
-    for i, field in enumerate(["Phone"] * 3 + ["Email"] * 3):
+    for i, field in enumerate(["PhoneNumber"] * 3 + ["Email"] * 3):
         contact_id, modified, raw = con.execute(
             "SELECT id, modified, data FROM crm_contacts WHERE id = ?", [str(1000 + i)]
         ).fetchone()
         data = json.loads(raw)
-        data[field] = f"020 7946 {i:04d}" if field == "Phone" else f"moved{i}@example.org"
+        data[field] = f"020 7946 {i:04d}" if field == "PhoneNumber" else f"moved{i}@example.org"
         row = store.SnapshotRow(
             id=contact_id, parent_id=str(data["DivisionId"]), active=True, data=data,
             modified=modified + timedelta(days=1),
@@ -475,7 +473,8 @@ def measure_push(db: str) -> dict:
                 SELECT 'dup{k}-' || i, i::VARCHAR, TIMESTAMP '2026-02-01', true,
                   json_object('ContactId', 0, 'DivisionId', i, 'Forename', 'Dup{k}',
                               'Surname', 'X' || i, 'Email', 'shared' || i || '@example.com',
-                              'UnleashedGuid', NULL), TIMESTAMP '2026-02-01'
+                              'ContactXtra', json_object('StandardTextField1', NULL)),
+                  TIMESTAMP '2026-02-01'
                 FROM range({AMBIGUOUS}) t(i)"""
         )
     con.execute(

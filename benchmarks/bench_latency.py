@@ -323,7 +323,7 @@ def main() -> int:
             crm_id, erp_id = targets[0]
             phone = "0113 496 1000"
             t0 = time.monotonic()
-            crm.patch("Divisions", crm_id, {"Phone": phone})
+            crm.patch("Divisions", crm_id, {"PhoneNumber": phone})
             watcher.expect(erp_id, phone, t0, args.warmup_timeout_s)
             if not watcher.wait_idle(args.warmup_timeout_s + 5) or erp_id not in watcher.arrived:
                 print("the warm-up edit never reached Unleashed; see", work / "dagster_dev.log")
@@ -341,7 +341,7 @@ def main() -> int:
             for i, (crm_id, erp_id) in enumerate(measured, start=1):
                 phone = f"0113 496 {1000 + i:04d}"
                 t_wall, t_mono = time.time(), time.monotonic()
-                crm.patch("Divisions", crm_id, {"Phone": phone})
+                crm.patch("Divisions", crm_id, {"PhoneNumber": phone})
                 watcher.expect(erp_id, phone, t_mono)
                 made.append((erp_id, t_wall, t_mono))
                 time.sleep(args.spacing_s)

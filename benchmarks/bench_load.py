@@ -239,8 +239,12 @@ def _read_both(servers: ServerProcess) -> tuple[dict, dict]:
     from sync_pipeline.clients.unleashed import UnleashedClient
 
     with CrmClient(servers.crm_url, servers.crm_token, rate_limit=RAISED_LIMIT) as crm:
-        divisions = crm.list("Divisions", expand="AccountManager($select=UserId,Email)").items
-        contacts = crm.list("Contacts").items
+        divisions = crm.list(
+            "Divisions",
+            expand="AccountManagerUser($select=UserCode,EmailAddress),"
+            "DivisionXtra($select=StandardTextField1)",
+        ).items
+        contacts = crm.list("Contacts", expand="ContactXtra($select=StandardTextField1)").items
         ledgers = crm.list("SalesLedgers").items
     with UnleashedClient(
         servers.unleashed_url, servers.unleashed_api_id, servers.unleashed_api_key
@@ -251,6 +255,12 @@ def _read_both(servers: ServerProcess) -> tuple[dict, dict]:
                 c["Contacts"] = [x.to_wire() for x in erp.list_contacts(c["Guid"])]
     crm_side = {"divisions": divisions, "contacts": contacts, "ledgers": ledgers}
     return crm_side, {"customers": customers}
+
+
+def _slot(record: dict, navigation: str) -> str | None:
+    """The Unleashed Guid a CRM record keeps in its custom-field slot (mappings' `crm.link`)."""
+    xtra = record.get(navigation)
+    return xtra.get("StandardTextField1") if isinstance(xtra, dict) else None
 
 
 def _value(record: dict | None, path: str) -> Any:
@@ -347,8 +357,8 @@ def verify(servers: ServerProcess, db: Path, truth: dict[str, Any]) -> dict[str,
 
     # Lost: an active Unleashed customer or contact with no CRM counterpart after the sync
     # (neither linked nor created from it: a CRM record carrying its Guid).
-    made_companies = {d.get("UnleashedGuid") for d in divisions.values()}
-    made_contacts = {c.get("UnleashedGuid") for c in crm_contacts.values()}
+    made_companies = {_slot(d, "DivisionXtra") for d in divisions.values()}
+    made_contacts = {_slot(c, "ContactXtra") for c in crm_contacts.values()}
     lost_customers = [g for g in live if g not in erp_to_crm_company and g not in made_companies]
     lost_contacts = [
         g for g in live_contacts if g not in erp_to_crm_contact and g not in made_contacts
@@ -365,10 +375,12 @@ def verify(servers: ServerProcess, db: Path, truth: dict[str, Any]) -> dict[str,
     )
 
     # Duplicated: two CRM records for one Unleashed record, or two identical contacts.
-    by_guid = Counter(d.get("UnleashedGuid") for d in divisions.values() if d.get("UnleashedGuid"))
-    by_code = Counter(str(s.get("AccountCode") or "").upper() for s in crm["ledgers"])
+    by_guid = Counter(
+        _slot(d, "DivisionXtra") for d in divisions.values() if _slot(d, "DivisionXtra")
+    )
+    by_code = Counter(str(s.get("CustomerCode") or "").upper() for s in crm["ledgers"])
     contact_guids = Counter(
-        c.get("UnleashedGuid") for c in crm_contacts.values() if c.get("UnleashedGuid")
+        _slot(c, "ContactXtra") for c in crm_contacts.values() if _slot(c, "ContactXtra")
     )
     same_person = Counter(
         (c.get("DivisionId"), c.get("Forename"), c.get("Surname"), (c.get("Email") or "").lower())
