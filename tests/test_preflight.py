@@ -18,6 +18,7 @@ from sync_pipeline.cli import main
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS
 from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.mapping import load_mappings
+from sync_pipeline.settings import Settings, save_settings
 from tests.harness import Harness, failure_messages, run_failing
 
 WRITES = ("POST", "PATCH", "PUT", "DELETE", "MERGE")
@@ -47,7 +48,10 @@ def _check(emu: Emulators, monkeypatch, capsys, mappings: Path, db: Path) -> tup
     for name, value in emu.env().items():  # CRM_BASE_URL, CRM_TOKEN, UNLEASHED_* ...
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SYNC_MAPPINGS_DIR", str(mappings))
-    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(db.parent / "settings.yaml"))
+    settings = db.parent / "settings.yaml"
+    if not settings.exists():
+        save_settings(Settings(), settings)
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(settings))
     capsys.readouterr()
     code = main(["check", "--database", str(db)])
     out, err = capsys.readouterr()

@@ -250,7 +250,7 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
         assert abs(reset - server_reset) < timedelta(seconds=5)  # from Retry-After: seconds
 
         pair = h.linked_company()
-        h.crm.patch("Divisions", pair["crm_id"], {"Phone": "0113 496 0909"})
+        h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0909"})
         before = _unleashed_requests(h)
         paused = crm_change_sensor(sensor)
         assert isinstance(paused, dg.SkipReason), paused
@@ -281,7 +281,7 @@ def test_a_used_up_limit_pauses_the_automation_and_a_probe_resumes_it(harness, t
 
         push = crm_change_sensor(sensor)
         assert isinstance(push, dg.RunRequest), push
-        edited = h.crm.get("Divisions", pair["crm_id"])["LastModified"]
+        edited = h.crm.get("Divisions", pair["crm_id"])["LastUpdatedTimestamp"]
         assert push.tags["sync/Divisions"] == edited  # the edit made while paused
     h.emu.reset_stats("unleashed")
     h.push()

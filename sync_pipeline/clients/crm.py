@@ -403,10 +403,10 @@ class CrmClient(BaseClient):
         """Operating companies, advanced ledgers and Prospect's own Unleashed integration, from
         `HomeCurrencies`, `SystemOptions`, `DivisionSalesLedgers` and `UnleashedContacts`:
         three or four requests."""
-        companies = self.list("HomeCurrencies", count=False).items
+        companies = self.list("HomeCurrencies").items
         options = {
             str(o.get("Option")): str(o.get("Value") or "").strip().lower()
-            for o in self.list("SystemOptions", count=False).items
+            for o in self.list("SystemOptions").items
         }
         plural = "company" if len(companies) == 1 else "companies"
         evidence = [f"{len(companies)} operating {plural} (HomeCurrencies)"]
