@@ -965,15 +965,17 @@ class ConvergenceMachine(RuleBasedStateMachine):
             if n > 1:
                 unaudited += 1
                 problems.append(f"operation {op_id} audited {n} times")
-        # Per clean run: the writes the audit explains (one per record and direction, plus
-        # created customers), over the whole history, pruned rows included.
+        # Per clean run: the writes the audit explains (one per record and direction; a created
+        # contact adds its link-slot write, a created customer its company group and its slot),
+        # over the whole history, pruned rows included.
         with duckdb.connect() as audit_db:
             audit_db.register("audit_log", audit)
             explained = dict(
                 audit_db.execute(
                     """SELECT run_id, count(DISTINCT direction || entity || coalesce(CASE
                               WHEN direction = 'crm_to_erp' THEN erp_id ELSE crm_id END, '')) +
-                              count(*) FILTER (WHERE reason LIKE 'customer created%')
+                              2 * count(*) FILTER (WHERE reason LIKE 'customer created%') +
+                              count(*) FILTER (WHERE reason LIKE 'contact created%')
                        FROM audit_log GROUP BY run_id"""
                 ).fetchall()
             )
