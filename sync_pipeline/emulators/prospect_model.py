@@ -39,6 +39,8 @@ _SLOTS = {
 # NOT NULL with a server default that the metadata does not state; the local server uses the
 # tenant's house account (seed data: `HSE`, a user without an email address).
 DEFAULT_ACCOUNT_MANAGER = "HSE"
+# Sets without change timestamps whose keys the client supplies (lookups, options, satellites).
+_LOOKUP = {"timestamp": None, "touched": (), "created": None, "generated_key": False}
 
 ENTITY_SETS: dict[str, EntitySet] = {
     s.name: s
@@ -163,10 +165,7 @@ ENTITY_SETS: dict[str, EntitySet] = {
                 "SalesLedgerId": _text(100, nullable=False),
                 "DefaultLedger": Prop("Edm.Int16", nullable=False, default=0),
             },
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "DivisionXtras",
@@ -176,10 +175,7 @@ ENTITY_SETS: dict[str, EntitySet] = {
             navigations={"Division": Navigation("Divisions", ("DivisionId",), nullable=False)},
             writable=True,
             required=("DivisionId",),
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "ContactXtras",
@@ -189,20 +185,14 @@ ENTITY_SETS: dict[str, EntitySet] = {
             navigations={"Contact": Navigation("Contacts", ("ContactId",), nullable=False)},
             writable=True,
             required=("ContactId",),
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "ContactRoles",
             "ContactRole",
             ("Code",),
             {"Code": _text(6, nullable=False), "Description": _text(50, nullable=False)},
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "HomeCurrencies",
@@ -213,10 +203,7 @@ ENTITY_SETS: dict[str, EntitySet] = {
                 "Description": _text(50, nullable=False),
                 "Code": _text(3),
             },
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "SystemOptions",
@@ -229,10 +216,7 @@ ENTITY_SETS: dict[str, EntitySet] = {
                 "Description": _text(500, nullable=False, default=""),
                 "Visible": _flag(1),
             },
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
         EntitySet(
             "UnleashedContacts",
@@ -249,10 +233,7 @@ ENTITY_SETS: dict[str, EntitySet] = {
                 "MobilePhoneNumber": _text(50),
                 "Fax": _text(50),
             },
-            timestamp=None,
-            touched=(),
-            created=None,
-            generated_key=False,
+            **_LOOKUP,
         ),
     ]
 }
