@@ -327,23 +327,21 @@ def check_mapping(meta: Metadata, mapping: EntityMapping, report: PreflightRepor
                 r.prop(f"crm.create.parent.from_record.{field_name}", ptype, field_name)
                 r.prop(f"crm.create.parent.from_record.{field_name}", etype, source)
     # Not-null fields a create must send that nothing in the mapping supplies.
-    supplied = {*crm.create.values, *(parent.key for parent in [parent] if parent)}
+    supplied = set(crm.create.values)
     supplied |= {s.crm for s in mapping.fields.values() if "." not in s.crm}
     supplied |= {s.crm_write.field for s in mapping.fields.values() if s.crm_write}
-    if crm.parent_key:
-        supplied.add(crm.parent_key)
-    if mapping.entity == "contact" or mapping.entity == "company":
-        missing = [
-            n
-            for n, (_, nullable) in etype.props.items()
-            if not nullable and n not in supplied and n not in etype.keys and _required_hint(n)
-        ]
-        for name in missing:
-            report.warn(
-                r.where("crm.create.values"),
-                f"{etype.name}.{name} is NOT NULL and the mapping does not set it on create: "
-                "the CRM must default it",
-            )
+    supplied |= {k for k in (parent.key if parent else None, crm.parent_key) if k}
+    missing = [
+        n
+        for n, (_, nullable) in etype.props.items()
+        if not nullable and n not in supplied and n not in etype.keys and _required_hint(n)
+    ]
+    for name in missing:
+        report.warn(
+            r.where("crm.create.values"),
+            f"{etype.name}.{name} is NOT NULL and the mapping does not set it on create: "
+            "the CRM must default it",
+        )
 
 
 def _required_hint(name: str) -> bool:
