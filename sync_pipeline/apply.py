@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import baseline, store
+from sync_pipeline import baseline, derived, store
 from sync_pipeline.clients.base import (
     ApiError,
     TransientApiError,
@@ -35,7 +35,12 @@ from sync_pipeline.clients.crm import (
     odata_literal,
 )
 from sync_pipeline.clients.unleashed import UnleashedClient
-from sync_pipeline.extract import contact_snapshot, crm_expand, customer_snapshot
+from sync_pipeline.extract import (
+    EMBEDDED_CONTACTS_LIMIT,
+    contact_snapshot,
+    crm_expand,
+    customer_snapshot,
+)
 from sync_pipeline.mapping.normalise import normalise
 
 log = logging.getLogger("sync_pipeline.apply")
@@ -197,10 +202,10 @@ def apply_push(
         failure = None
         try:
             if entity == "company":
-                _push_customer(con, client, mapping, erp_id, ops, resolver, run_id, stats, hooks)
+                _push_customer(con, client, mappings, erp_id, ops, resolver, run_id, stats, hooks)
             else:
                 parent = ops["erp_parent_id"].iloc[0]
-                _push_contact(con, client, mapping, parent, erp_id, ops, run_id, stats, hooks)
+                _push_contact(con, client, mappings, parent, erp_id, ops, run_id, stats, hooks)
         except CrashForTest:
             raise
         except ApiError as exc:
@@ -267,10 +272,36 @@ def _triage(
     return done, stale
 
 
+def _observe(
+    con: duckdb.DuckDBPyConnection,
+    mappings: dict[str, Any],
+    guid: str,
+    record: Any,
+) -> None:
+    """Store the customer and the contacts just read, before the sync writes to it.
+
+    A person's edit made in Unleashed since the last import is in this read, with the
+    customer's modified time from before the sync's write; the derived field times are
+    computed from it now (`derived.refresh`), so the edit keeps that time. Stored only after the
+    write, it would take the time of the sync's own write, and a `newest` conflict would count
+    the sync's write as that person's edit."""
+    modified = record.LastModifiedOn
+    written = store.upsert_snapshot(
+        con, "unleashed_customers", [customer_snapshot(str(guid), record.to_wire(), modified)]
+    ).written
+    contacts = [
+        contact_snapshot(str(c.Guid), str(guid), c.to_wire(), modified)
+        for c in record.Contacts or []
+    ]
+    written += store.upsert_snapshot(con, "unleashed_contacts", contacts).written
+    if written:
+        derived.refresh(con, mappings, ["unleashed_customers", "unleashed_contacts"])
+
+
 def _push_customer(
     con: duckdb.DuckDBPyConnection,
     client: UnleashedClient,
-    mapping: Any,
+    mappings: dict[str, Any],
     guid: str,
     ops: pd.DataFrame,
     resolver: Resolver,
@@ -278,14 +309,14 @@ def _push_customer(
     stats: ApplyStats,
     hooks: Hooks,
 ) -> None:
-    record = client.get_customer(guid)
-    current = record.to_wire()
+    mapping = mappings["company"]
+    record, _bad = client.get_customer_and_contacts(guid)
+    _observe(con, mappings, guid, record)
+    current = record.to_wire(include_contacts=False)
     ops = _drop_stale(con, ops, current, mapping, stats, run_id)
     if ops.empty:
         # Nothing to send: Unleashed already held the values (a run died after writing them)
-        # or changed since planning. Either way the snapshot is behind what was just read.
-        row = customer_snapshot(str(guid), current, record.LastModifiedOn)
-        _write_through(con, "unleashed_customers", row)
+        # or changed since planning; the snapshot now holds what was just read.
         return
     changes = {}
     for op in ops.to_dict("records"):
@@ -303,7 +334,7 @@ def _push_customer(
 def _push_contact(
     con: duckdb.DuckDBPyConnection,
     client: UnleashedClient,
-    mapping: Any,
+    mappings: dict[str, Any],
     customer_guid: str,
     contact_guid: str,
     ops: pd.DataFrame,
@@ -311,8 +342,17 @@ def _push_contact(
     stats: ApplyStats,
     hooks: Hooks,
 ) -> None:
-    contacts = {str(c.Guid): c.to_wire() for c in client.list_contacts(customer_guid)}
+    mapping = mappings["contact"]
+    # The customer with its contacts: one request, and the customer's modified time (a contact
+    # has none of its own) for what a person changed there since the last import.
+    record, _bad = client.get_customer_and_contacts(customer_guid)
+    _observe(con, mappings, customer_guid, record)
+    contacts = {str(c.Guid): c.to_wire() for c in record.Contacts or []}
     current = contacts.get(str(contact_guid))
+    if current is None and len(record.Contacts or []) >= EMBEDDED_CONTACTS_LIMIT:
+        # Not among the first 100 a customer carries: its own list has it.
+        contacts = {str(c.Guid): c.to_wire() for c in client.list_contacts(customer_guid)}
+        current = contacts.get(str(contact_guid))
     if current is None:
         for op_id in ops["op_id"]:
             store.mark(con, op_id, "deferred", "contact no longer exists in Unleashed")

@@ -274,6 +274,10 @@ def decide(
                    n.c_moved AND f.direction <> 'erp_to_crm' AS c_counts,
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
+                   -- First agreement: an empty value never replaces a filled one.
+                   CASE WHEN trim(n.crm_value) = '' AND trim(n.erp_value) <> '' THEN 'erp'
+                        WHEN trim(n.erp_value) = '' AND trim(n.crm_value) <> '' THEN 'crm'
+                   END AS filled,
                    coalesce(n.crm_modified > n.erp_modified, false) AS newer_crm,
                    CASE WHEN {_SAME_CONFLICT} THEN k.winner END AS kept_winner,
                    CASE WHEN {_SAME_CONFLICT} THEN k.seen_at END AS kept_since
@@ -291,6 +295,10 @@ def decide(
                              ELSE conflict_policy END
                     WHEN c_counts THEN 'crm'
                     WHEN e_counts THEN 'erp'
+                    WHEN is_initial AND filled IS NOT NULL THEN
+                        -- A one-way field is not written against its direction: an empty
+                        -- source leaves the filled target as it is (unsettled).
+                        CASE WHEN direction = 'both' OR filled = initial THEN filled END
                     WHEN is_initial THEN
                         CASE WHEN initial = 'newest'
                              THEN CASE WHEN newer_crm THEN 'crm' ELSE 'erp' END
@@ -300,6 +308,8 @@ def decide(
                     WHEN c_counts OR e_counts THEN 'changed'
                     WHEN is_initial THEN 'initial' END AS how,
                CASE WHEN c_counts AND e_counts THEN conflict_policy
+                    WHEN NOT (c_counts OR e_counts) AND is_initial AND filled IS NOT NULL
+                      THEN 'initial:filled'
                     WHEN NOT (c_counts OR e_counts) AND is_initial
                       THEN 'initial:' || initial_label END AS policy
             FROM m)
@@ -325,21 +335,24 @@ def decide(
                            ELSE '' END
                  WHEN 'conflict' THEN
                    'conflict: both sides changed ' || label || ' from ' || _q(base_crm)
-                   || ': CRM ' || _q(crm_value) || ' (modified '
+                   || ': CRM ' || _q(crm_value) || ' (changed '
                    || coalesce(_t(crm_modified), 'unknown') || '), Unleashed '
-                   || _q(erp_value) || ' (modified '
+                   || _q(erp_value) || ' (changed '
                    || coalesce(_t(erp_modified), 'unknown') || '); '
                    || win || ' wins by policy ' || policy
                    || CASE WHEN policy <> 'newest' THEN ''
                            WHEN kept_winner IS NOT NULL THEN
                              ' (as decided when this conflict was first seen, '
                              || _t(kept_since) || '; neither value has changed since)'
-                           WHEN to_erp THEN ' (CRM record modified later)'
-                           ELSE ' (Unleashed record modified later or at the same time)' END
+                           WHEN to_erp THEN ' (changed later in the CRM)'
+                           ELSE ' (changed later in Unleashed, or at the same time)' END
                  ELSE
                    'no agreed value yet: CRM ' || _q(crm_value) || ', Unleashed '
                    || _q(erp_value) || '; ' || win || ' wins ('
-                   || replace(policy, 'initial:', 'initial policy ') || ')'
+                   || CASE WHEN policy = 'initial:filled'
+                           THEN 'its value fills the empty one: an empty value never replaces '
+                                || 'a filled one on first agreement'
+                           ELSE replace(policy, 'initial:', 'initial policy ') END || ')'
                END AS why_planned,
                r.why AS refused, r.record_label
             FROM _decided p LEFT JOIN _refused r ON r.erp_id = p.erp_id AND r.field = p.field)

@@ -15,6 +15,14 @@ from the JSON `data` of every row on each pass is what made that slow, so they a
   So after a phone edit, or a linked contact's new email or name, `links.update_links` skips its
   whole-table work (4 s a pass at 1M / 3M records), and after a contact-only change, the
   companies' part of it.
+- `_field_hash UBIGINT[]`, `_field_at TIMESTAMP[]` (every mapping's CRM and Unleashed table): per
+  mapped field, in the mapping's order, a hash of the raw value and the `modified` of the first
+  version in which the row held that value: when that side's value of the field changed, as
+  observed. A `newest` conflict compares these, not the records' modified times, which move with
+  every write to any field (the sync's own writes included; an Unleashed contact carries its
+  customer's). Apply stores the version it reads before writing to Unleashed and refreshes it
+  (`refresh_now`) before storing the version it wrote, so an edit made there before the sync's
+  write keeps its own time.
 - `_derived_mod TIMESTAMP`: the row's `modified` when the columns above were computed; NULL means
   "to do". `store.upsert_snapshot` sets it NULL whenever it writes a row, and a row whose `modified`
   no longer equals it (a writer that bypassed the upsert) is recomputed too.
@@ -43,7 +51,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sync_pipeline import baseline, store
-from sync_pipeline.mapping.projection import ident
+from sync_pipeline.mapping.projection import ident, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping
 
 MARK = "_derived_mod"
@@ -54,6 +62,8 @@ COUNTERS_DDL = """CREATE TABLE IF NOT EXISTS derived_counters (
     name VARCHAR PRIMARY KEY, value BIGINT NOT NULL
 )"""
 LINK_SIG = "_link_sig"
+FIELD_HASH = "_field_hash"
+FIELD_AT = "_field_at"
 LINK_INPUTS = "link_inputs"
 # NULL `modified` is stored as -infinity in the mark so that "computed" and "stale" stay distinct.
 _MOD = "coalesce(modified, '-infinity'::TIMESTAMP)"
@@ -79,8 +89,13 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
         cols[col] = (typ, expr)
 
     for mapping in mappings.values():
-        out.setdefault(mapping.crm.table, {})
-        out.setdefault(mapping.erp.table, {})
+        for side in ("crm", "erp"):
+            paths = [getattr(f, side) for f in mapping.fields.values()]
+            table = getattr(mapping, side).table
+            add(
+                table, FIELD_HASH, "UBIGINT[]",
+                f"list_transform({values_list_expr(paths)}, lambda x: hash(x))",
+            )  # fmt: skip
         has_parent[mapping.crm.table] = mapping.crm.parent_key is not None
         has_parent[mapping.erp.table] = mapping.erp.parent_resource is not None
         for key in mapping.match.keys:
@@ -179,8 +194,10 @@ def refresh(
             continue
         t = ident(table)
         fp = _fingerprint(cols)
+        timed = FIELD_HASH in cols
+        extra = {FIELD_AT: ("TIMESTAMP[]", "")} if timed else {}
         if known.get(table) != fp:  # new table or changed mapping: (re)compute every row
-            for col, (typ, _) in {**cols, MARK: ("TIMESTAMP", "")}.items():
+            for col, (typ, _) in {**cols, **extra, MARK: ("TIMESTAMP", "")}.items():
                 con.execute(f"ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {ident(col)} {typ}")
             con.execute(f"UPDATE {t} SET {MARK} = NULL")
             stats.rebuilt.append(table)
@@ -199,14 +216,18 @@ def refresh(
             continue
         exprs = "".join(f"{expr} AS {ident(c)}, " for c, (_, expr) in cols.items())
         sets = "".join(f"{ident(c)} = v.{ident(c)}, " for c in cols)
-        keys = [c for c in cols if c != LINK_SIG]
+        keys = [c for c in cols if c not in (LINK_SIG, FIELD_HASH)]
         # The values before this refresh ride along, to tell what moved.
-        old = "".join(f"t.{ident(c)} AS {ident('_old' + c)}, " for c in [LINK_SIG, *keys])
+        rides = [LINK_SIG, *keys, *([FIELD_HASH] if timed else [])]
+        old = "".join(f"t.{ident(c)} AS {ident('_old' + c)}, " for c in rides)
+        if timed:
+            sets += f"{FIELD_AT} = {_FIELD_AT_SQL}, "
         parent = "t.parent_id" if store.RAW_TABLES.get(table) else "NULL::VARCHAR AS parent_id"
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
                 WITH s AS (SELECT rowid AS row_id FROM {t} WHERE {stale})
-                SELECT t.rowid AS row_id, t.id, {parent}, {exprs}{old}{_MOD} AS mark
+                SELECT t.rowid AS row_id, t.id, {parent}, {exprs}{old}{_MOD} AS mark,
+                       t.modified
                 FROM {t} t WHERE t.rowid IN (SELECT row_id FROM s)"""
         )
         moved = _link_inputs_moved(con, table, keys, linked.get(table))
@@ -223,6 +244,18 @@ def refresh(
         con.execute("DROP TABLE _derived_values")
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+# `_field_at` after a refresh: a field whose value hash is the one already stored keeps its time;
+# any other (a new value, a new row, a mapping whose fields moved) takes the row's `modified`.
+_FIELD_AT_SQL = f"""CASE
+    WHEN v._old{FIELD_HASH} IS NULL OR {FIELD_AT} IS NULL
+         OR len(v._old{FIELD_HASH}) <> len(v.{FIELD_HASH})
+         OR len({FIELD_AT}) <> len(v.{FIELD_HASH})
+    THEN list_transform(v.{FIELD_HASH}, lambda x: v.modified)
+    ELSE list_transform(range(1, len(v.{FIELD_HASH}) + 1),
+                        lambda i: CASE WHEN v._old{FIELD_HASH}[i] = v.{FIELD_HASH}[i]
+                                       THEN {FIELD_AT}[i] ELSE v.modified END) END"""
 
 
 def _link_inputs_moved(

@@ -182,9 +182,64 @@ def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     con.execute("DROP TABLE _ids")
 
 
+def _freeze(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+    """Move out of `_scan` into `_frozen` the records with a side set aside as malformed (or,
+    for a contact, whose Unleashed customer is: its contacts were not read either), with why.
+
+    Their snapshot holds the last good version, which may be older than what the sync itself
+    wrote since; planned from it, the stale value would travel back. Nothing of such a record is
+    planned in either direction (no update, no creation) until it reads clean; it stays on the
+    pending set, and a rejection says so."""
+    crm_bad = store.set_aside_sql("CRM", f"GET /{mapping.crm.entity_set}")
+    erp_bad = store.set_aside_sql("Unleashed")
+    parents_bad = store.set_aside_sql("Unleashed", children=True)
+    by_parent = (
+        "UNION ALL SELECT s.erp_id, 'its Unleashed customer ' || b.id || ' could not be read "
+        "whole (' || b.reason || ')' FROM _scan s JOIN pb b ON b.id = s.erp_parent_id"
+        if mapping.erp.parent_resource
+        else ""
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _frozen AS
+        WITH cb AS ({crm_bad}), eb AS ({erp_bad}), pb AS ({parents_bad}),
+        w AS (
+            SELECT s.erp_id, 'the CRM record is set aside as malformed (' || b.reason || ')'
+                   AS why
+            FROM _scan s JOIN cb b ON b.id = s.crm_id
+            UNION ALL
+            SELECT s.erp_id, 'the Unleashed record is set aside as malformed (' || b.reason
+                   || ')'
+            FROM _scan s JOIN eb b ON b.id = s.erp_id
+            {by_parent})
+        SELECT s.crm_id, s.erp_id, s.crm_parent_id, s.erp_parent_id, s.crm_modified,
+               s.erp_modified, string_agg(w.why, '; ' ORDER BY w.why) AS why
+        FROM _scan s JOIN w USING (erp_id)
+        GROUP BY ALL"""
+    )
+    con.execute("DELETE FROM _scan WHERE erp_id IN (SELECT erp_id FROM _frozen)")
+
+
+def _frozen_rows(mapping: EntityMapping) -> str:
+    """The plan's rejections for `_frozen`: one per record, with no field."""
+    what = mapping.entity
+    return f"""SELECT '{what}' AS entity, 'reject' AS op, crm_id, erp_id, crm_parent_id,
+            erp_parent_id, NULL AS field, NULL AS crm_value, NULL AS erp_value,
+            NULL AS baseline_value, NULL AS new_value, false AS conflict, NULL AS policy,
+            '{what} (' || CASE WHEN crm_id IS NULL THEN '' ELSE 'CRM ' || crm_id || ' / ' END
+            || 'Unleashed ' || erp_id || ') is frozen: ' || why
+            || '; nothing of it is synced in either direction'
+            || CASE WHEN crm_id IS NULL THEN ' (nor created in the CRM)' ELSE '' END
+            || ' until it reads clean' AS reason,
+            crm_modified, erp_modified, CAST(NULL AS JSON) AS payload
+        FROM _frozen"""
+
+
 def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     """`_cand_fields` (a view): (record, field) rows of the candidate records (`_cand`) whose
-    raw values moved from the baseline, or that have no baseline yet, with the record's label
+    raw values moved from the baseline, or that have no baseline yet, with when each side's
+    value of the field changed (`derived.FIELD_AT`, as `crm_modified` / `erp_modified`: a
+    `newest` conflict compares those, never a record time the sync's own writes moved), the
+    record's label
     (how a rejection names it) and the rowid of its baseline row (the settle step merges into
     it without searching `sync_baseline` again).
 
@@ -196,9 +251,10 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
     crm_paths = [s.crm for s in mapping.fields.values()]
     erp_paths = [s.erp for s in mapping.fields.values()]
     base_paths = ", ".join(json_path(n) for n in names)
-    w = f"""WITH c AS (SELECT rowid AS r, data FROM {ident(mapping.crm.table)}
+    at = derived.FIELD_AT
+    w = f"""WITH c AS (SELECT rowid AS r, data, {at} FROM {ident(mapping.crm.table)}
                        WHERE rowid IN (SELECT crm_row FROM _cand)),
-                 e AS (SELECT rowid AS r, data FROM {ident(mapping.erp.table)}
+                 e AS (SELECT rowid AS r, data, {at} FROM {ident(mapping.erp.table)}
                        WHERE rowid IN (SELECT erp_row FROM _cand)),
                  r AS (SELECT rowid AS base_row FROM sync_baseline
                        WHERE entity = '{mapping.entity}'
@@ -207,6 +263,7 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
                        FROM sync_baseline WHERE rowid IN (SELECT base_row FROM r))
             SELECT k.*, {values_list_expr(crm_paths, "c")} AS cv,
                    {values_list_expr(erp_paths, "e")} AS ev, b.base_row,
+                   c.{at} AS cat, e.{at} AS eat,
                    json_extract_string(b.crm_values, [{base_paths}]) AS bc,
                    json_extract_string(b.erp_values, [{base_paths}]) AS be
             FROM _cand k JOIN c ON c.r = k.crm_row
@@ -227,10 +284,13 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
         WITH f AS (SELECT * FROM (VALUES {_field_order(mapping)}) f(pos, field)),
         w AS ({w}),
         x AS (SELECT crm_id, erp_id, crm_parent_id, erp_parent_id, crm_modified, erp_modified,
-                     cv, ev, bc, be, base_row, {label} AS rec_label, unnest({moved}) AS pos
+                     cv, ev, bc, be, cat, eat, base_row, {label} AS rec_label,
+                     unnest({moved}) AS pos
               FROM w)
-        SELECT x.crm_id, x.erp_id, x.crm_parent_id, x.erp_parent_id, x.crm_modified,
-               x.erp_modified, f.field, x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
+        SELECT x.crm_id, x.erp_id, x.crm_parent_id, x.erp_parent_id,
+               coalesce(x.cat[x.pos], x.crm_modified) AS crm_modified,
+               coalesce(x.eat[x.pos], x.erp_modified) AS erp_modified, f.field,
+               x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
                x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp, x.base_row, x.rec_label
         FROM x JOIN f ON f.pos = x.pos"""
     )
@@ -266,9 +326,9 @@ def _keep_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, looked
     Unleashed records (creation candidates, looked at until they are linked)."""
     entity = mapping.entity
     con.execute("DELETE FROM sync_pending WHERE entity = ?", [entity])
-    unsettled = ""
+    unsettled = "UNION SELECT erp_id FROM _frozen"
     if looked:
-        unsettled = f"UNION SELECT erp_id FROM _cf WHERE NOT {decide.AGREE}"
+        unsettled += f" UNION SELECT erp_id FROM _cf WHERE NOT {decide.AGREE}"
     baseline.mark_pending(
         con, entity, "erp", f"SELECT erp_id FROM _scan WHERE crm_id IS NULL {unsettled}"
     )
@@ -468,6 +528,9 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
     """Plan rows for the linked records of one entity on this pass, inserted into `sync_plan`
     (and the creation candidates left in `_scan` for `_creations`)."""
     _scan(con, mapping)
+    _freeze(con, mapping)
+    cols = ", ".join(PLAN_COLUMNS)
+    con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM ({_frozen_rows(mapping)})")
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _cand AS SELECT * FROM _scan WHERE crm_id IS NOT NULL"
     )
@@ -486,7 +549,6 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
         problem=_problem(mapping, ctx),
         labels_sql="SELECT erp_id, any_value(rec_label) AS label FROM _cf GROUP BY erp_id",
     )
-    cols = ", ".join(PLAN_COLUMNS)
     con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _planned")
     _write_settles(con, mapping)
     _keep_pending(con, mapping, looked=True)
@@ -502,6 +564,7 @@ def _ordered(mappings: Mapping[str, EntityMapping]) -> list[EntityMapping]:
 
 
 def _ensure(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> None:
+    store.ensure_schema(con)
     links.ensure_schema(con)
     baseline.ensure_schema(con)
     derived.refresh(con, mappings)  # usually a no-op: the extracts refresh what they write
@@ -553,7 +616,7 @@ def plan_changes(
         for mapping in _ordered(mappings):
             _plan_entity(con, mapping, ctx)
             write_plan(con, _creations(con, mapping, ctx), replace=False)
-            for table in ("_new", "_scan", "_erp_rows"):
+            for table in ("_new", "_scan", "_erp_rows", "_frozen"):
                 con.execute(f"DROP TABLE IF EXISTS {table}")
     return read_plan(con)
 

@@ -184,7 +184,7 @@ def test_newest_conflict_keeps_its_winner_while_neither_value_changes(w):
            modified=datetime(2026, 3, 1, 14))  # fmt: skip
     fresh = one(plan(w), field="website")
     assert (fresh["op"], fresh["new_value"]) == ("update_crm", "https://acme.net")
-    assert "Unleashed wins by policy newest (Unleashed record modified later" in fresh["reason"]
+    assert "Unleashed wins by policy newest (changed later in Unleashed" in fresh["reason"]
 
 
 def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):

@@ -501,6 +501,16 @@ class UnleashedClient(BaseClient):
             raise ApiError(self.system, "GET", "/Customers/{guid}", 200, reasons)
         return customer
 
+    def get_customer_and_contacts(self, guid: str) -> tuple[Customer, list[BadRecord]]:
+        """The customer with its first 100 contacts (one request), and its contacts that are
+        malformed (set aside, not raised: the customer itself is usable)."""
+        raw = self._get_customer_raw(guid, include_all_contacts=True)
+        customer, bads = self._parse_customer(raw, "GET /Customers/{guid}")
+        if customer is None:
+            reasons = "; ".join(b.reason for b in bads) or "malformed customer"
+            raise ApiError(self.system, "GET", "/Customers/{guid}", 200, reasons)
+        return customer, bads
+
     def _get_customer_raw(self, guid: str, include_all_contacts: bool = False) -> dict[str, Any]:
         guid = self._check_guid(guid, "customer guid")
         query = self._query({"includeAllContacts": True}) if include_all_contacts else ""
