@@ -7,6 +7,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from sync_pipeline import store
+
 FIELD = "account_manager"
 # The CRM `User` fields read here (the live names: key `UserCode`).
 USER_NAME, USER_EMAIL = "UserName", "EmailAddress"
@@ -42,6 +44,8 @@ def plan_fix(con: duckdb.DuckDBPyConnection, mappings: dict[str, Any]) -> pd.Dat
     f = mappings["company"].fields[FIELD]
     crm_path, erp_path = _json_path(f.crm), _json_path(f.erp)
     user_email = _json_path(f.crm_write.match if f.crm_write else USER_EMAIL)
+    crm_bad = store.set_aside_sql("CRM", f"GET /{mappings['company'].crm.entity_set}")
+    erp_bad = store.set_aside_sql("Unleashed")
     frame = con.execute(
         f"""SELECT l.crm_id, l.erp_id,
                    coalesce(c.data->>'{crm_path}', '') AS crm_value,
@@ -55,7 +59,10 @@ def plan_fix(con: duckdb.DuckDBPyConnection, mappings: dict[str, Any]) -> pd.Dat
             LEFT JOIN crm_users cu ON cu.active
                  AND lower(trim(cu.data->>'{user_email}')) = lower(trim(u.data->>'{erp_path}'))
             WHERE lower(trim(coalesce(c.data->>'{crm_path}', '')))
-               <> lower(trim(coalesce(u.data->>'{erp_path}', '')))"""
+               <> lower(trim(coalesce(u.data->>'{erp_path}', '')))
+              -- a record set aside as malformed is frozen (its snapshot is stale)
+              AND l.crm_id NOT IN (SELECT id FROM ({crm_bad}))
+              AND l.erp_id NOT IN (SELECT id FROM ({erp_bad}))"""
     ).df()
     if frame.empty:
         return pd.DataFrame(columns=["entity", "op", "crm_id", "erp_id", "field", "new_value"])

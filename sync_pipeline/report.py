@@ -83,6 +83,22 @@ def conflicts_md(plan: pd.DataFrame) -> str:
     )
 
 
+# The policy of a first agreement where one side was empty: the filled value wins, both ways.
+FILLED = "initial:filled"
+
+
+def filled_md(plan: pd.DataFrame) -> str:
+    """The planned writes that fill an empty field from the other side's value on first
+    agreement (a first sync, a new link): listed so an operator sees what was not blanked."""
+    if plan is None or plan.empty:
+        return "_none_"
+    rows = plan[(plan["policy"] == FILLED) & (plan["op"] != "reject")]
+    return frame_table(
+        rows.assign(direction=rows["op"].map(OP_LABELS)),
+        ["direction", "entity", "crm_id", "erp_id", "field", "crm_value", "erp_value"],
+    )
+
+
 def rejections_md(plan: pd.DataFrame) -> str:
     if plan is None or plan.empty:
         return "_none_"
@@ -125,6 +141,23 @@ def cycle_report(
             )
         if len(part) > 15:
             lines.append(f"  … and {len(part) - 15} more (see the audit_log table)")
+    filled = con.execute(
+        """SELECT a.direction, a.entity, a.crm_id, a.erp_id, a.field, a.new_value
+           FROM audit_log a JOIN outbox o USING (op_id)
+           WHERE a.logged_at >= ? AND o.policy = ? ORDER BY a.logged_at""",
+        [since, FILLED],
+    ).df()
+    if len(filled):
+        lines.append(
+            f"Empty fields filled on first agreement (an empty value never replaces a filled "
+            f"one): {len(filled)}"
+        )
+        for r in filled.head(10).to_dict("records"):
+            target = "Unleashed" if r["direction"] == "crm_to_erp" else "CRM"
+            lines.append(
+                f"  - {r['entity']} crm={r['crm_id']} unleashed={_short(r['erp_id'])} "
+                f"{r['field']}: empty in {target}, filled with {quote(r['new_value'])}"
+            )
     created = audit[audit["field"].isna()]
     titles = (
         ("contact", "Contacts created in the CRM"),

@@ -123,13 +123,17 @@ DERIVED_MARK = "_derived_mod"
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    if dbschema.complete(con, dbschema.tables_of(SCHEMA), {t: [DERIVED_MARK] for t in RAW_TABLES}):
+    columns = {t: [DERIVED_MARK] for t in RAW_TABLES} | {"bad_records": ["parent_id"]}
+    if dbschema.complete(con, dbschema.tables_of(SCHEMA), columns):
         return
     had_decisions = dbschema.complete(con, ["conflict_decisions"])
     for ddl in SCHEMA:
         con.execute(ddl)
     for table in RAW_TABLES:
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
+    # The record a malformed part belongs to (a contact's customer; the customer itself when its
+    # contact list is malformed): the planner freezes by it.
+    con.execute("ALTER TABLE bad_records ADD COLUMN IF NOT EXISTS parent_id VARCHAR")
     if not had_decisions:
         decisions_from_log(con)  # a database from before the table
 
@@ -355,6 +359,28 @@ def bad_record_id(bad: Any) -> str:
     return "?" + hashlib.sha256(bad.reason.encode()).hexdigest()[:16]
 
 
+def set_aside_sql(system: str, endpoint: str | None = None, *, children: bool = False) -> str:
+    """SELECT id, reason: the records of `system` (and `endpoint`) set aside as malformed and not
+    yet read clean. Their snapshot is stale, so the planner and the overnight fix leave them
+    alone in both directions until they read clean.
+
+    A customer whose contact list is malformed is itself read (reported under its own id with
+    itself as parent): it is not in this set, only with `children`, which gives the records
+    whose children were not read (that customer, and a customer that is malformed itself)."""
+    where = f"system = '{system}'"
+    if endpoint is not None:
+        if "'" in endpoint:
+            raise ValueError(f"unexpected endpoint label {endpoint!r}")
+        where += f" AND endpoint = '{endpoint}'"
+    which = (
+        "(parent_id IS NULL OR parent_id = record_id)"
+        if children
+        else "parent_id IS DISTINCT FROM record_id"
+    )
+    return f"""SELECT record_id AS id, any_value(reason) AS reason FROM bad_records
+               WHERE resolved_at IS NULL AND {where} AND {which} GROUP BY record_id"""
+
+
 def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> int:
     """Remember malformed source records (set aside, reported) until a good version arrives."""
     now = utcnow()
@@ -362,10 +388,21 @@ def record_bad_records(con: duckdb.DuckDBPyConnection, bad: Iterable[Any]) -> in
     for b in bad:
         n += 1
         con.execute(
-            """INSERT INTO bad_records VALUES (?, ?, ?, ?, ?, ?, NULL)
+            """INSERT INTO bad_records (system, endpoint, record_id, reason, first_seen,
+                                        last_seen, resolved_at, parent_id)
+               VALUES (?, ?, ?, ?, ?, ?, NULL, ?)
                ON CONFLICT (system, endpoint, record_id) DO UPDATE SET
-                 reason = excluded.reason, last_seen = excluded.last_seen, resolved_at = NULL""",
-            [b.system, b.endpoint, bad_record_id(b), b.reason, now, now],
+                 reason = excluded.reason, last_seen = excluded.last_seen, resolved_at = NULL,
+                 parent_id = excluded.parent_id""",
+            [
+                b.system,
+                b.endpoint,
+                bad_record_id(b),
+                b.reason,
+                now,
+                now,
+                getattr(b, "parent_id", None),
+            ],
         )
     return n
 

@@ -124,6 +124,9 @@ def report() -> str:
         ("  of which not in Unleashed yet", "pushed_late"),
         ("conflicts recorded", "conflicts"),
         ("  of which on a field not changed on both sides", "phantom_conflicts"),
+        ("  newest ones whose later edit is certain (winner checked)", "newest_checked"),
+        ("  of which won by the earlier edit", "newest_wrong"),
+        ("CRM companies set aside mid-sequence (nothing written while so)", "set_aside"),
         ("open rejections at quiescence", "open_rejections"),
         ("edits back to the agreed value before a sync saw them", "returned_unseen"),
         ("lost edits", "lost"),
@@ -426,3 +429,4 @@ class Edit:
     side: str  # crm | erp
     value: Any
     agreed: bool = False  # the other side already held this value (nothing to send)
+    at: float = field(default_factory=time.time)  # when the person saved it

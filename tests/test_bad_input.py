@@ -281,6 +281,49 @@ def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, f
     assert _open_bad(h, "CRM", str(bad_pair["crm_id"])) == []
 
 
+def test_a_set_aside_crm_record_is_frozen_both_ways_until_it_reads_clean(harness):
+    """A malformed CRM company (its Website a JSON list) cannot be read, so its snapshot keeps
+    the last good version. An Unleashed phone edit written to it would not show in that
+    snapshot, and the stale phone would travel back to Unleashed. So nothing of the pair moves
+    in either direction while it is set aside, a rejection says so, and once the CRM record
+    reads clean the Unleashed edit arrives and nothing is reverted."""
+    h = harness
+    h.cycle()
+    pair, _ = _two_pairs(h)
+    division = h.crm.get("Divisions", pair["crm_id"])
+    fresh = {k: v for k, v in division.items() if k not in STAMPS}
+    _plant_crm(h, "Divisions", pair["crm_id"], {**fresh, "Website": ["a.example", "b.example"]})
+    h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0777"})
+    for _ in range(3):
+        h.cycle()
+        assert h.unleashed.get_customer(pair["erp_id"]).PhoneNumber == "0161 496 0777"
+        assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == division["PhoneNumber"]
+    frozen = h.query(
+        """SELECT reason FROM rejections WHERE resolved_at IS NULL AND entity = 'company'
+           AND crm_id = ? AND field IS NULL""",
+        [str(pair["crm_id"])],
+    )
+    assert len(frozen) == 1
+    reason = frozen.iloc[0]["reason"]
+    assert "frozen" in reason and "either direction" in reason and "Website" in reason, reason
+    assert h.query(
+        "SELECT * FROM audit_log WHERE erp_id = ? OR crm_id = ?",
+        [pair["erp_id"], str(pair["crm_id"])],
+    ).empty
+
+    _plant_crm(h, "Divisions", pair["crm_id"], {**fresh, "Website": "https://fixed.example.com"})
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 496 0777"
+    after = h.unleashed.get_customer(pair["erp_id"])
+    assert (after.PhoneNumber, after.Website) == ("0161 496 0777", "https://fixed.example.com")
+    h.cycle()
+    assert h.unleashed.get_customer(pair["erp_id"]).PhoneNumber == "0161 496 0777"
+    assert h.query(
+        """SELECT * FROM rejections WHERE resolved_at IS NULL AND crm_id = ?""",
+        [str(pair["crm_id"])],
+    ).empty
+
+
 def test_crm_record_without_its_key_is_reported_and_others_sync(harness):
     h = harness
     h.cycle()

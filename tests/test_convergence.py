@@ -26,11 +26,13 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import duckdb
+import httpx
 import pandas as pd
 import pytest
 from hypothesis import note, seed, settings
@@ -342,6 +344,12 @@ class ConvergenceMachine(RuleBasedStateMachine):
         self.erp_written: dict[tuple[int, str], int] = {}
         self.last_clean_cycle = 0
         self.settings_now = {"two_way_sync": True, "account_manager_sync": True}
+        # When a person's write moved a record's modified time: ("crm", entity, id) for a CRM
+        # record, ("erp", customer guid) for an Unleashed customer (its contacts carry its time).
+        # The sync's own writes are not here: a `newest` conflict must not count them.
+        self.touches: list[tuple[tuple, float]] = []
+        # CRM companies planted malformed (set aside by the extract), with their website then.
+        self.set_aside: dict[int, Any] = {}
         # History rows the pruning rule deleted: the invariants read the whole history.
         self.pruned: dict[str, list[pd.DataFrame]] = {
             "audit_log": [],
@@ -418,6 +426,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 self.h.crm.patch(entity_set, crm_id, body)
             except ApiError as exc:
                 return self._refused(f"CRM {entity} {field}", exc)
+            self.touches.append((("crm", entity, crm_id), time.time()))
             self._record(
                 entity, pair, field, side, shown, before,
                 self._other_value(state, entity, pair, side, field),
@@ -436,6 +445,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                     shown = value["Email"] if value else None
                 note(f"  Unleashed customer {pair.erp_id}: {field} {before!r} -> {shown!r}")
                 self.h.unleashed.update_customer(pair.erp_id, change)
+                self.touches.append((("erp", pair.erp_id), time.time()))
             else:
                 if pair.erp_id not in state["erp_contacts"]:
                     note("  Unleashed contact was deleted: nothing edited")
@@ -443,6 +453,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 parent = state["erp_contacts"][pair.erp_id]["_customer"]
                 note(f"  Unleashed contact {pair.erp_id}: {field} {before!r} -> {value!r}")
                 self.h.unleashed.update_contact(parent, pair.erp_id, {erp_col: value})
+                self.touches.append((("erp", parent), time.time()))
         except ApiError as exc:
             return self._refused(f"Unleashed {entity} {field}", exc)
         self.erp_written[(id(pair), field)] = self.tick
@@ -485,6 +496,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             self.h.unleashed.update_customer(pair.erp_id, {"Obsolete": True})
         except ApiError as exc:
             return self._refused("obsolete", exc)
+        self.touches.append((("erp", pair.erp_id), time.time()))
         cm.TOTALS["operations"] += 1
         pair.gone = "customer obsolete"
         for c in self.contacts:
@@ -542,6 +554,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
                     {"FirstName": first, "LastName": last, "EmailAddress": address},
                 )
                 pair = cm.Pair("contact", None, str(made.Guid), None, parent.erp_id, "erp")
+                self.touches.append((("erp", parent.erp_id), time.time()))
         except ApiError as exc:
             return self._refused(f"create {side} contact", exc)
         cm.TOTALS["operations"] += 1
@@ -558,11 +571,81 @@ class ConvergenceMachine(RuleBasedStateMachine):
             note("  no Unleashed contact to delete")
             return
         note(f"  Unleashed contact {pair.erp_id} deleted")
-        self.h.unleashed.delete_contact(
-            state["erp_contacts"][pair.erp_id]["_customer"], pair.erp_id
-        )
+        customer = state["erp_contacts"][pair.erp_id]["_customer"]
+        self.h.unleashed.delete_contact(customer, pair.erp_id)
+        self.touches.append((("erp", customer), time.time()))
         cm.TOTALS["operations"] += 1
         pair.gone = pair.gone or "deleted in Unleashed"
+
+    # -- rules: sequences a person's edits and the sync's writes interleave in ---------------------
+    @rule(
+        entity=st.sampled_from(["company", "contact"]),
+        index=INDEX,
+        erp_phone=st.sampled_from(PHONES),
+        crm_phone=st.sampled_from(PHONES),
+        other=st.sampled_from(PERSON_NAMES[:9]),
+    )
+    def own_write_moves_the_record_time(self, entity, index, erp_phone, crm_phone, other):
+        """Unleashed changes a phone; later the CRM changes the same phone and another field;
+        the push writes the other field (the phone changed in Unleashed since the last import,
+        so it is not sent), which moves the Unleashed customer's modified time past the CRM
+        edit. The phone conflict must go by when each phone changed (invariant 9)."""
+        pair = self._company(index) if entity == "company" else self._contact(index)
+        second = ("website", "https://www.example.com/" + other.strip().lower() or "x")
+        if entity == "contact":
+            second = ("last_name", other)
+        self._edit(entity, pair, "erp", "phone", erp_phone)
+        time.sleep(0.002)  # Unleashed keeps milliseconds: the CRM edit is strictly later
+        self._edit(entity, pair, "crm", "phone", crm_phone)
+        self._edit(entity, pair, "crm", *second)
+        self._run_job("push")
+
+    @rule(company=INDEX, phone=st.sampled_from(PHONES), cycles=st.integers(1, 3),
+          clean=st.booleans())  # fmt: skip
+    def set_aside_crm_company(self, company, phone, cycles, clean):
+        """A CRM company turns malformed (its Website a JSON list: the extract sets it aside and
+        its snapshot keeps the last good version), Unleashed changes its phone, and cycles run.
+        Nothing of the pair may be written while it is set aside: a write to the CRM would not
+        show in the stale snapshot, which would then send the old phone back to Unleashed.
+        `clean` fixes the record at the end (or a later rule or the quiescence does)."""
+        cm.TOTALS["steps"] += 1
+        pair = self._company(company)
+        if pair.gone or pair.crm_id is None or pair.erp_id is None:
+            note("  company gone: nothing set aside")
+            return
+        if pair.crm_id not in self.set_aside:
+            division = self.h.crm.get("Divisions", pair.crm_id)
+            fresh = {k: v for k, v in division.items() if k not in CRM_STAMPS}
+            self.set_aside[pair.crm_id] = division.get("Website")
+            _plant_crm(self.h, "Divisions", pair.crm_id, {**fresh, "Website": ["a.example", "b"]})
+            note(f"  CRM company {pair.crm_id} planted malformed (Website a JSON list)")
+            cm.TOTALS["set_aside"] += 1
+        started = store.utcnow()
+        self._edit("company", pair, "erp", "phone", phone)
+        want = cm.norm("company", "phone", cm.erp_value(cm.live(self.emu), "company",
+                                                         pair.erp_id, "phone"))  # fmt: skip
+        for _ in range(cycles):
+            self._run_job("cycle")
+        written = self.h.query(
+            "SELECT field, direction FROM audit_log WHERE logged_at >= ? AND crm_id = ?",
+            [started, str(pair.crm_id)],
+        )
+        assert written.empty, f"set-aside CRM company {pair.crm_id} written: {written}"
+        held = cm.erp_value(cm.live(self.emu), "company", pair.erp_id, "phone")
+        assert cm.norm("company", "phone", held) == want, (
+            f"Unleashed phone of set-aside company {pair.crm_id} moved to {held!r}"
+        )
+        if clean:
+            self._clean_set_aside(pair.crm_id)
+
+    def _clean_set_aside(self, crm_id: int) -> None:
+        """The CRM company reads clean again: its website back to a text."""
+        website = self.set_aside.pop(crm_id)
+        division = self.h.crm.get("Divisions", crm_id)
+        if isinstance(division.get("Website"), list):
+            fresh = {k: v for k, v in division.items() if k not in CRM_STAMPS}
+            _plant_crm(self.h, "Divisions", crm_id, {**fresh, "Website": website})
+            note(f"  CRM company {crm_id} reads clean again")
 
     # -- rules: settings and sync ------------------------------------------------------------------
     @rule(name=st.sampled_from(["two_way_sync", "account_manager_sync"]), value=st.booleans())
@@ -708,6 +791,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
             p = e.pair
             if e.side != "crm" or p.gone or p.crm_id is None or p.erp_id is None:
                 continue
+            if e.entity == "company" and p.crm_id in self.set_aside:
+                continue  # frozen while set aside: nothing moves until it reads clean
             if field == "account_manager" and not self.settings_now["account_manager_sync"]:
                 continue
             if self.erp_written.get((key, field), -1) > self.last_clean_cycle:
@@ -775,6 +860,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
         }
         for system in ("crm", "unleashed"):
             self.emu.set_faults(system)
+        for crm_id in list(self.set_aside):
+            self._clean_set_aside(crm_id)
         self.h.set_settings(two_way_sync=True, account_manager_sync=True)
         for _ in range(2):
             assert self._run_job("cycle"), "a cycle failed with faults off"
@@ -1009,8 +1096,68 @@ class ConvergenceMachine(RuleBasedStateMachine):
                 f"field on {' or '.join(unedited)}"
             )
 
+        # 9. A `newest` conflict goes to the side whose value changed later. The sync sees a
+        # value's time as the modified time of the first version it read with it, which a
+        # person's later write to the same record (for Unleashed: the customer or any of its
+        # contacts) may have moved on before that read: checked where those windows cannot
+        # overlap. The sync's own writes move the records' times too, and must never count.
+        problems += self._newest_winners(conflicts)
+
         assert not problems, "\n".join(problems)
         cm.TOTALS["crashes_recovered"] += self.crashes
+
+    def _last_touch(self, key: tuple, start: float, before: float) -> float:
+        """The last time a person's write moved the record `key` after `start`, until `before`
+        (`start` if none did)."""
+        return max([start, *(at for k, at in self.touches if k == key and start < at < before)])
+
+    def _newest_winners(self, conflicts: pd.DataFrame) -> list[str]:
+        problems = []
+        pairs = {"company": self.companies, "contact": self.contacts}
+        fresh = conflicts[
+            (conflicts["policy"] == "newest") & ~conflicts["op_key"].isin(self.base.conflict_keys)
+        ]
+        for c in fresh.itertuples():
+            p = next((x for x in pairs[c.entity] if x.erp_id == c.erp_id), None)
+            if p is None:
+                continue
+            seen = pd.Timestamp(c.seen_at).tz_localize("UTC").timestamp()
+            mine = [e for e in self.edits if e.pair is p and e.field == c.field and e.at < seen]
+            ec = next((e for e in reversed(mine) if e.side == "crm"), None)
+            ee = next((e for e in reversed(mine) if e.side == "erp"), None)
+            if ec is None or ee is None:
+                continue
+            norm = lambda v, f=c.field, ent=c.entity: cm.norm(ent, f, v)  # noqa: E731
+            if norm(ec.value) != norm(c.crm_value) or norm(ee.value) != norm(c.erp_value):
+                continue  # a value the sync brought, not these edits
+            crm_key = ("crm", c.entity, ec.pair.crm_id)
+            customer = p.erp_id if c.entity == "company" else p.erp_parent
+            erp_key = ("erp", customer)
+
+            if self._last_touch(crm_key, ec.at, seen) < ee.at:
+                want = "erp"
+            elif customer is not None and self._last_touch(erp_key, ee.at, seen) < ec.at:
+                want = "crm"
+            else:
+                continue
+            cm.TOTALS["newest_checked"] += 1
+            if c.winner != want:
+                cm.TOTALS["newest_wrong"] += 1
+                problems.append(
+                    f"newest conflict on {c.entity} CRM {c.crm_id} / {c.erp_id} {c.field} went to "
+                    f"{c.winner}: CRM {c.crm_value!r} (edit #{ec.seq}), Unleashed "
+                    f"{c.erp_value!r} (edit #{ee.seq}); the {want} value changed later"
+                )
+        return problems
+
+
+CRM_STAMPS = ("LastUpdatedTimestamp", "LastUpdated")  # the server stamps them on every write
+
+
+def _plant_crm(h: Harness, entity_set: str, key: int, record: dict[str, Any]) -> None:
+    """Store a CRM record exactly as given (the server's admin raw write: no validation)."""
+    response = httpx.put(f"{h.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30)
+    response.raise_for_status()
 
 
 def _rejected(rejections, entity: str, crm_id: Any, erp_id: Any, field: str | None) -> bool:

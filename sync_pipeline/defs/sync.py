@@ -14,7 +14,15 @@ from sync_pipeline.defs.resources import (
     UnleashedResource,
 )
 from sync_pipeline.guards import two_way_refusal
-from sync_pipeline.report import applied_md, conflicts_md, md_table, plan_md, rejections_md
+from sync_pipeline.report import (
+    FILLED,
+    applied_md,
+    conflicts_md,
+    filled_md,
+    md_table,
+    plan_md,
+    rejections_md,
+)
 
 UPDATE_OPS = ("update_erp", "update_crm")
 CREATE_OPS = ("create_crm_contact", "create_crm_company")
@@ -101,6 +109,8 @@ def sync_plan(
             "plan_preview": dg.MetadataValue.md(plan_md(plan)),
             "conflicts_preview": dg.MetadataValue.md(conflicts_md(plan)),
             "rejections_preview": dg.MetadataValue.md(rejections_md(plan)),
+            "empty_fields_filled": int((plan["policy"] == FILLED).sum()) if len(plan) else 0,
+            "filled_preview": dg.MetadataValue.md(filled_md(plan)),
             **_settings_metadata(sync_config),
         }
     )
