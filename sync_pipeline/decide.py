@@ -31,10 +31,10 @@ import pandas as pd
 from sync_pipeline import duck
 from sync_pipeline.mapping.normalise import normalise_series
 from sync_pipeline.mapping.schema import EntityMapping, FieldSpec
-from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS, unsafe_kind
+from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS, escape_char
 
 # What a reason shows for a value: quoted, with quotes, backslashes, tabs and line breaks
-# escaped, and every other character the safety check refuses (`validate.unsafe_kind`: control
+# escaped, and every other character the safety check refuses (`validate.escape_char`: control
 # characters, line separators, bidirectional controls) written as its code point, so a NUL or a
 # right-to-left override shows as `\x00` or `\u202e` and cannot garble the text around it.
 # `quote` below is the same rule in Python, for the reasons written there.
@@ -71,11 +71,7 @@ def quote(value: Any) -> str:
 
 
 def _escape(ch: str) -> str:
-    if ch in _ESCAPES:
-        return _ESCAPES[ch]
-    if unsafe_kind(ch) is None:
-        return ch
-    return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+    return _ESCAPES.get(ch) or escape_char(ch)
 
 
 # Normalisers in SQL ---------------------------------------------------------------------------

@@ -71,6 +71,22 @@ def unsafe_kind(ch: str, *, multiline: bool = False) -> str | None:
     return None
 
 
+def escape_char(ch: str) -> str:
+    """One character as a reason or a preview shows it: as itself, or (when `unsafe_kind`)
+    by its code point, `\\x00` / `\\u202e`."""
+    if unsafe_kind(ch) is None:
+        return ch
+    return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+
+
+def visible(text: str) -> str:
+    """`text` with every character the safety check refuses written as its code point, so a
+    control or bidirectional character cannot hide in, or garble, what a person reads."""
+    if text.isprintable():
+        return text
+    return "".join(escape_char(ch) for ch in text)
+
+
 def check_text(value: str, *, multiline: bool = False) -> str | None:
     """The safety check every text value goes through, in both directions (see the module
     docstring). The reason names the first unsafe character by its code point."""
