@@ -30,16 +30,28 @@ import pandas as pd
 
 from sync_pipeline import duck
 from sync_pipeline.mapping.normalise import normalise_series
-from sync_pipeline.mapping.schema import EntityMapping
-from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS
+from sync_pipeline.mapping.schema import EntityMapping, FieldSpec
+from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS, escape_char
 
-# What a reason shows for a value: quoted, with quotes, backslashes and line breaks escaped.
+# What a reason shows for a value: quoted, with quotes, backslashes, tabs and line breaks
+# escaped, and every other character the safety check refuses (`validate.escape_char`: control
+# characters, line separators, bidirectional controls) written as its code point, so a NUL or a
+# right-to-left override shows as `\x00` or `\u202e` and cannot garble the text around it.
 # `quote` below is the same rule in Python, for the reasons written there.
-Q_MACRO = r"""CREATE OR REPLACE TEMP MACRO _q(x) AS
-    '''' || CASE WHEN regexp_matches(x, '[\\''\n\r\t]')
-                 THEN replace(replace(replace(replace(replace(x, '\', '\\'), '''', '\'''),
-                      chr(10), '\n'), chr(13), '\r'), chr(9), '\t')
+UNSAFE_CLASS = (
+    r"\x00-\x1f\x7f-\x{9f}\x{2028}\x{2029}\x{61c}\x{200e}\x{200f}\x{202a}-\x{202e}"
+    r"\x{2066}-\x{2069}"
+)  # an RE2 character class: what `validate.unsafe_kind` refuses in a single-line field
+Q_MACRO = rf"""CREATE OR REPLACE TEMP MACRO _q(x) AS
+    '''' || CASE WHEN regexp_matches(x, '[\\''{UNSAFE_CLASS}]')
+                 THEN array_to_string(list_transform(string_split(x, ''), lambda c: CASE
+                   WHEN c = '\' THEN '\\' WHEN c = '''' THEN '\'''
+                   WHEN c = chr(10) THEN '\n' WHEN c = chr(13) THEN '\r' WHEN c = chr(9) THEN '\t'
+                   WHEN NOT regexp_matches(c, '[{UNSAFE_CLASS}]') THEN c
+                   WHEN unicode(c) < 256 THEN '\x' || format('{{:02x}}', unicode(c))
+                   ELSE '\u' || format('{{:04x}}', unicode(c)) END), '')
                  ELSE coalesce(x, '') END || ''''"""  # one regex test: most values need no escape
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 # What a reason shows for a time: to the millisecond (both APIs keep milliseconds; a conflict's
@@ -48,12 +60,18 @@ T_MACRO = "CREATE OR REPLACE TEMP MACRO _t(x) AS strftime(x, '%Y-%m-%d %H:%M:%S.
 
 
 def quote(value: Any) -> str:
-    """A value as a person reads it in a reason: in single quotes, '' for empty."""
+    """A value as a person reads it in a reason: in single quotes, '' for empty, escaped as
+    `Q_MACRO` says."""
     if value is None or (isinstance(value, float) and value != value):
         value = ""
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return f"'{text}'"
+    text = str(value)
+    if text.isprintable() and "\\" not in text and "'" not in text:
+        return f"'{text}'"
+    return "'" + "".join(_escape(ch) for ch in text) + "'"
+
+
+def _escape(ch: str) -> str:
+    return _ESCAPES.get(ch) or escape_char(ch)
 
 
 # Normalisers in SQL ---------------------------------------------------------------------------
@@ -193,11 +211,6 @@ def _fields_frame(
                 "initial_label": initial_label,
                 "active": name in active,
                 "label": name.replace("_", " "),
-                "checked": bool(spec.validator or spec.erp_write or spec.crm_write),
-                # A syntax-only check whose common case SQL can pass (`_SQL_PASSES`).
-                "fast": spec.validator
-                if spec.validator in _SQL_PASSES and not (spec.erp_write or spec.crm_write)
-                else None,
             }
         )
     return pd.DataFrame(rows)
@@ -231,7 +244,7 @@ def decide(
 ) -> None:
     """Fill `_cf` and define the view `_planned` over `_cand_fields` (see the module docstring).
 
-    `problem(field, op, value)` says why the target system would refuse `value` (or None);
+    `problem(field, op, value)` says why `value` must not be written by `op` (or None);
     `labels_sql` gives (erp_id, label): how a rejection names its record."""
     con.execute(Q_MACRO)
     con.execute(T_MACRO)
@@ -270,7 +283,7 @@ def decide(
             FROM _cf c WHERE NOT {AGREE}),
         m AS (
             SELECT n.*, f.direction, f.conflict_policy, f.initial, f.initial_label, f.active,
-                   f.label, f.checked, f.fast,
+                   f.label,
                    n.c_moved AND f.direction <> 'erp_to_crm' AS c_counts,
                    n.e_moved AND f.direction <> 'crm_to_erp' AS e_counts,
                    NOT n.has_base OR (NOT n.c_moved AND NOT n.e_moved) AS is_initial,
@@ -321,7 +334,7 @@ def decide(
                CASE WHEN winner = 'crm' THEN 'Unleashed' ELSE 'CRM' END AS lose
         FROM d WHERE winner IS NOT NULL AND active"""
     )
-    _refusals(con, problem, labels_sql)
+    _refusals(con, mapping, problem, labels_sql)
     con.execute(
         f"""CREATE OR REPLACE TEMP VIEW _planned AS
         WITH p AS (
@@ -429,26 +442,61 @@ def plain_website_sql(col: str) -> str:
     return f"regexp_full_match({col}, 'https?://[A-Za-z0-9\\-]+(\\.[A-Za-z0-9\\-]+)+(/[!-~]*)?')"
 
 
-_SQL_PASSES = {"email": plain_email_sql, "unleashed_website": plain_website_sql}
+_SQL_PASSES: dict[str, Callable[[str], str]] = {
+    "email": plain_email_sql,
+    "unleashed_website": plain_website_sql,
+    "crm_website": plain_website_sql,  # no user name before the host either: `@` cannot match
+    "unleashed_required": lambda col: f"trim({col}) <> ''",
+}
+# Printable ASCII (the space to the tilde) has no character the safety check refuses: no control
+# character, tab or line break, nothing bidirectional. Every SQL pass is read under it.
+PRINTABLE_ASCII_SQL = "regexp_full_match({col}, '[ -~]*')"
 
 
-def _sql_pass(validator_col: str, value_col: str) -> str:
-    cases = " ".join(f"WHEN '{v}' THEN {f(value_col)}" for v, f in _SQL_PASSES.items())
-    return f"CASE {validator_col} {cases} END"
+def sql_pass(spec: FieldSpec, target: str, col: str) -> str | None:
+    """SQL: true where the text `col` certainly passes every check a value of this field goes
+    through on its way to `target` ('erp' or 'crm'): printable ASCII (the safety check) and each
+    of the field's named checks by its SQL pass. None where SQL cannot tell: a named check
+    without one, or a reference to look up (`crm_write`, `erp_write`)."""
+    if (spec.erp_write if target == "erp" else spec.crm_write) is not None:
+        return None
+    parts = [PRINTABLE_ASCII_SQL.format(col=col)]
+    for name in spec.checks_to(target):
+        if name not in _SQL_PASSES:
+            return None
+        parts.append(_SQL_PASSES[name](col))
+    return "(" + " AND ".join(parts) + ")"
+
+
+def _sql_passes(mapping: EntityMapping, col: str) -> str:
+    """SQL over `_decided` rows: `sql_pass` of the row's field and op (NULL: ask Python)."""
+    by_op = []
+    for op, target in (("update_erp", "erp"), ("update_crm", "crm")):
+        cases = [
+            f"WHEN '{name}' THEN {cond}"
+            for name, spec in mapping.fields.items()
+            if (cond := sql_pass(spec, target, col)) is not None
+        ]
+        if cases:
+            by_op.append(f"WHEN op = '{op}' THEN CASE field {' '.join(cases)} END")
+    return f"CASE {' '.join(by_op)} END" if by_op else "NULL"
 
 
 def _refusals(
     con: duckdb.DuckDBPyConnection,
+    mapping: EntityMapping,
     problem: Callable[[str, str, str], str | None],
     labels_sql: str,
 ) -> None:
-    """`_refused(erp_id, field, why, record_label)`: the decided changes whose value the target
-    system would refuse (they are planned as rejections). The checks run in Python (validators,
-    lookups) once per distinct (field, op, value) of the fields that have a validator or a
-    reference (names, websites, emails, account managers)."""
+    """`_refused(erp_id, field, why, record_label)`: the decided changes whose value must not be
+    written to the target system (they are planned as rejections). Every value is checked: the
+    ones SQL certainly passes (`sql_pass`: printable ASCII that the field's syntax checks pass)
+    are passed there, and `problem` runs in Python (validators, lookups) once per distinct
+    (field, op, value) of the rest."""
+    passes = _sql_passes(mapping, "coalesce(new_value, '')")
     todo = con.execute(
         f"""SELECT DISTINCT field, op, coalesce(new_value, '') FROM _decided
-            WHERE checked AND NOT coalesce({_sql_pass("fast", "new_value")}, false)"""
+            WHERE NOT coalesce({passes}, false)"""
     ).fetchall()
     whys = [(f, op, v, why) for f, op, v in todo if (why := problem(f, op, v)) is not None]
     con.execute(
@@ -464,8 +512,7 @@ def _refusals(
                 WITH r AS (
                     SELECT d.erp_id, d.field, w.why FROM _decided d
                     JOIN _whys w ON w.field = d.field AND w.op = d.op
-                                AND w.value = coalesce(d.new_value, '')
-                    WHERE d.checked)
+                                AND w.value = coalesce(d.new_value, ''))
                 SELECT r.erp_id, r.field, r.why, coalesce(l.label, '')
                 FROM r LEFT JOIN ({labels_sql}) l ON l.erp_id = r.erp_id"""
         )

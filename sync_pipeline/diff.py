@@ -28,7 +28,7 @@ from sync_pipeline.clients.crm import crm_key
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
-from sync_pipeline.mapping.validate import ValidationContext, validate
+from sync_pipeline.mapping.validate import ValidationContext, check_value
 
 PLAN_COLUMNS = [
     "entity", "op", "crm_id", "erp_id", "crm_parent_id", "erp_parent_id", "field",
@@ -99,7 +99,7 @@ class _Context:
         if self._validation is None:
             emails: set[str] = set()
             for spec in mapping.fields.values():
-                if spec.validator == "salesperson_exists" and spec.erp_write is not None:
+                if "salesperson_exists" in spec.checks_to("erp") and spec.erp_write is not None:
                     emails |= set(self.lookup(spec.erp_write))
             if not emails:
                 rows = self._con_rows(
@@ -338,13 +338,20 @@ def _keep_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, looked
 
 
 def _problem(mapping: EntityMapping, ctx: _Context) -> Callable[[str, str, str], str | None]:
-    """problem(field, op, value): why the target system would refuse `value`, or None."""
+    """problem(field, op, value): why `value` must not be written by `op` (update_erp: to
+    Unleashed, update_crm: to the CRM), or None. The safety check, the field's checks for that
+    direction (`FieldSpec.checks_to`), then its reference: the record the value names must
+    exist on the target side."""
 
     def problem(name: str, op: str, value: str) -> str | None:
         spec = mapping.fields[name]
-        why = None
-        if spec.validator and (op == "update_erp" or spec.validator == "email"):
-            why = validate(spec.validator, value, ctx.validation(mapping))
+        target = "erp" if op == "update_erp" else "crm"
+        why = check_value(
+            value,
+            spec.checks_to(target),
+            multiline=spec.multiline,
+            context=lambda: ctx.validation(mapping),
+        )
         ref = spec.erp_write if op == "update_erp" else spec.crm_write
         if (
             why is None
@@ -476,10 +483,9 @@ def _creations(
                 continue
             if "." in spec.crm:
                 continue  # a navigation path cannot be written directly
-            if spec.validator == "email":
-                why = validate("email", value)
-                if why:
-                    problems.append(f"{n.replace('_', ' ')} {quote(value)} {why}")
+            why = check_value(value, spec.checks_to("crm"), multiline=spec.multiline)
+            if why:
+                problems.append(f"{n.replace('_', ' ')} {quote(value)} {why}")
             payload[spec.crm] = value
             pending.append({"entity": entity, "erp_id": rec.erp_id, "field": n, "value": value})
         if mapping.crm.parent_key and not pd.isna(rec.crm_parent_id):

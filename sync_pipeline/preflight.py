@@ -305,7 +305,7 @@ def check_mapping(meta: Metadata, mapping: EntityMapping, report: PreflightRepor
                     f"{etype.name}.{ref.field} cannot be empty in the CRM: set `blank` to the "
                     "value that stands for none (e.g. a house user's code)",
                 )
-        elif "." not in spec.crm and writes and spec.validator != "unleashed_required":
+        elif "." not in spec.crm and writes and "unleashed_required" not in spec.checks_to("erp"):
             prop = etype.props.get(spec.crm)
             if prop is not None and not prop[1]:
                 report.warn(

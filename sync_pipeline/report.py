@@ -10,6 +10,7 @@ import duckdb
 import pandas as pd
 
 from sync_pipeline.decide import quote
+from sync_pipeline.mapping.validate import visible
 
 OP_LABELS = {
     "update_erp": "CRM → Unleashed",
@@ -23,7 +24,7 @@ OP_LABELS = {
 def _cell(value: Any, width: int = 40) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
         return ""
-    text = str(value).replace("|", "\\|").replace("\n", " ")
+    text = visible(str(value).replace("|", "\\|").replace("\n", " "))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -371,6 +371,191 @@ def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):
 
 
 # ------------------------------------------------------------------------------------------------
+# Unsafe values: checked per direction before anything is written, both ways
+# ------------------------------------------------------------------------------------------------
+def _open_rejections(h: Harness, **where: str):
+    cond = " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in where)
+    return h.query(
+        f"SELECT field, value, reason FROM rejections WHERE resolved_at IS NULL AND {cond}",
+        list(where.values()),
+    )
+
+
+def _rejected_in_plan_preview(h: Harness, result) -> str:
+    return h.materialization_metadata(result, ["sync", "plan"])["rejections_preview"]
+
+
+def _no_raw_unsafe_characters(text: str) -> bool:
+    from sync_pipeline.mapping.validate import unsafe_kind
+
+    return all(unsafe_kind(ch) is None for ch in text.replace("\n", ""))
+
+
+def _linked_contact(h: Harness) -> dict[str, Any]:
+    row = h.query(
+        """SELECT l.crm_id, l.erp_id, l.erp_parent_id FROM contact_links l
+           JOIN unleashed_contacts u ON u.id = l.erp_id AND u.active
+           JOIN crm_contacts c ON c.id = l.crm_id AND c.active
+           WHERE coalesce(u.data->>'$.EmailAddress', '') <> ''
+           ORDER BY l.crm_id LIMIT 1"""
+    ).iloc[0]
+    return {"crm_id": int(row["crm_id"]), "erp_id": row["erp_id"], "customer": row["erp_parent_id"]}
+
+
+def _erp_contact(h: Harness, contact: dict[str, Any]) -> dict[str, Any]:
+    (found,) = [
+        c.to_wire()
+        for c in h.unleashed.list_contacts(contact["customer"])
+        if str(c.Guid) == contact["erp_id"]
+    ]
+    return found
+
+
+def test_a_javascript_website_in_unleashed_is_reported_and_never_reaches_the_crm(harness):
+    h = harness
+    h.cycle()
+    pair, other = _two_pairs(h)
+    crm_before = h.crm.get("Divisions", pair["crm_id"])["Website"]
+    # Unleashed's own API refuses it; a record can still hold one (imported, older data).
+    _plant_customer(h, pair["erp_id"], Website="javascript:alert(document.cookie)")
+    h.unleashed.update_customer(other["erp_id"], {"Website": "https://other.example.com"})
+
+    result = h.cycle()
+
+    assert h.crm.get("Divisions", pair["crm_id"])["Website"] == crm_before
+    assert h.crm.get("Divisions", other["crm_id"])["Website"] == "https://other.example.com"
+    (reason,) = _open_rejections(h, crm_id=str(pair["crm_id"]), field="website")["reason"]
+    assert f"(CRM {pair['crm_id']} / Unleashed {pair['erp_id']}): website " in reason
+    assert (
+        "'javascript:alert(document.cookie)' cannot be written to the CRM: is not an absolute "
+        "http:// or https:// address; not sent (Unleashed changed website from "
+    ) in reason, reason
+    assert "javascript:alert(document.cookie)" in _rejected_in_plan_preview(h, result)
+    # Nothing is sent while the value stays: the next cycles write nothing to the division.
+    before = h.emu.stats("crm")["requests"].get("PATCH /Divisions({key})", 0)
+    h.cycle()
+    assert h.emu.stats("crm")["requests"].get("PATCH /Divisions({key})", 0) == before
+
+    h.unleashed.update_customer(pair["erp_id"], {"Website": "https://fixed.example.com"})
+    h.cycle()
+    assert h.crm.get("Divisions", pair["crm_id"])["Website"] == "https://fixed.example.com"
+    assert _open_rejections(h, crm_id=str(pair["crm_id"]), field="website").empty
+
+
+def test_a_nul_in_a_crm_company_name_is_reported_and_never_reaches_unleashed(harness):
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    name_before = h.unleashed.get_customer(pair["erp_id"]).CustomerName
+    h.crm.patch(
+        "Divisions", pair["crm_id"], {"Name": "Acme\x00Trading", "PhoneNumber": "0161 496 0321"}
+    )
+
+    result = h.push()
+
+    after = h.unleashed.get_customer(pair["erp_id"])
+    assert after.CustomerName == name_before
+    assert after.PhoneNumber == "0161 496 0321"  # the rest of the record still syncs
+    (reason,) = _open_rejections(h, crm_id=str(pair["crm_id"]), field="name")["reason"]
+    assert (
+        f"(CRM {pair['crm_id']} / Unleashed {pair['erp_id']}): name 'Acme\\x00Trading' is not "
+        "accepted by Unleashed: contains the control character U+0000; not sent (CRM changed name"
+    ) in reason, reason
+    assert "\x00" not in reason
+    preview = _rejected_in_plan_preview(h, result)
+    assert "Acme\\x00Trading" in preview and _no_raw_unsafe_characters(preview)
+
+    h.crm.patch("Divisions", pair["crm_id"], {"Name": "Acme Trading"})
+    h.push()
+    assert h.unleashed.get_customer(pair["erp_id"]).CustomerName == "Acme Trading"
+    assert _open_rejections(h, crm_id=str(pair["crm_id"]), field="name").empty
+
+
+def test_a_right_to_left_override_in_an_unleashed_surname_never_reaches_the_crm(harness):
+    h = harness
+    h.cycle()
+    h.cycle()  # the CRM contacts the first cycle created are linked
+    contact = _linked_contact(h)
+    surname_before = h.crm.get("Contacts", contact["crm_id"])["Surname"]
+    spoofed = "Smith\u202efdp.exe"  # shows as "Smithexe.pdf"
+    h.unleashed.update_contact(contact["customer"], contact["erp_id"], {"LastName": spoofed})
+    assert _erp_contact(h, contact)["LastName"] == spoofed  # Unleashed took it
+
+    result = h.cycle()
+
+    assert h.crm.get("Contacts", contact["crm_id"])["Surname"] == surname_before
+    (reason,) = _open_rejections(h, erp_id=contact["erp_id"], field="last_name")["reason"]
+    assert (
+        "last name 'Smith\\u202efdp.exe' cannot be written to the CRM: contains the "
+        "bidirectional control character U+202E (RIGHT-TO-LEFT OVERRIDE)"
+    ) in reason, reason
+    assert f"(CRM {contact['crm_id']} / Unleashed {contact['erp_id']})" in reason
+    assert _no_raw_unsafe_characters(reason)
+    assert _no_raw_unsafe_characters(_rejected_in_plan_preview(h, result))
+
+    h.unleashed.update_contact(contact["customer"], contact["erp_id"], {"LastName": "Smith"})
+    h.cycle()
+    assert h.crm.get("Contacts", contact["crm_id"])["Surname"] == "Smith"
+    assert _open_rejections(h, erp_id=contact["erp_id"], field="last_name").empty
+
+
+def test_a_control_character_in_a_crm_email_never_reaches_unleashed(harness):
+    h = harness
+    h.cycle()
+    h.cycle()
+    contact = _linked_contact(h)
+    email_before = _erp_contact(h, contact)["EmailAddress"]
+    injected = "jo@example.com\r\nBcc: everyone@example.org"
+    h.crm.patch("Contacts", contact["crm_id"], {"Email": injected})
+
+    h.push()
+
+    assert _erp_contact(h, contact)["EmailAddress"] == email_before
+    (reason,) = _open_rejections(h, erp_id=contact["erp_id"], field="email")["reason"]
+    assert (
+        "email 'jo@example.com\\r\\nBcc: everyone@example.org' is not accepted by Unleashed: "
+        "contains the control character U+000D (carriage return)"
+    ) in reason, reason
+
+    h.crm.patch("Contacts", contact["crm_id"], {"Email": "jo.fixed@example.com"})
+    h.push()
+    assert _erp_contact(h, contact)["EmailAddress"] == "jo.fixed@example.com"
+    assert _open_rejections(h, erp_id=contact["erp_id"], field="email").empty
+
+
+def test_an_unleashed_contact_with_an_unsafe_value_is_not_created_in_the_crm_until_fixed(harness):
+    """A creation is refused whole (the CRM record is not made without the field): the
+    rejection names the Unleashed contact, the field, the value and why; fixed in Unleashed, the
+    contact is created at the next cycle and the rejection closes."""
+    h = harness
+    h.cycle()
+    pair = h.linked_company()
+    created = h.unleashed.create_contact(
+        pair["erp_id"],
+        {"FirstName": "Eve\x1b[8m", "LastName": "Hidden", "EmailAddress": "eve@example.com"},
+    )
+    guid = str(created.Guid)
+    result = h.cycle()
+    h.cycle()
+
+    assert h.crm.find("Contacts", CONTACT_SLOT, guid) == []
+    assert h.crm.find("Contacts", "Surname", "Hidden") == []
+    (reason,) = _open_rejections(h, erp_id=guid, field=None)["reason"]
+    assert reason == (
+        f"Unleashed contact 'Eve\\x1b[8m Hidden' (Unleashed {guid}) is not created in the CRM: "
+        "first name 'Eve\\x1b[8m' contains the control character U+001B"
+    )
+    assert _no_raw_unsafe_characters(_rejected_in_plan_preview(h, result))
+
+    h.unleashed.update_contact(pair["erp_id"], guid, {"FirstName": "Eve"})
+    h.cycle()
+    (contact,) = h.crm.find("Contacts", CONTACT_SLOT, guid)
+    assert (contact["Forename"], contact["Surname"]) == ("Eve", "Hidden")
+    assert contact["DivisionId"] == pair["crm_id"]
+    assert _open_rejections(h, erp_id=guid, field=None).empty
+
+
+# ------------------------------------------------------------------------------------------------
 # Very long strings: Unleashed sets no length limit, the CRM's Division.Name is String(250)
 # ------------------------------------------------------------------------------------------------
 def test_very_long_strings_sync_whole_or_are_refused_whole(harness):

@@ -239,6 +239,156 @@ def test_invalid_website_is_rejected_and_other_fields_still_plan(w):
     assert one(plan(w), field="website")["op"] == "update_erp"
 
 
+UNSAFE_EDITS = [
+    # (table, id, raw field, value, mapped field, op, what the reason must say)
+    ("crm_companies", "12", "Name", "Acme\x00Ltd", "name", "update_erp",
+     "name 'Acme\\x00Ltd' is not accepted by Unleashed: contains the control character U+0000"),
+    ("crm_companies", "12", "Name", "Acme\x85Trading", "name", "update_erp",
+     "contains the control character U+0085"),
+    ("unleashed_customers", "g-acme", "CustomerName", "\u200fAcme Trading", "name", "update_crm",
+     "name '\\u200fAcme Trading' cannot be written to the CRM: contains the bidirectional control "
+     "character U+200F (RIGHT-TO-LEFT MARK)"),
+    ("unleashed_contacts", "c-jane", "LastName", "Doe\u202egnp.exe", "last_name", "update_crm",
+     "last name 'Doe\\u202egnp.exe' cannot be written to the CRM: contains the bidirectional "
+     "control character U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("unleashed_contacts", "c-jane", "FirstName", "Ja\u2067ne", "first_name", "update_crm",
+     "contains the bidirectional control character U+2067 (RIGHT-TO-LEFT ISOLATE)"),
+    ("crm_contacts", "100", "PhoneNumber", "020 7946 0002\t", "phone", "update_erp",
+     "phone '020 7946 0002\\t' is not accepted by Unleashed: contains the control character "
+     "U+0009 (tab)"),
+    ("crm_contacts", "100", "Email", "jane@acme.com\r\nBcc: all@example.org", "email",
+     "update_erp", "contains the control character U+000D (carriage return)"),
+    ("unleashed_customers", "g-acme", "PhoneNumber", "020 7946\u20280009", "phone", "update_crm",
+     "contains the line separator U+2028 (LINE SEPARATOR)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "table, key, raw_field, value, field, op, words",
+    UNSAFE_EDITS,
+    ids=[f"{e[2]}={e[3]!r}" for e in UNSAFE_EDITS],
+)
+def test_unsafe_characters_are_refused_both_ways_whatever_the_field(
+    w, table, key, raw_field, value, field, op, words
+):
+    """The safety check runs on every value going either way: a control character, a tab or
+    line break in a one-line field, a bidirectional control is a rejection naming the record,
+    the field, the value (escaped: the reason shows no raw control character) and why."""
+    from sync_pipeline.mapping.validate import unsafe_kind
+
+    w.edit(table, key, **{raw_field: value})
+    row = one(plan(w))
+    assert (row["op"], row["field"], row["new_value"]) == ("reject", field, value)
+    assert words in row["reason"], row["reason"]
+    company = table in ("crm_companies", "unleashed_customers")
+    record = "(CRM 12 / Unleashed g-acme)" if company else "(CRM 100 / Unleashed c-jane)"
+    assert record in row["reason"]
+    assert all(unsafe_kind(ch) is None for ch in row["reason"]), repr(row["reason"])
+    intended = "CRM changed" if op == "update_erp" else "Unleashed changed"
+    assert f"not sent ({intended} {field.replace('_', ' ')} from " in row["reason"]
+    # Fixed at the source: a plain update, the rejection gone.
+    fixed = "jane.fixed@acme.com" if field == "email" else "Fixed Value"
+    w.edit(table, key, **{raw_field: fixed})
+    row = one(plan(w))
+    assert (row["op"], row["new_value"]) == (op, fixed)
+
+
+@pytest.mark.parametrize(
+    "website",
+    ["javascript:alert(1)", "JavaScript:alert(document.cookie)",
+     "data:text/html,<script>x</script>", "vbscript:msgbox(1)", "file:///etc/passwd",
+     "//evil.example.com/x", "www.acme.example.com"],
+)  # fmt: skip
+def test_a_website_from_unleashed_that_is_not_an_http_address_is_not_written_to_the_crm(w, website):
+    w.edit("unleashed_customers", "g-acme", Website=website)
+    row = one(plan(w))
+    assert (row["op"], row["field"], row["new_value"]) == ("reject", "website", website)
+    assert row["reason"].startswith(
+        f"company 'Acme Ltd' (CRM 12 / Unleashed g-acme): website {diff.quote(website)} cannot "
+        "be written to the CRM: is not an absolute http:// or https:// address; not sent"
+    ), row["reason"]
+    w.edit("unleashed_customers", "g-acme", Website="https://acme.example.com/about")
+    assert one(plan(w))["op"] == "update_crm"
+
+
+def test_a_website_with_a_user_name_before_its_host_is_not_written_to_the_crm(w):
+    w.edit("unleashed_customers", "g-acme", Website="https://acme.com@evil.example/login")
+    row = one(plan(w))
+    assert row["op"] == "reject"
+    assert "has a user name or password before its host name" in row["reason"]
+
+
+def test_an_email_going_to_the_crm_is_checked_like_one_going_to_unleashed(w):
+    w.edit("unleashed_contacts", "c-jane", EmailAddress="jane@@acme.com")
+    row = one(plan(w))
+    assert (row["op"], row["field"]) == ("reject", "email")
+    assert "cannot be written to the CRM: is not a valid email address" in row["reason"]
+    w.edit("crm_contacts", "100", Email="jane@@acme.com")  # the same value the other way
+    assert plan(w).empty  # the two sides agree: nothing to write either way
+
+
+def test_an_unlinked_unleashed_contact_with_an_unsafe_value_is_not_created(w):
+    """A creation carries every field: one unsafe value and the record is not created (rather
+    than created without that field): a rejection names the record, the field, the value and
+    why; fixed in Unleashed, it is created whole."""
+    w.erp_contact("c-eve", "g-acme", "Eve\x1b[31m", "Evans", email="eve@acme.com")
+    w.erp_contact("c-ok", "g-acme", "Olive", "Okay", email="olive@acme.com")
+    p = plan(w)
+    assert list(rows(p, op="create_crm_contact")["erp_id"]) == ["c-ok"]
+    row = one(p, op="reject")
+    assert row["erp_id"] == "c-eve" and pd.isna(row["crm_id"])
+    assert row["reason"] == (
+        "Unleashed contact 'Eve\\x1b[31m Evans' (Unleashed c-eve) is not created in the CRM: "
+        "first name 'Eve\\x1b[31m' contains the control character U+001B"
+    )
+    created = w.con.execute("SELECT DISTINCT erp_id FROM sync_creation_baseline").fetchall()
+    assert created == [("c-ok",)]
+    w.edit("unleashed_contacts", "c-eve", FirstName="Eve")
+    row = one(plan(w), erp_id="c-eve")
+    assert row["op"] == "create_crm_contact"
+    assert json.loads(row["payload"])["Forename"] == "Eve"
+
+
+def test_an_unlinked_customer_with_a_javascript_website_is_not_created(w):
+    w.customer("g-new", "NEW1", "Newco", website="javascript:alert(1)")
+    row = one(plan(w))
+    assert (row["op"], row["erp_id"]) == ("reject", "g-new")
+    why = "website 'javascript:alert(1)' is not an absolute http:// or https:// address"
+    assert why in row["reason"], row["reason"]
+
+
+def test_values_sql_passes_never_reach_the_python_checks(w, monkeypatch):
+    """Plain printable-ASCII values of fields whose checks have an SQL pass are passed in SQL;
+    the Python checks see the rest, once per distinct (field, direction, value)."""
+    seen = []
+    make = diff._problem
+
+    def counting(mapping, ctx):
+        problem = make(mapping, ctx)
+
+        def wrapped(name, op, value):
+            seen.append((name, op, value))
+            return problem(name, op, value)
+
+        return wrapped
+
+    monkeypatch.setattr(diff, "_problem", counting)
+    w.edit("crm_companies", "12", Name="Acme Trading", PhoneNumber="020 7946 0999",
+           Website="https://acme.example.com")  # fmt: skip
+    w.edit("crm_contacts", "100", Email="jane.doe@acme.com", Forename="Janet")
+    assert set(plan(w)["op"]) == {"update_erp"}
+    assert seen == []
+    w.edit("crm_companies", "12", Name="Acmé Trading")
+    w.edit("unleashed_contacts", "c-jane", LastName="Doe\u202e")
+    p = plan(w)
+    assert sorted(seen) == [
+        ("last_name", "update_crm", "Doe\u202e"),
+        ("name", "update_erp", "Acmé Trading"),
+    ]
+    assert one(p, field="name")["op"] == "update_erp"
+    assert one(p, field="last_name")["op"] == "reject"
+
+
 BOB = {"UserCode": "U02", "EmailAddress": "bob@example.com"}  # CRM user 2, as $expand gives it
 
 
@@ -427,12 +577,22 @@ def test_database_from_before_the_pending_set_is_migrated_and_looked_at_in_full(
     assert plan(w).equals(p)  # still planned (not yet applied), nothing else appears
 
 
-@pytest.mark.parametrize(
-    "value", [None, "", "plain", "it's", "a\\b", "x\ny", "tab\there", "cr\rx", "mix\\'\n", "é'"]
-)
-def test_reasons_quote_values_the_same_way_in_sql_and_python(value):
+QUOTED = [
+    (None, "''"), ("", "''"), ("plain", "'plain'"), ("it's", "'it\\'s'"), ("a\\b", "'a\\\\b'"),
+    ("x\ny", "'x\\ny'"), ("tab\there", "'tab\\there'"), ("cr\rx", "'cr\\rx'"),
+    ("mix\\'\n", "'mix\\\\\\'\\n'"), ("é'", "'é\\''"), ("a\x00b", "'a\\x00b'"),
+    ("\x1b[31mred", "'\\x1b[31mred'"), ("del\x7f\x85", "'del\\x7f\\x85'"),
+    ("Doe\u202egnp.exe", "'Doe\\u202egnp.exe'"), ("\u2066\u200e\u061c", "'\\u2066\\u200e\\u061c'"),
+    ("line\u2028sep", "'line\\u2028sep'"), ("Søren\u00a0K \U0001f469\u200d\U0001f4bb", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value, shown", QUOTED, ids=[repr(v) for v, _ in QUOTED])
+def test_reasons_quote_values_the_same_way_in_sql_and_python(value, shown):
     """Plan reasons are built in SQL (`_q`) and in Python (`quote`); a person reading them sees
-    one rule: the value in single quotes, with quotes, backslashes and line breaks escaped."""
+    one rule: the value in single quotes, with quotes, backslashes, tabs and line breaks
+    escaped, and any other character the safety check refuses shown by its code point (`\\x00`,
+    `\\u202e`), so no raw control or bidirectional character reaches a reason."""
     import duckdb
 
     from sync_pipeline.decide import Q_MACRO, quote
@@ -440,6 +600,40 @@ def test_reasons_quote_values_the_same_way_in_sql_and_python(value):
     con = duckdb.connect()
     con.execute(Q_MACRO)
     assert con.execute("SELECT _q(?)", [value]).fetchone()[0] == quote(value)
+    assert quote(value) == (shown if shown is not None else f"'{value}'")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12))
+def test_sql_and_python_quoting_agree_on_any_text(value):
+    import duckdb
+
+    from sync_pipeline.decide import Q_MACRO, quote
+
+    con = duckdb.connect()
+    con.execute(Q_MACRO)
+    assert con.execute("SELECT _q(?)", [value]).fetchone()[0] == quote(value)
+
+
+def test_the_sql_escape_class_is_what_the_safety_check_refuses():
+    """`decide.UNSAFE_CLASS` (an RE2 class: `_q` escapes what it matches) against
+    `validate.unsafe_kind`, over every code point."""
+    import duckdb
+
+    from sync_pipeline.decide import UNSAFE_CLASS
+    from sync_pipeline.mapping.validate import unsafe_kind
+
+    con = duckdb.connect()
+    matched = {
+        cp
+        for (cp,) in con.execute(
+            f"""SELECT cp FROM range(0, 1114112) t(cp)
+                WHERE (cp < 55296 OR cp > 57343) AND regexp_matches(chr(cp::INTEGER),
+                                                                    '[{UNSAFE_CLASS}]')"""
+        ).fetchall()
+    }
+    refused = {cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF and unsafe_kind(chr(cp))}
+    assert matched == refused
 
 
 def test_operation_keys_computed_column_wise_equal_the_per_row_key(w):

@@ -92,10 +92,28 @@ def _bad(tmp_path: Path, old: str, new: str) -> str:
             "bad normaliser 'telephone'",
         ),
         (
-            "    validator: unleashed_website\n",
-            "    validator: is_url\n",
-            "fields.website.validator",
-            "bad validator 'is_url'",
+            "      to_erp: [unleashed_website]",
+            "      to_erp: [unleashed_website, is_url]",
+            "fields.website.checks.to_erp.1",
+            "bad to_erp 'is_url'",
+        ),
+        (
+            "      to_crm: [crm_website]",
+            "      to_crm: [unleashed_website]",  # an Unleashed rule, not one for the CRM
+            "fields.website.checks.to_crm.0",
+            "bad to_crm 'unleashed_website': expected 'crm_website' or 'email'",
+        ),
+        (
+            "    checks:\n      to_erp: [unleashed_website]",
+            "    validator: unleashed_website\n    checks:\n      to_erp: [unleashed_website]",
+            "fields.website",
+            "unknown key 'validator': list the checks per direction under `checks`",
+        ),
+        (
+            "    normaliser: phone\n",
+            "    normaliser: phone\n    multiline: sometimes\n",
+            "fields.phone.multiline",
+            "valid boolean",
         ),
         (
             "  conflict_policy: newest",
@@ -173,6 +191,147 @@ def test_unleashed_website_rule():
     assert check_unleashed_website("acme .com") == "contains a space"
     assert "absolute" in check_unleashed_website("acme.com")
     assert "dotted host" in check_unleashed_website("https://acme")
+
+
+# Unicode's Bidi_Control property (UAX #9): the characters the safety check refuses as
+# bidirectional controls, listed here independently of how validate.py finds them.
+BIDI_CONTROLS = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def test_safety_check_refuses_exactly_controls_line_breaks_and_bidi_controls():
+    """Over every code point: refused in a one-line field are the control characters (C0, DEL,
+    C1), the line and paragraph separators and the bidirectional controls; nothing else (other
+    format characters such as the zero-width joiner of emoji sequences, no-break spaces, letters
+    of every script pass). A multi-line field also takes tab, line feed, carriage return and the
+    separators."""
+    import unicodedata
+
+    from sync_pipeline.mapping.validate import check_text
+
+    refused, refused_multiline = set(), set()
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        if check_text(chr(cp)) is not None:
+            refused.add(cp)
+        if check_text(chr(cp), multiline=True) is not None:
+            refused_multiline.add(cp)
+    controls = {cp for cp in range(0x110000) if unicodedata.category(chr(cp)) == "Cc"}
+    assert controls == {*range(0x20), *range(0x7F, 0xA0)}
+    assert refused == controls | {0x2028, 0x2029} | BIDI_CONTROLS
+    assert refused_multiline == refused - {0x09, 0x0A, 0x0D, 0x2028, 0x2029}
+
+
+@pytest.mark.parametrize(
+    "value, multiline, reason",
+    [
+        ("Acme\x00", False, "contains the control character U+0000"),
+        ("Acme\x1b[2J", True, "contains the control character U+001B"),
+        ("Acme\x7f", False, "contains the control character U+007F"),
+        ("a\x9bb", False, "contains the control character U+009B"),
+        ("two\nlines", False, "contains the control character U+000A (line feed)"),
+        ("a\tb", False, "contains the control character U+0009 (tab)"),
+        ("a\r\nb", False, "contains the control character U+000D (carriage return)"),
+        ("a\u2029b", False, "contains the line separator U+2029 (PARAGRAPH SEPARATOR)"),
+        ("invoice\u202efdp.exe", True,
+         "contains the bidirectional control character U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("\u2066x\u2069", False,
+         "contains the bidirectional control character U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+        ("\u061c1", False,
+         "contains the bidirectional control character U+061C (ARABIC LETTER MARK)"),
+        ("two\nlines\r\n\tindented\u2028", True, None),
+        ("Søren Kierkegaard", False, None),
+        ("שלום עולם", False, None),  # right-to-left text itself is fine
+        ("\U0001f469\u200d\U0001f4bb", False, None),  # the zero-width joiner of an emoji
+        ("Jean\u00a0Dupont", False, None),  # a no-break space
+        ("", False, None),
+    ],
+)  # fmt: skip
+def test_safety_check_names_the_character_by_its_code_point(value, multiline, reason):
+    from sync_pipeline.mapping.validate import check_text
+
+    assert check_text(value, multiline=multiline) == reason
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("https://acme.com", None),
+        ("HTTP://www.Acme.co.uk/about?x=1#top", None),
+        ("https://acme.com:8443/", None),
+        ("", None),
+        ("javascript:alert(1)", "is not an absolute http:// or https:// address"),
+        ("JAVASCRIPT:alert(1)", "is not an absolute http:// or https:// address"),
+        ("data:text/html;base64,PHNjcmlwdD4=", "is not an absolute http:// or https:// address"),
+        ("vbscript:msgbox", "is not an absolute http:// or https:// address"),
+        ("file:///c:/windows", "is not an absolute http:// or https:// address"),
+        ("ftp://files.acme.com", "is not an absolute http:// or https:// address"),
+        ("acme.com", "is not an absolute http:// or https:// address"),
+        ("//acme.com", "is not an absolute http:// or https:// address"),
+        (" javascript:alert(1)", "contains a space"),
+        ("https://acme", "has no dotted host name"),
+        ("https://", "has no dotted host name"),
+        ("https://acme.com:port", "is not a valid URL ("),  # then the library's own words
+        ("https://acme.com@evil.example", "has a user name or password before its host name"),
+    ],
+)  # fmt: skip
+def test_crm_website_rule(value, reason):
+    from sync_pipeline.mapping.validate import check_crm_website
+
+    found = check_crm_website(value)
+    assert found == reason or (reason and found and found.startswith(reason)), found
+
+
+def test_check_value_runs_the_safety_check_first_then_the_named_checks_in_order():
+    from sync_pipeline.mapping.validate import ValidationContext, check_value
+
+    assert check_value("javascript:\x00", ["crm_website"]) == (
+        "contains the control character U+0000"
+    )
+    assert check_value("javascript:x", ["crm_website"]) == (
+        "is not an absolute http:// or https:// address"
+    )
+    assert check_value("", ["unleashed_required", "email"]) == (
+        "is required by Unleashed and cannot be empty"
+    )
+    asked = []
+
+    def context():
+        asked.append(1)
+        return ValidationContext(salesperson_emails=frozenset({"ann@example.com"}))
+
+    assert check_value("Ann@Example.com", ["email", "salesperson_exists"], context=context) is None
+    assert check_value("bob@example.com", ["salesperson_exists"], context=context) == (
+        "matches no active Unleashed salesperson (by email)"
+    )
+    assert check_value("x@example.com", ["email"], context=context) is None
+    assert len(asked) == 2  # the context is built only for the check that needs it
+
+
+def test_checks_per_direction_default_by_normaliser_and_the_shipped_mappings_check_both_ways(
+    tmp_path,
+):
+    m = load_mappings(MAPPINGS_DIR)
+    company, contact = m["company"].fields, m["contact"].fields
+    assert company["website"].checks_to("erp") == ("unleashed_website",)
+    assert company["website"].checks_to("crm") == ("crm_website",)
+    assert company["name"].checks_to("erp") == ("unleashed_required",)
+    assert company["name"].checks_to("crm") == ()
+    assert company["account_manager"].checks_to("erp") == ("salesperson_exists",)
+    assert contact["email"].checks_to("erp") == contact["email"].checks_to("crm") == ("email",)
+    assert not any(spec.multiline for mapping in m.values() for spec in mapping.fields.values())
+    # A field that lists no checks takes its normaliser's; `[]` turns a direction's off.
+    (tmp_path / "company.yaml").write_text(
+        COMPANY
+        + "  other_site:\n    crm: Fax\n    erp: FaxNumber\n    normaliser: website\n"
+        + "  other_mail:\n    crm: Zz1\n    erp: Zz1\n    normaliser: email\n"
+        + "    checks: {to_crm: []}\n"
+    )
+    fields = load_mapping(tmp_path / "company.yaml").fields
+    assert fields["other_site"].checks_to("erp") == ("unleashed_website",)
+    assert fields["other_site"].checks_to("crm") == ("crm_website",)
+    assert fields["other_mail"].checks_to("erp") == ("email",)
+    assert fields["other_mail"].checks_to("crm") == ()
 
 
 def test_a_field_added_only_in_yaml_is_synced_end_to_end(tmp_path):
@@ -381,3 +540,50 @@ def test_sql_plain_website_check_passes_only_what_the_website_rule_passes():
     wrongly = [v for v in passed if check_unleashed_website(v) is not None]
     assert not wrongly, wrongly[:5]
     assert set(common) <= set(passed) and len(passed) > 20
+    # The CRM's website rule is passed by the same SQL (`decide._SQL_PASSES`).
+    from sync_pipeline.mapping.validate import check_crm_website
+
+    assert not [v for v in passed if check_crm_website(v) is not None]
+
+
+def test_sql_passes_a_value_only_where_every_python_check_of_its_field_and_direction_does():
+    """The planner passes in SQL what it can (`decide.sql_pass`), and asks Python about the rest.
+    For every field and direction of the shipped mappings, over values with control characters,
+    tabs, line breaks, bidirectional controls, non-ASCII text and malformed addresses: nothing
+    SQL passes is refused by `check_value`, and nothing with a character the safety check
+    refuses is passed by SQL."""
+    import random
+
+    import duckdb
+
+    from sync_pipeline.decide import sql_pass
+    from sync_pipeline.mapping.validate import check_text, check_value
+
+    rng = random.Random(11)
+    pieces = ["Acme", "Ltd", " ", "  ", "jo.bloggs", "@", "example.com", "https://", "http://",
+              "www.", "acme.co.uk", "/about", "javascript:", "data:", "020 7946 0000", "+44",
+              "é", "ü", "\u00a0", "\x00", "\x1b", "\x7f", "\x85", "\t", "\n", "\r",
+              "\u2028", "\u200e", "\u200f", "\u061c", "\u202a", "\u202e", "\u2066",
+              "\u2069", "\u200d", "'", "\\", "%", ""]  # fmt: skip
+    values = {"".join(rng.choice(pieces) for _ in range(rng.randint(0, 5))) for _ in range(3000)}
+    values |= {"Acme Ltd", "jo.bloggs@example.com", "https://www.acme.co.uk/about", "", " "}
+    con = duckdb.connect()
+    con.execute("CREATE TABLE v (v VARCHAR)")
+    con.executemany("INSERT INTO v VALUES (?)", [[v] for v in sorted(values)])
+    checked = 0
+    for mapping in load_mappings(MAPPINGS_DIR).values():
+        for name, spec in mapping.fields.items():
+            for target in ("erp", "crm"):
+                cond = sql_pass(spec, target, "v")
+                if cond is None:
+                    continue
+                passed = [r[0] for r in con.execute(f"SELECT v FROM v WHERE {cond}").fetchall()]
+                wrongly = [
+                    v for v in passed
+                    if check_value(v, spec.checks_to(target), multiline=spec.multiline)
+                ]  # fmt: skip
+                assert not wrongly, (mapping.entity, name, target, wrongly[:5])
+                assert not [v for v in passed if check_text(v, multiline=True)]
+                assert "Acme Ltd" in passed or spec.checks_to(target)  # it does pass something
+                checked += 1
+    assert checked >= 10

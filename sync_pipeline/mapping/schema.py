@@ -21,7 +21,10 @@ EXPAND_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\(\$select=[A-Za-z_]\w*(,[A-Za-
 
 Direction = Literal["both", "crm_to_erp", "erp_to_crm"]
 Normaliser = Literal["text", "name", "phone", "email", "website", "exact"]
-Validator = Literal["unleashed_website", "email", "salesperson_exists", "unleashed_required"]
+# The named checks (mapping/validate.py) a field may list for each direction: what Unleashed
+# accepts, and what the CRM may be given.
+ErpCheck = Literal["unleashed_website", "email", "salesperson_exists", "unleashed_required"]
+CrmCheck = Literal["crm_website", "email"]
 Policy = Literal["newest", "crm", "erp"]
 MatchCompare = Literal["exact", "email", "text"]
 Option = Literal["account_manager_sync"]
@@ -192,16 +195,53 @@ class Reference(_Model):
     blank: str | None = None
 
 
+# The checks a field gets for a direction it does not list, by its normaliser: websites and
+# emails are checked both ways; every value also goes through the safety check (always on).
+DEFAULT_CHECKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "website": {"erp": ("unleashed_website",), "crm": ("crm_website",)},
+    "email": {"erp": ("email",), "crm": ("email",)},
+}
+
+
+class Checks(_Model):
+    """Which named checks a field's values go through, per direction: `to_erp` for values going
+    to Unleashed, `to_crm` for values going to the CRM (updates and creations). A direction
+    left out takes the normaliser's default (`DEFAULT_CHECKS`); `[]` runs none but the safety
+    check."""
+
+    to_erp: list[ErpCheck] | None = None
+    to_crm: list[CrmCheck] | None = None
+
+
 class FieldSpec(_Model):
     crm: FieldPath
     erp: FieldPath
     direction: Direction | None = None
     normaliser: Normaliser = "text"
-    validator: Validator | None = None
+    checks: Checks = Field(default_factory=Checks)
+    multiline: bool = False  # tabs and line breaks allowed (the safety check refuses them)
     conflict_policy: Policy | None = None
     option: Option | None = None
     crm_write: Reference | None = None
     erp_write: Reference | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_validator_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "validator" in data:
+            raise ValueError(
+                "unknown key 'validator': list the checks per direction under `checks` "
+                "(to_erp: values going to Unleashed, to_crm: values going to the CRM), "
+                "e.g. checks: {to_erp: [unleashed_website], to_crm: [crm_website]}"
+            )
+        return data
+
+    def checks_to(self, target: Literal["erp", "crm"]) -> tuple[str, ...]:
+        """The named checks a value of this field goes through on its way to `target`."""
+        listed = self.checks.to_erp if target == "erp" else self.checks.to_crm
+        if listed is not None:
+            return tuple(listed)
+        return DEFAULT_CHECKS.get(self.normaliser, {}).get(target, ())
 
 
 class Defaults(_Model):
@@ -264,7 +304,8 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     if kind == "missing":
         return entry, "required key is missing"
     if kind == "literal_error":
-        what = loc[-1] if loc else "value"
+        names = [p for p in loc if not p.isdigit()]  # a list item is named by its list
+        what = names[-1] if names else "value"
         expected = err.get("ctx", {}).get("expected", "")
         return entry, f"bad {what} {err['input']!r}: expected {expected}"
     msg = err["msg"]
