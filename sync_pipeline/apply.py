@@ -14,8 +14,8 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
@@ -42,6 +42,9 @@ from sync_pipeline.extract import (
     customer_snapshot,
 )
 from sync_pipeline.mapping.normalise import normalise
+
+if TYPE_CHECKING:
+    from sync_pipeline.settings import WriteRetry
 
 log = logging.getLogger("sync_pipeline.apply")
 
@@ -77,11 +80,25 @@ class ApplyStats:
     applied_rows: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # why the run stopped before its last operation
     unanswered: int = 0  # records in a row whose requests failed transiently
+    planned: int = 0  # operations this run set out to write
+    not_tried: int = 0  # left for later when the run stopped early
+    # One row per failed operation: record, field, status left in, reason, next retry.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    retry_at: datetime | None = None  # the last failure's automatic retry, if it has one
+
+    @property
+    def unwritten(self) -> int:
+        """Planned writes this run did not make for a reason that is not fine: failed, refused,
+        or not tried because the run stopped. (Deferred and set-aside ones are fine: the target
+        changed, or the plan no longer wants them.)"""
+        return self.failed + self.not_tried
 
     def metadata(self) -> dict[str, Any]:
         return {
+            "operations_planned": self.planned,
             "operations_applied": self.applied,
             "operations_failed": self.failed,
+            "operations_not_tried": self.not_tried,
             "operations_deferred": self.deferred,
             "operations_set_aside": self.set_aside,
             "recovered_after_crash": self.recovered,
@@ -190,11 +207,13 @@ def apply_push(
     mappings: dict[str, Any],
     run_id: str,
     hooks: Hooks | None = None,
+    retry: WriteRetry | None = None,
 ) -> ApplyStats:
     hooks = hooks or TEST_HOOKS
     stats = ApplyStats()
     before = client.stats.total
     pending = store.unfinished(con, PUSH_OPS)
+    stats.planned = len(pending)
     resolver = Resolver(con)
     groups = _group(pending, ["entity", "erp_id"])
     for i, ((entity, erp_id), ops) in enumerate(groups):
@@ -210,8 +229,9 @@ def apply_push(
             raise
         except ApiError as exc:
             failure = exc
-            _fail(con, ops, exc, stats, mapping)
+            _fail(con, ops, exc, stats, mapping, retry)
         if stats.should_stop(failure, "Unleashed", lambda i=i: _left(groups, i)):
+            _leave_untried(con, groups, i, stats)
             break
     stats.requests = client.stats.total - before
     return stats
@@ -451,6 +471,7 @@ def apply_pull(
     updates: bool = True,
     creations: bool = True,
     hooks: Hooks | None = None,
+    retry: WriteRetry | None = None,
 ) -> ApplyStats:
     hooks = hooks or TEST_HOOKS
     stats = ApplyStats()
@@ -458,6 +479,7 @@ def apply_pull(
     resolver = Resolver(con)
     kinds = (PULL_OPS if updates else ()) + (CREATE_OPS if creations else ())
     pending = store.unfinished(con, kinds)
+    stats.planned = len(pending)
     if pending.empty:
         return stats
     # Companies before contacts, so a new contact's company already exists.
@@ -479,8 +501,9 @@ def apply_pull(
             raise
         except ApiError as exc:
             failure = exc
-            _fail(con, ops, exc, stats, mapping)
+            _fail(con, ops, exc, stats, mapping, retry)
         if stats.should_stop(failure, "the CRM", lambda i=i: _left(groups, i)):
+            _leave_untried(con, groups, i, stats)
             break
     stats.requests = client.stats.total - before
     return stats
@@ -865,6 +888,7 @@ def _fail(
     exc: ApiError,
     stats: ApplyStats,
     mapping: Any = None,
+    retry: WriteRetry | None = None,
 ) -> None:
     retry_later = isinstance(exc, TransientApiError)
     message = str(exc)
@@ -880,7 +904,9 @@ def _fail(
             [list(ops["op_id"])],
         ).fetchall()
     }
-    for op_id in ops["op_id"]:
+    now = store.utcnow()
+    for op in ops.to_dict("records"):
+        op_id = op["op_id"]
         # A value the server refused (400/409/422) is not resent while it is the same change:
         # the plan reports it as a rejection. A transient failure after an ambiguous write stays
         # in flight so the next run checks before redoing; anything else is failed and retried
@@ -892,6 +918,69 @@ def _fail(
         else:
             status = "failed"
         store.mark(con, op_id, status, message, sending=False)
+        when = _retry_time(con, op_id, status, exc, retry, now)
+        stats.retry_at = when
+        stats.failures.append(
+            {
+                "entity": op["entity"],
+                "crm_id": _text(op.get("crm_id")),
+                "erp_id": _text(op.get("erp_id")),
+                "field": _text(op.get("field")) or op["op"],
+                "left": status,
+                "reason": message,
+                "retry": _retry_note(status, exc, when, retry),
+            }
+        )
     stats.failed += len(ops)
     stats.errors.append(message)
     log.warning("%s", message)
+
+
+def _retry_time(
+    con: duckdb.DuckDBPyConnection,
+    op_id: str,
+    status: str,
+    exc: ApiError,
+    retry: WriteRetry | None,
+    now: datetime,
+) -> datetime | None:
+    """When the retry sensor tries a failed operation again. A failure that passes (the target
+    down, a timeout, 429s) after a backoff that doubles per failed try, up to the settings'
+    bound; a used-up usage limit at its reset (not counted: nothing was tried). A refusal of the
+    value, bad credentials or a reference that did not resolve are not retried on their own:
+    they need a person, and the next planned run tries again."""
+    if status == "refused":
+        return None
+    if isinstance(exc, UsageLimitError):
+        when = store.to_naive_utc(exc.resets_at) if retry is not None and retry.enabled else None
+    else:
+        failures = store.count_failure(con, op_id)
+        transient = isinstance(exc, TransientApiError)
+        when = retry.next_attempt(failures, now) if retry is not None and transient else None
+    store.schedule_retry(con, [op_id], when)
+    return when
+
+
+def _retry_note(status: str, exc: ApiError, when: datetime | None, retry: WriteRetry | None) -> str:
+    if status == "refused":
+        return "no: refused by the server (a rejection until the value changes)"
+    if when is not None:
+        return f"automatically from {when:%Y-%m-%d %H:%M:%S} UTC"
+    if retry is None or not retry.enabled:
+        return "at the next planned run (automatic retries are off)"
+    if isinstance(exc, TransientApiError):
+        return f"at the next planned run ({retry.max_attempts} automatic tries used up)"
+    return "at the next planned run (not a failure that passes on its own)"
+
+
+def _leave_untried(
+    con: duckdb.DuckDBPyConnection,
+    groups: list[tuple[Any, pd.DataFrame]],
+    i: int,
+    stats: ApplyStats,
+) -> None:
+    """The operations a stopped run did not try come back with the failure that stopped it
+    (at its retry time, or at the next planned run when it has none)."""
+    ids = [op_id for _, ops in groups[i + 1 :] for op_id in ops["op_id"]]
+    stats.not_tried = len(ids)
+    store.schedule_retry(con, ids, stats.retry_at)

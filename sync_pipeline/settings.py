@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 from collections.abc import Collection, Mapping
-from datetime import time
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -128,6 +128,48 @@ class ImportWindow(BaseModel):
         return self
 
 
+class WriteRetry(BaseModel):
+    """Automatic retries of writes that failed for a reason that passes (the target down or
+    answering 5xx, a timeout, a dropped connection, 429s past the client's own retries): the
+    operation waits in the outbox and a sensor launches a run once it is due, at any hour.
+    Refusals of a value (HTTP 400/409/422) are never retried this way: they are rejections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_attempts: int = Field(
+        10, ge=1, le=100, description="failed tries of one operation before retries stop"
+    )
+    first_delay_minutes: float = Field(1.0, gt=0, le=1440)
+    max_delay_minutes: float = Field(60.0, gt=0, le=10080)
+
+    @model_validator(mode="after")
+    def _cap_not_below_first(self) -> WriteRetry:
+        if self.max_delay_minutes < self.first_delay_minutes:
+            raise ValueError(
+                f"max_delay_minutes {self.max_delay_minutes:g} is below first_delay_minutes "
+                f"{self.first_delay_minutes:g}: the cap must be at least the first delay"
+            )
+        return self
+
+    def next_attempt(self, failures: int, now: datetime) -> datetime | None:
+        """When an operation that has now failed `failures` times is tried again: the first
+        delay doubled per failure before this one, at most the cap; None once `max_attempts`
+        failures are used up (or retries are off): it then waits for the next planned run."""
+        if not self.enabled or failures >= self.max_attempts:
+            return None
+        minutes = min(self.max_delay_minutes, self.first_delay_minutes * 2 ** max(failures - 1, 0))
+        return now + timedelta(minutes=minutes)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        return (
+            f"up to {self.max_attempts} tries, {self.first_delay_minutes:g} min apart doubling "
+            f"to at most {self.max_delay_minutes:g} min"
+        )
+
+
 class Settings(BaseModel):
     """Everything an operator may change without touching code."""
 
@@ -164,6 +206,7 @@ class Settings(BaseModel):
         description="The Unleashed account's monthly API usage limit, if known: a check warns "
         "once this sync has used 80% of it (the account's other integrations count too)",
     )
+    retry_failed_writes: WriteRetry = Field(default_factory=WriteRetry)
 
     @field_validator("timezone")
     @classmethod
@@ -217,6 +260,7 @@ class Settings(BaseModel):
             "unleashed_monthly_request_limit": str(
                 self.unleashed_monthly_request_limit or "(not set)"
             ),
+            "retry_failed_writes": self.retry_failed_writes.describe(),
             "initial_policy": self.initial_policy,
             "conflict_policies": ", ".join(f"{k}={v}" for k, v in self.conflict_policies.items())
             or "(mapping defaults)",
@@ -246,7 +290,11 @@ def policy_fields(mappings: Mapping[str, EntityMapping]) -> frozenset[str]:
 
 
 # The models whose keys a misspelt key is compared with, by where it stands in the file.
-_KEYS_AT: dict[tuple[str, ...], type[BaseModel]] = {(): Settings, ("imports",): ImportWindow}
+_KEYS_AT: dict[tuple[str, ...], type[BaseModel]] = {
+    (): Settings,
+    ("imports",): ImportWindow,
+    ("retry_failed_writes",): WriteRetry,
+}
 
 
 def _describe(err: Any) -> tuple[str, str]:

@@ -74,7 +74,9 @@ SCHEMA = [
         attempts INTEGER NOT NULL DEFAULT 0,
         last_error VARCHAR,
         applied_at TIMESTAMP,
-        result_id VARCHAR
+        result_id VARCHAR,
+        failures INTEGER DEFAULT 0,  -- failed tries (a read or a write), for the retry bound
+        next_attempt_at TIMESTAMP    -- when the retry sensor launches a run for it (NULL: none)
     )""",
     """CREATE TABLE IF NOT EXISTS audit_log (
         logged_at TIMESTAMP, run_id VARCHAR, op_id VARCHAR,
@@ -122,8 +124,18 @@ def to_naive_utc(value: datetime | None) -> datetime | None:
 DERIVED_MARK = "_derived_mod"
 
 
+# Columns added to a table after databases with it were made: name -> type.
+ADDED_COLUMNS = {
+    "outbox": {"failures": "INTEGER DEFAULT 0", "next_attempt_at": "TIMESTAMP"},
+    # The record a malformed part belongs to (a contact's customer; the customer itself when its
+    # contact list is malformed): the planner freezes by it.
+    "bad_records": {"parent_id": "VARCHAR"},
+}
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    columns = {t: [DERIVED_MARK] for t in RAW_TABLES} | {"bad_records": ["parent_id"]}
+    columns = {t: [DERIVED_MARK] for t in RAW_TABLES}
+    columns |= {t: list(c) for t, c in ADDED_COLUMNS.items()}
     if dbschema.complete(con, dbschema.tables_of(SCHEMA), columns):
         return
     had_decisions = dbschema.complete(con, ["conflict_decisions"])
@@ -131,9 +143,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(ddl)
     for table in RAW_TABLES:
         con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
-    # The record a malformed part belongs to (a contact's customer; the customer itself when its
-    # contact list is malformed): the planner freezes by it.
-    con.execute("ALTER TABLE bad_records ADD COLUMN IF NOT EXISTS parent_id VARCHAR")
+    for table, added in ADDED_COLUMNS.items():
+        for name, kind in added.items():  # rows from before the column get its default
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
     if not had_decisions:
         decisions_from_log(con)  # a database from before the table
 
@@ -676,7 +688,7 @@ def supersede(con: duckdb.DuckDBPyConnection, keep_keys: Iterable[str], ops: Ite
             [kinds],
         )
         res = con.execute(
-            """UPDATE outbox SET status = 'superseded'
+            """UPDATE outbox SET status = 'superseded', next_attempt_at = NULL
                WHERE status IN ('pending', 'failed', 'deferred')
                  AND op IN (SELECT unnest(?::VARCHAR[]))
                  AND op_key NOT IN (SELECT op_key FROM _keep_keys)""",
@@ -706,13 +718,67 @@ def mark(
     sending: bool = True,
 ) -> None:
     """Set an operation's status (and last error). Marking it in flight counts an attempt,
-    unless `sending` is False: it stays in flight after a failure, the send already counted."""
+    unless `sending` is False: it stays in flight after a failure, the send already counted.
+    Any retry time is cleared: a failure sets the next one with `schedule_retry`."""
     con.execute(
-        """UPDATE outbox SET status = ?, last_error = ?,
+        """UPDATE outbox SET status = ?, last_error = ?, next_attempt_at = NULL,
              attempts = attempts + CASE WHEN ? = 'in_flight' AND ? THEN 1 ELSE 0 END
            WHERE op_id = ?""",
         [status, error, status, sending, op_id],
     )
+
+
+def count_failure(con: duckdb.DuckDBPyConnection, op_id: str) -> int:
+    """One more failed try of an operation; returns how many it has had."""
+    row = con.execute(
+        """UPDATE outbox SET failures = coalesce(failures, 0) + 1 WHERE op_id = ?
+           RETURNING failures""",
+        [op_id],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def schedule_retry(
+    con: duckdb.DuckDBPyConnection, op_ids: Iterable[str], when: datetime | None
+) -> None:
+    """When the retry sensor should launch a run for these operations (None: not on its own)."""
+    ids = list(op_ids)
+    if ids:
+        con.execute(
+            "UPDATE outbox SET next_attempt_at = ? WHERE op_id IN (SELECT unnest(?::VARCHAR[]))",
+            [to_naive_utc(when), ids],
+        )
+
+
+# What a retry can still act on: the statuses of `unfinished`.
+RETRY_STATUSES = ("pending", "in_flight", "in_doubt", "failed")
+
+
+@dataclass
+class DueRetries:
+    count: int  # operations whose retry time has come
+    marker: str | None  # their latest retry time and count: the same while no run tried them
+    first_error: str | None
+    next_at: datetime | None  # the earliest retry time still to come
+
+
+def due_retries(
+    con: duckdb.DuckDBPyConnection, ops: Iterable[str], now: datetime | None = None
+) -> DueRetries:
+    """Operations of these kinds waiting for a retry whose time has come, and the next one."""
+    now = to_naive_utc(now) or utcnow()
+    n, latest, first_error, next_at = con.execute(
+        """SELECT count(*) FILTER (WHERE next_attempt_at <= $now),
+                  max(next_attempt_at) FILTER (WHERE next_attempt_at <= $now),
+                  arg_min(last_error, next_attempt_at) FILTER (WHERE next_attempt_at <= $now),
+                  min(next_attempt_at) FILTER (WHERE next_attempt_at > $now)
+           FROM outbox
+           WHERE next_attempt_at IS NOT NULL AND status IN (SELECT unnest($statuses::VARCHAR[]))
+             AND op IN (SELECT unnest($ops::VARCHAR[]))""",
+        {"now": now, "statuses": list(RETRY_STATUSES), "ops": list(ops)},
+    ).fetchone()
+    marker = None if not n else f"{latest:%Y-%m-%dT%H:%M:%S.%f}/{n}"
+    return DueRetries(int(n or 0), marker, first_error, next_at)
 
 
 def note_progress(con: duckdb.DuckDBPyConnection, op_id: str, note: str) -> None:
@@ -754,7 +820,7 @@ def complete(
     now = utcnow()
     con.execute(
         """UPDATE outbox SET status = 'applied', applied_at = ?, last_error = NULL,
-             result_id = coalesce(?, result_id) WHERE op_id = ?""",
+             next_attempt_at = NULL, result_id = coalesce(?, result_id) WHERE op_id = ?""",
         [now, result_id, op["op_id"]],
     )
     rows = audit_rows or [

@@ -55,14 +55,29 @@ class Harness:
         )
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, job: str, partition_key: str | None = None, **kwargs: Any):
+    def run(
+        self,
+        job: str,
+        partition_key: str | None = None,
+        *,
+        writes_may_fail: bool = False,
+        **kwargs: Any,
+    ):
+        """Run a job that must succeed; with `writes_may_fail`, a run that failed only because
+        some planned writes were not made (the apply assets' blocking check) is returned too,
+        and any other failure raises `RunFailed`."""
         job_def = self.defs.resolve_job_def(job)
         if partition_key is None and job_def.partitions_def is not None:
             partition_key = current_partition()
         result = job_def.execute_in_process(
-            instance=self.instance, partition_key=partition_key, raise_on_error=True, **kwargs
+            instance=self.instance,
+            partition_key=partition_key,
+            raise_on_error=not writes_may_fail,
+            **kwargs,
         )
-        assert result.success
+        if writes_may_fail and not result.success and not only_writes_unmade(result):
+            raise RunFailed(failure_messages(result))
+        assert result.success or writes_may_fail
         return result
 
     def cycle(self, partition_key: str | None = None):
@@ -85,6 +100,12 @@ class Harness:
             __import__("yaml").safe_load(self.settings_file.read_text())
         )
         save_settings(current.model_copy(update=changes), self.settings_file)
+
+    def settings_zone(self):
+        """The settings file's time zone."""
+        return Settings.model_validate(
+            __import__("yaml").safe_load(self.settings_file.read_text())
+        ).zone
 
     def reload(self) -> None:
         """Build the definitions again, as reloading the code location does: the schedules' cron
@@ -133,6 +154,45 @@ def failure_messages(result) -> str:
                 parts.append(error.message)
                 error = error.cause or error.context
     return "\n".join(parts)
+
+
+WRITES_CHECK_FAILED = "blocking asset check failed with ERROR severity"
+
+
+class RunFailed(AssertionError):
+    """A run failed for another reason than planned writes not made."""
+
+
+def only_writes_unmade(result) -> bool:
+    """The run failed, and only in the apply assets' blocking writes check."""
+    failed = [e for e in result.all_events if e.is_step_failure]
+    errors = [e.event_specific_data.error.message for e in failed]
+    return bool(errors) and all(WRITES_CHECK_FAILED in m for m in errors)
+
+
+def run_with_unwritten(h: Harness, job: str = "crm_push_job", **kwargs: Any):
+    """Run a job some of whose planned writes are not made (the target fails or refuses them):
+    the run fails, and only through the apply assets' blocking writes check, after each of
+    them materialised (what was written is recorded)."""
+    job_def = h.defs.resolve_job_def(job)
+    result = job_def.execute_in_process(
+        instance=h.instance,
+        partition_key=current_partition() if job_def.partitions_def is not None else None,
+        raise_on_error=False,
+        **kwargs,
+    )
+    assert not result.success, "the run should have failed: a planned write was not made"
+    assert only_writes_unmade(result), failure_messages(result)
+    return result
+
+
+def writes_check(result, asset: str) -> tuple[bool, str | None, dict[str, Any]]:
+    """(passed, description, metadata) of an apply asset's writes check in a run."""
+    for e in result.get_asset_check_evaluations():
+        if e.asset_key.to_user_string() == asset and e.check_name == "planned_writes_written":
+            meta = {k: v.value for k, v in e.metadata.items()}
+            return e.passed, e.description, meta
+    raise AssertionError(f"no writes check on {asset} in the run")
 
 
 def run_failing(h: Harness, job: str = "sync_cycle_job"):

@@ -17,7 +17,7 @@ from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
 from sync_pipeline.defs.automation import crm_change_sensor
 from sync_pipeline.report import cycle_report
-from tests.harness import failure_messages, run_failing
+from tests.harness import failure_messages, run_failing, run_with_unwritten, writes_check
 
 VOLATILE = {"LastModifiedOn"}
 # Where the CRM keeps a record's Unleashed Guid (the mappings' link slots), as a $filter path.
@@ -202,7 +202,7 @@ def test_contact_waits_when_its_new_customer_could_not_be_created(harness):
 
     apply.TEST_HOOKS.after_write = refuse_company
     try:
-        h.cycle()
+        run_with_unwritten(h, "sync_cycle_job")  # the creation failed: the run says so
     finally:
         apply.TEST_HOOKS.after_write = None
     waiting = h.query("SELECT status, last_error FROM outbox WHERE erp_id = ?", [contact_guid])
@@ -693,7 +693,7 @@ def test_a_push_left_in_doubt_is_not_sent_after_the_crm_edit_was_undone(harness)
     h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0555"})
     # Reads answer, every write fails with a 5xx: was it written? (It was not; nobody knows.)
     h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])
-    h.push()
+    run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     held = h.query("SELECT op_id, status FROM outbox WHERE new_value = '0113 496 0555'")
     assert list(held["status"]) == ["in_flight"]
@@ -723,7 +723,7 @@ def test_a_push_left_in_doubt_that_did_land_is_recorded_once(harness):
     pair = h.linked_company()
     h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0666"})
     h.emu.set_faults("unleashed", error_rate=1.0, methods=["POST"])  # the write fails with a 5xx
-    h.push()
+    run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     held = h.query("SELECT status FROM outbox WHERE new_value = '0113 496 0666'")
     assert list(held["status"]) == ["in_flight"]
@@ -749,7 +749,7 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
         h.crm.patch("Divisions", int(crm_id), {"PhoneNumber": f"0113 496 07{n:02d}"})
     h.emu.set_faults("unleashed", error_rate=1.0)
     before = _unleashed_requests(h)
-    result = h.push()
+    result = run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     tried = _unleashed_requests(h) - before
     meta = h.materialization_metadata(result, ["sync", "push_to_unleashed"])
@@ -790,7 +790,7 @@ def test_unleashed_usage_limit_used_up_pauses_the_sync_and_nothing_is_lost(harne
     h.emu.set_unleashed_quota(used, used=used)  # this month's requests are used up
     reset = datetime.fromisoformat(h.emu.set_unleashed_quota(used)["resets_at"])
     before = _unleashed_requests(h)
-    push = h.push()
+    push = run_with_unwritten(h)
     assert _unleashed_requests(h) - before == 1  # the first refusal stops the run: no retries
     stopped = h.materialization_metadata(push, ["sync", "push_to_unleashed"])["stopped_early"]
     assert "Unleashed's API usage limit is used up" in stopped, stopped
@@ -827,9 +827,10 @@ def _check_results(result) -> dict[str, tuple[bool, dict]]:
 def _run_sync_checks(h, checks=None):
     """The sync checks alone (or `checks`), as an operator runs them from the UI (no extract,
     no apply)."""
-    from sync_pipeline.defs.checks import sync_checks
+    from sync_pipeline.defs.checks import sync_checks, waiting_operation_checks
 
-    selection = dg.AssetSelection.checks(checks or sync_checks)
+    chosen = [checks] if checks else [sync_checks, waiting_operation_checks]
+    selection = dg.AssetSelection.checks(*chosen)
     job = dg.define_asset_job("checks_only", selection=selection)
     defs = dg.Definitions.merge(h.defs, dg.Definitions(jobs=[job]))
     result = defs.resolve_job_def("checks_only").execute_in_process(instance=h.instance)
@@ -882,7 +883,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     h.push()
     h.crm.patch("Divisions", int(failing.crm_id), {"PhoneNumber": "0113 496 0555"})
     h.emu.set_faults("unleashed", error_rate=1.0)
-    h.push()
+    run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     checks = _run_sync_checks(h)
     assert all(checks[k][0] for k in waiting) and checks["sync/plan:no_stale_rejections"][0]
@@ -929,7 +930,7 @@ def test_a_write_that_timed_out_after_landing_is_checked_not_sent_again(harness)
 
     apply.TEST_HOOKS.after_write = lost_answer
     try:
-        h.push()
+        run_with_unwritten(h)
     finally:
         apply.TEST_HOOKS.after_write = None
     mine = f"op = 'update_erp' AND erp_id = '{pair['erp_id']}' AND field = 'phone'"
@@ -1110,7 +1111,8 @@ def test_a_change_unleashed_refuses_is_a_rejection_not_resent_and_clears_when_ch
         int(pair["b_crm"]),
         {"Forename": pair["first"], "Surname": pair["last"], "Email": pair["email"]},
     )
-    h.push()
+    passed, description, _ = writes_check(run_with_unwritten(h), "sync/push_to_unleashed")
+    assert not passed and "HTTP 400" in description  # the run that met the refusal fails
     refused_ops = h.query("SELECT count(*) AS n FROM outbox WHERE status = 'refused'")
     assert refused_ops.iloc[0]["n"] >= 1
     # The next run reports it (the other fields of the record may go without it); later runs
@@ -1154,7 +1156,7 @@ def test_an_edit_held_back_while_two_way_sync_was_off_is_sent_when_it_is_back_on
     pair = h.linked_company()
     h.crm.patch("Divisions", pair["crm_id"], {"Name": "Held Back Ltd"})
     h.emu.set_faults("unleashed", rate_429=1.0, retry_after_s=0)  # the push cannot get through
-    h.push()
+    run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     assert _customer(h, pair["erp_id"])["CustomerName"] != "Held Back Ltd"
     h.set_settings(two_way_sync=False)

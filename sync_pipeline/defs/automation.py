@@ -14,7 +14,9 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import dagster as dg
+from filelock import Timeout
 
+from sync_pipeline import store
 from sync_pipeline.changes import latest_modified
 from sync_pipeline.clients.base import ApiError, UsageBlock
 from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
@@ -26,8 +28,14 @@ from sync_pipeline.defs.extract import (
     crm_contacts,
 )
 from sync_pipeline.defs.preflight import preflight_job, sync_preflight
-from sync_pipeline.defs.resources import CrmResource, SyncConfigResource, UnleashedResource
+from sync_pipeline.defs.resources import (
+    CrmResource,
+    SyncConfigResource,
+    SyncDuckDB,
+    UnleashedResource,
+)
 from sync_pipeline.defs.sync import (
+    WRITES_CHECK,
     account_manager_candidates,
     account_manager_fix,
     pull_to_crm,
@@ -51,9 +59,28 @@ crm_push_job = dg.define_asset_job(
     # ledgers (new links, account-manager lookups) and the asset checks come with the cycle.
     selection=dg.AssetSelection.assets(
         sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed
-    ).without_checks(),
-    description="CRM changes to Unleashed, launched by the CRM change sensor within seconds.",
+    ).without_checks()
+    # except the one that fails the run when a planned write was not made
+    | dg.AssetSelection.checks(dg.AssetCheckKey(push_to_unleashed.key, WRITES_CHECK)),
+    description="CRM changes to Unleashed, launched by the CRM change sensor within seconds, "
+    "and by the retry sensor when failed writes to Unleashed are due again.",
     tags={"sync/direction": "push"},
+    executor_def=dg.in_process_executor,
+)
+
+# Failed writes to the CRM tried again between imports: the CRM read afresh and planned again
+# (so a change the plan no longer wants is dropped) from the Unleashed snapshot as the last
+# import left it; no Unleashed request, so it runs outside the import window and while the
+# Unleashed usage limit is used up.
+crm_write_retry_job = dg.define_asset_job(
+    "crm_write_retry_job",
+    selection=dg.AssetSelection.assets(
+        sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, pull_to_crm
+    ).without_checks()
+    | dg.AssetSelection.checks(dg.AssetCheckKey(pull_to_crm.key, WRITES_CHECK)),
+    description="Failed writes to the CRM (updates and creations) tried again once due, "
+    "launched by the retry sensor at any hour; imports nothing from Unleashed.",
+    tags={"sync/direction": "pull"},
     executor_def=dg.in_process_executor,
 )
 
@@ -107,6 +134,7 @@ history_pruning_job = dg.define_asset_job(
 
 JOBS = [
     crm_push_job,
+    crm_write_retry_job,
     sync_cycle_job,
     full_resync_job,
     account_manager_fix_job,
@@ -423,4 +451,98 @@ def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
     return [_import_schedule(settings), overnight_fix, history_pruning]
 
 
-SENSORS = [crm_change_sensor]
+# What each retry run writes, its job, and the jobs that also try those writes (a run of any of
+# them queued or in progress makes a retry run pointless until it has finished).
+RETRIES = {
+    "Unleashed": (("update_erp",), crm_push_job, ("crm_push_job", "sync_cycle_job",
+                                                  "full_resync_job")),
+    "the CRM": (("update_crm", "create_crm_contact", "create_crm_company"), crm_write_retry_job,
+                ("crm_write_retry_job", "sync_cycle_job", "full_resync_job")),
+}  # fmt: skip
+RETRY_TRIGGER = "failed-write-retry"
+# How long a tick waits for the database when a run holds it: a run holds it for seconds to
+# minutes, and the next tick looks again.
+RETRY_LOCK_WAIT_S = 2.0
+UNFINISHED_RUNS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+@dg.sensor(
+    jobs=[crm_push_job, crm_write_retry_job],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Failed writes retried on their own (settings: retry_failed_writes): when an "
+    "operation's retry time in the outbox has come, a push (writes to Unleashed) or a CRM "
+    "write retry run; at any hour, not while a run that would try them is queued or running.",
+)
+def failed_write_retry_sensor(
+    context: dg.SensorEvaluationContext,
+    duckdb: SyncDuckDB,
+    unleashed: UnleashedResource,
+    sync_config: SyncConfigResource,
+):
+    settings = sync_config.settings()
+    retry = settings.retry_failed_writes
+    if not retry.enabled:
+        return dg.SkipReason(
+            "Automatic retries are off (retry_failed_writes.enabled: false): failed writes wait "
+            "for the next planned run."
+        )
+    busy = {
+        target: [
+            run.run_id
+            for name in jobs
+            for run in context.instance.get_runs(
+                dg.RunsFilter(job_name=name, statuses=UNFINISHED_RUNS), limit=1
+            )
+        ]
+        for target, (_, _, jobs) in RETRIES.items()
+    }
+    if all(busy.values()):
+        return dg.SkipReason("Runs that try the failed writes are queued or in progress.")
+    try:
+        with store.connect(duckdb.database, lock_timeout=RETRY_LOCK_WAIT_S) as con:
+            due = {target: store.due_retries(con, ops) for target, (ops, _, _) in RETRIES.items()}
+    except Timeout:
+        return dg.SkipReason("A run holds the database; the next tick looks again.")
+    requests, notes = [], []
+    for target, (_, job, _) in RETRIES.items():
+        found = due[target]
+        if not found.count:
+            if found.next_at is not None:
+                notes.append(f"writes to {target}: the next retry is due at "
+                             f"{found.next_at:%Y-%m-%d %H:%M:%S} UTC")  # fmt: skip
+            continue
+        if any(busy[target]):
+            notes.append(f"{found.count} writes to {target} are due; a run that tries them is "
+                         "queued or in progress")  # fmt: skip
+            continue
+        if target == "Unleashed":
+            if not settings.two_way_sync:
+                notes.append(f"{found.count} writes to Unleashed are due; two-way sync is off")
+                continue
+            block = unleashed.usage_block()
+            if block is not None:
+                notes.append(_usage_limit_pause(block, settings, "Retries to Unleashed wait."))
+                continue
+        requests.append(
+            dg.RunRequest(
+                job_name=job.name,
+                # The same due operations, untouched by any run since, are one request: a run
+                # that could not try them (its plan step failed) is not launched over and over.
+                run_key=f"write-retry:{job.name}:{found.marker}",
+                tags={"sync/trigger": RETRY_TRIGGER, "sync/retry-writes-due": str(found.count)},
+            )
+        )
+    if requests:
+        return requests
+    return dg.SkipReason(
+        "No failed write is due for a retry" + (": " + "; ".join(notes) + "." if notes else ".")
+    )
+
+
+SENSORS = [crm_change_sensor, failed_write_retry_sensor]

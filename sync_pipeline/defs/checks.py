@@ -1,9 +1,11 @@
 """Asset checks: one-to-one links, snapshots hold what the APIs reported, rejections and
 operations that keep waiting get seen.
 
-The checks are grouped into two steps, each opening the database once: the extract counts (one
-check per extract asset, and the Unleashed usage against the account's monthly limit) and the
-sync checks (links, rejections, waiting operations). Each is
+The checks are grouped into three steps, each opening the database once: the extract counts (one
+check per extract asset, and the Unleashed usage against the account's monthly limit), the sync
+checks (links, rejections) and the waiting-operation checks of the apply assets (apart, because a
+failed apply step skips the steps after it). The blocking check that fails a run whose planned
+writes were not made is evaluated in the apply asset's own step (`defs/sync.py`). Each is
 still its own asset check in the UI, on its own asset; a job selecting only some of those assets
 runs only their checks. Separate steps cost a cycle about 90 ms of step overhead and database
 opens for what are one-row queries.
@@ -174,18 +176,6 @@ WAITING_OPS = {
                 "Warns about rejections open for more than a day: someone needs to fix the value."
             ),
         ),
-        *(
-            dg.AssetCheckSpec(
-                key.name,
-                asset=key.asset_key,
-                description=(
-                    "Warns about operations not yet written a day after they were queued (the "
-                    "target system kept failing, or a write was interrupted): the change has not "
-                    "arrived. Held-back (settings) and refused changes are not counted."
-                ),
-            )
-            for key in WAITING_OPS
-        ),
     ],
     can_subset=True,
 )
@@ -196,6 +186,30 @@ def sync_checks(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
             yield _links_are_one_to_one(con)
         if STALE_REJECTIONS in selected:
             yield _no_stale_rejections(con)
+
+
+# A step of their own, after the apply assets: a run whose writes failed fails in the apply step
+# (its blocking writes check), which skips the steps after it; the link and plan checks above do
+# not wait for it.
+@dg.multi_asset_check(
+    name="waiting_operation_checks",
+    specs=[
+        dg.AssetCheckSpec(
+            key.name,
+            asset=key.asset_key,
+            description=(
+                "Warns about operations not yet written a day after they were queued (the "
+                "target system kept failing, or a write was interrupted): the change has not "
+                "arrived. Held-back (settings) and refused changes are not counted."
+            ),
+        )
+        for key in WAITING_OPS
+    ],
+    can_subset=True,
+)
+def waiting_operation_checks(context: dg.AssetCheckExecutionContext, duckdb: SyncDuckDB):
+    selected = context.selected_asset_check_keys
+    with duckdb.get_connection() as con:
         for key, ops in WAITING_OPS.items():
             if key in selected:
                 yield _no_operation_waiting(con, key, ops)
@@ -277,4 +291,4 @@ def _warning(
     )
 
 
-CHECKS = [extract_counts, sync_checks]
+CHECKS = [extract_counts, sync_checks, waiting_operation_checks]

@@ -28,6 +28,24 @@ UPDATE_OPS = ("update_erp", "update_crm")
 CREATE_OPS = ("create_crm_contact", "create_crm_company")
 REFUSAL_KEY = "two_way_refusal"
 
+# A blocking check on each asset that writes: it fails (and so does the run) when a planned write
+# was not made. In the asset's own step, so the materialization (what was written, the outbox and
+# baseline moves) is recorded first; nothing in a run depends on an apply asset's data.
+WRITES_CHECK = "planned_writes_written"
+FIRST_FAILURES = 10  # failed operations listed in the check's metadata
+
+
+def _writes_check_spec(key: list[str], target: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        WRITES_CHECK,
+        asset=dg.AssetKey(key),
+        blocking=True,
+        description=f"Every write to {target} this run planned was made, or was rightly not made "
+        "(the target changed since planning, or the plan no longer wants it). Fails the run when "
+        "a write failed, was refused by the server, or was not tried because the run stopped: "
+        "the count, the first failures (record, field, reason) and when each is retried.",
+    )
+
 
 # Links read the whole Unleashed snapshot, whichever windows filled it; the dependency names the
 # latest window. With Dagster's default (every partition) each run of this step listed every hourly
@@ -185,6 +203,7 @@ def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
     pool="duckdb",
     deps=[sync_plan],
     description="CRM changes written to Unleashed (read–merge–write of the whole record).",
+    check_specs=[_writes_check_spec(["sync", "push_to_unleashed"], "Unleashed")],
 )
 def push_to_unleashed(
     context: dg.AssetExecutionContext,
@@ -200,12 +219,13 @@ def push_to_unleashed(
         if not settings.two_way_sync or refusal:
             why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
             context.log.info(why)
-            return dg.MaterializeResult(
-                metadata={"skipped": why, **_settings_metadata(sync_config)}
-            )
+            return _skipped(context, why, sync_config)
         with unleashed.get_client() as client:
-            stats = apply.apply_push(con, client, sync_config.mappings(), context.run_id)
-    return _apply_result(stats, sync_config)
+            stats = apply.apply_push(
+                con, client, sync_config.mappings(), context.run_id,
+                retry=settings.retry_failed_writes,
+            )  # fmt: skip
+    return _apply_result(context, stats, sync_config, "Unleashed")
 
 
 @dg.asset(
@@ -215,6 +235,7 @@ def push_to_unleashed(
     pool="duckdb",
     deps=[sync_plan],
     description="Unleashed changes to the CRM; new Unleashed contacts and customers created.",
+    check_specs=[_writes_check_spec(["sync", "pull_to_crm"], "the CRM")],
 )
 def pull_to_crm(
     context: dg.AssetExecutionContext,
@@ -229,21 +250,25 @@ def pull_to_crm(
         )
         if refusal:
             context.log.error(refusal)
-            return dg.MaterializeResult(
-                metadata={"skipped": refusal, **_settings_metadata(sync_config)}
-            )
+            return _skipped(context, refusal, sync_config)
         updates = settings.two_way_sync
         with crm.get_client() as client:
             stats = apply.apply_pull(
-                con, client, sync_config.mappings(), context.run_id, updates=updates
-            )
-    result = _apply_result(stats, sync_config)
+                con, client, sync_config.mappings(), context.run_id, updates=updates,
+                retry=settings.retry_failed_writes,
+            )  # fmt: skip
+    result = _apply_result(context, stats, sync_config, "the CRM")
     if not updates:
         result.metadata["updates_skipped"] = "two-way sync is off in settings"
     return result
 
 
-def _apply_result(stats: apply.ApplyStats, sync_config: SyncConfigResource) -> dg.MaterializeResult:
+def _apply_result(
+    context: dg.AssetExecutionContext,
+    stats: apply.ApplyStats,
+    sync_config: SyncConfigResource,
+    target: str,
+) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
             **stats.metadata(),
@@ -252,8 +277,90 @@ def _apply_result(stats: apply.ApplyStats, sync_config: SyncConfigResource) -> d
                 "\n".join(f"- {e}" for e in stats.errors[:20]) or "_none_"
             ),
             **_settings_metadata(sync_config),
-        }
+        },
+        check_results=_writes_check(context, stats, target),
     )
+
+
+def _skipped(
+    context: dg.AssetExecutionContext, why: str, sync_config: SyncConfigResource
+) -> dg.MaterializeResult:
+    """An apply asset that wrote nothing on purpose (settings, a tenant guard): its writes check
+    passes, saying why."""
+    return dg.MaterializeResult(
+        metadata={"skipped": why, **_settings_metadata(sync_config)},
+        check_results=_writes_check(context, None, "", skipped=why),
+    )
+
+
+def _writes_check(
+    context: dg.AssetExecutionContext,
+    stats: apply.ApplyStats | None,
+    target: str,
+    *,
+    skipped: str | None = None,
+) -> list[dg.AssetCheckResult]:
+    """The blocking check of an apply asset (when the run selected it): passed unless a planned
+    write failed, was refused, or was not tried because the run stopped early."""
+    key = dg.AssetCheckKey(context.asset_key, WRITES_CHECK)
+    if key not in context.selected_asset_check_keys:
+        return []
+    if stats is None:
+        return [dg.AssetCheckResult(asset_key=key.asset_key, check_name=key.name, passed=True,
+                                    metadata={"skipped": skipped or ""})]  # fmt: skip
+    missing = stats.unwritten
+    meta: dict = {
+        "writes_planned": stats.planned,
+        "writes_made": stats.applied,
+        "writes_failed": stats.failed,
+        "writes_not_tried": stats.not_tried,
+        "deferred_or_set_aside": stats.deferred + stats.set_aside,
+    }
+    if not missing:
+        return [dg.AssetCheckResult(asset_key=key.asset_key, check_name=key.name, passed=True,
+                                    metadata=meta)]  # fmt: skip
+    first = stats.failures[0] if stats.failures else None
+    summary = (
+        f"{missing} of the {stats.planned} writes to {target} this run planned were not made"
+        if stats.applied or stats.deferred or stats.set_aside
+        else f"None of the {stats.planned} writes to {target} this run planned was made"
+    )
+    summary += f" ({stats.failed} failed" + (
+        f", {stats.not_tried} not tried: {stats.stopped})" if stats.not_tried else ")"
+    )
+    if first is not None:
+        summary += (
+            f". First: {first['entity']} {first['crm_id'] or '-'} / {first['erp_id'] or '-'} "
+            f"{first['field']}: {first['reason']}; retry: {first['retry']}"
+        )
+    meta["first_failures"] = dg.MetadataValue.md(
+        md_table(
+            stats.failures[:FIRST_FAILURES],
+            ["entity", "crm_id", "erp_id", "field", "left", "reason", "retry"],
+            widths={"reason": 240, "retry": 80},
+            total=len(stats.failures),
+        )
+    )
+    if stats.stopped:
+        meta["stopped_early"] = stats.stopped
+    context.log.error(summary)
+    _tag_run(context, target, f"{missing} of {stats.planned} not written")
+    return [
+        dg.AssetCheckResult(
+            asset_key=key.asset_key,
+            check_name=key.name,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=summary,
+            metadata=meta,
+        )
+    ]
+
+
+def _tag_run(context: dg.AssetExecutionContext, target: str, text: str) -> None:
+    """Say it on the run too: the runs list shows a run's tags next to its (failed) status."""
+    name = "sync/writes-not-made-" + ("unleashed" if target == "Unleashed" else "crm")
+    context.instance.add_run_tags(context.run_id, {name: text})
 
 
 @dg.asset(
@@ -286,6 +393,7 @@ def account_manager_candidates(duckdb: SyncDuckDB) -> dg.MaterializeResult:
     pool="duckdb",
     deps=[sync_links, unleashed_salespersons],
     description="Overnight: each linked CRM company's account manager set from Unleashed.",
+    check_specs=[_writes_check_spec(["sync", "account_manager_fix"], "the CRM")],
 )
 def account_manager_fix(
     context: dg.AssetExecutionContext,
@@ -297,7 +405,7 @@ def account_manager_fix(
     if not settings.overnight_account_manager_fix:
         why = "The overnight account-manager fix is off in settings."
         context.log.info(why)
-        return dg.MaterializeResult(metadata={"skipped": why, **_settings_metadata(sync_config)})
+        return _skipped(context, why, sync_config)
     mappings = sync_config.mappings()
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
@@ -305,18 +413,17 @@ def account_manager_fix(
         refusal = refusal or preflight.write_block(con, mappings)
         if refusal:
             context.log.error(refusal)
-            return dg.MaterializeResult(
-                metadata={"skipped": refusal, **_settings_metadata(sync_config)}
-            )
+            return _skipped(context, refusal, sync_config)
         fixes = account_managers.plan_fix(con, mappings)
         todo = fixes[fixes["op"] == "update_crm"]
         if len(todo):
             store.enqueue(con, todo, context.run_id)
         with crm.get_client() as client:
             stats = apply.apply_pull(
-                con, client, mappings, context.run_id, updates=True, creations=False
-            )
-    result = _apply_result(stats, sync_config)
+                con, client, mappings, context.run_id, updates=True, creations=False,
+                retry=settings.retry_failed_writes,
+            )  # fmt: skip
+    result = _apply_result(context, stats, sync_config, "the CRM")
     result.metadata["companies_corrected"] = int(len(todo))
     result.metadata["rejected"] = dg.MetadataValue.md(rejections_md(fixes))
     return result
