@@ -627,7 +627,8 @@ class ConvergenceMachine(RuleBasedStateMachine):
         for _ in range(cycles):
             self._run_job("cycle")
         written = self.h.query(
-            "SELECT field, direction FROM audit_log WHERE logged_at >= ? AND crm_id = ?",
+            "SELECT field, direction FROM audit_log WHERE logged_at >= ? AND entity = 'company'"
+            " AND crm_id = ?",
             [started, str(pair.crm_id)],
         )
         assert written.empty, f"set-aside CRM company {pair.crm_id} written: {written}"
