@@ -237,7 +237,7 @@ def _frozen_rows(mapping: EntityMapping) -> str:
 def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     """`_cand_fields` (a view): (record, field) rows of the candidate records (`_cand`) whose
     raw values moved from the baseline, or that have no baseline yet, with when each side's
-    value of the field changed (`derived.FIELD_AT`, as `crm_modified` / `erp_modified`: a
+    value of the field changed (`derived.field_at_column`, as `crm_modified` / `erp_modified`: a
     `newest` conflict compares those, never a record time the sync's own writes moved), the
     record's label
     (how a rejection names it) and the rowid of its baseline row (the settle step merges into
@@ -251,7 +251,8 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
     crm_paths = [s.crm for s in mapping.fields.values()]
     erp_paths = [s.erp for s in mapping.fields.values()]
     base_paths = ", ".join(json_path(n) for n in names)
-    at = derived.FIELD_AT
+    ats = [ident(derived.field_at_column(n)) for n in names]
+    at = ", ".join(ats)
     w = f"""WITH c AS (SELECT rowid AS r, data, {at} FROM {ident(mapping.crm.table)}
                        WHERE rowid IN (SELECT crm_row FROM _cand)),
                  e AS (SELECT rowid AS r, data, {at} FROM {ident(mapping.erp.table)}
@@ -263,7 +264,8 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
                        FROM sync_baseline WHERE rowid IN (SELECT base_row FROM r))
             SELECT k.*, {values_list_expr(crm_paths, "c")} AS cv,
                    {values_list_expr(erp_paths, "e")} AS ev, b.base_row,
-                   c.{at} AS cat, e.{at} AS eat,
+                   [{", ".join("c." + a for a in ats)}] AS cat,
+                   [{", ".join("e." + a for a in ats)}] AS eat,
                    json_extract_string(b.crm_values, [{base_paths}]) AS bc,
                    json_extract_string(b.erp_values, [{base_paths}]) AS be
             FROM _cand k JOIN c ON c.r = k.crm_row
