@@ -457,7 +457,7 @@ def measure_push(db: str) -> dict:
         t3 = time.perf_counter()
         out["steps"].append(
             {
-                "field": field.lower(),
+                "field": "phone" if field == "PhoneNumber" else "email",
                 "refresh_s": t1 - t0,
                 "links_s": t2 - t1,
                 "links_skipped": linked.skipped,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import httpx
 import pandas as pd
 
 from sync_pipeline import store
@@ -129,6 +130,29 @@ class Harness:
                 WHERE {where} ORDER BY l.crm_id LIMIT 1"""
         ).iloc[0]
         return {"crm_id": int(row["crm_id"]), "erp_id": row["erp_id"]}
+
+    def two_contacts_of_one_customer(self) -> pd.Series:
+        """Two linked contacts under one Unleashed customer, the first with an email: `b_crm`
+        (the second's CRM id), `b_erp`, `cust`, and the first's `first`, `last` and `email`.
+        Giving the second the first's name and email makes a change Unleashed refuses."""
+        return self.query(
+            """SELECT a.crm_id AS a_crm, b.crm_id AS b_crm, b.erp_id AS b_erp,
+                      b.erp_parent_id AS cust, ea.data->>'$.FirstName' AS first,
+                      ea.data->>'$.LastName' AS last, ea.data->>'$.EmailAddress' AS email
+               FROM contact_links a JOIN contact_links b
+                 ON a.erp_parent_id = b.erp_parent_id AND a.erp_id < b.erp_id
+               JOIN unleashed_contacts ea ON ea.id = a.erp_id AND ea.active
+               JOIN unleashed_contacts eb ON eb.id = b.erp_id AND eb.active
+               WHERE coalesce(ea.data->>'$.EmailAddress', '') <> ''
+               ORDER BY a.erp_id LIMIT 1"""
+        ).iloc[0]
+
+    def plant_crm(self, entity_set: str, key: int, record: dict[str, Any]) -> None:
+        """Store a CRM record exactly as given (the server's admin raw write: no validation)."""
+        response = httpx.put(
+            f"{self.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30
+        )
+        response.raise_for_status()
 
     def materialization_metadata(self, result, key: list[str]) -> dict[str, Any]:
         for event in result.get_asset_materialization_events():

@@ -48,12 +48,6 @@ def _raw_customer(h: Harness, guid: str) -> dict[str, Any]:
     return response.json()
 
 
-def _plant_crm(h: Harness, entity_set: str, key: int, record: dict[str, Any]) -> None:
-    """Store a CRM record exactly as given (no validation)."""
-    response = httpx.put(f"{h.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30)
-    response.raise_for_status()
-
-
 def _two_pairs(h: Harness) -> tuple[dict[str, Any], dict[str, Any]]:
     frame = h.query(
         """SELECT l.crm_id, l.erp_id FROM company_links l
@@ -264,7 +258,7 @@ def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, f
     erp_before = h.unleashed.get_customer(bad_pair["erp_id"]).to_wire()
     # The server stamps the change timestamp (and its visible copy) on the planted record.
     fresh = {k: v for k, v in division.items() if k not in STAMPS}
-    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**fresh, "Name": "Must Not Travel", field: bad})
+    h.plant_crm("Divisions", bad_pair["crm_id"], {**fresh, "Name": "Must Not Travel", field: bad})
     h.crm.patch("Divisions", good_pair["crm_id"], {"PhoneNumber": "0161 496 0555"})
 
     result = h.cycle()
@@ -281,7 +275,7 @@ def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, f
     meta = h.materialization_metadata(result, ["crm", "companies"])
     assert meta["bad_records"] >= 1 and field in meta["bad_records_preview"]
 
-    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**fresh, "Name": "Fixed In Crm Ltd"})
+    h.plant_crm("Divisions", bad_pair["crm_id"], {**fresh, "Name": "Fixed In Crm Ltd"})
     h.cycle()
     assert h.unleashed.get_customer(bad_pair["erp_id"]).CustomerName == "Fixed In Crm Ltd"
     assert _open_bad(h, "CRM", str(bad_pair["crm_id"])) == []
@@ -298,7 +292,7 @@ def test_a_set_aside_crm_record_is_frozen_both_ways_until_it_reads_clean(harness
     pair, _ = _two_pairs(h)
     division = h.crm.get("Divisions", pair["crm_id"])
     fresh = {k: v for k, v in division.items() if k not in STAMPS}
-    _plant_crm(h, "Divisions", pair["crm_id"], {**fresh, "Website": ["a.example", "b.example"]})
+    h.plant_crm("Divisions", pair["crm_id"], {**fresh, "Website": ["a.example", "b.example"]})
     h.unleashed.update_customer(pair["erp_id"], {"PhoneNumber": "0161 496 0777"})
     for _ in range(3):
         h.cycle()
@@ -317,7 +311,7 @@ def test_a_set_aside_crm_record_is_frozen_both_ways_until_it_reads_clean(harness
         [pair["erp_id"], str(pair["crm_id"])],
     ).empty
 
-    _plant_crm(h, "Divisions", pair["crm_id"], {**fresh, "Website": "https://fixed.example.com"})
+    h.plant_crm("Divisions", pair["crm_id"], {**fresh, "Website": "https://fixed.example.com"})
     h.cycle()
     assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0161 496 0777"
     after = h.unleashed.get_customer(pair["erp_id"])
@@ -336,11 +330,11 @@ def test_crm_record_without_its_key_is_reported_and_others_sync(harness):
     bad_pair, good_pair = _two_pairs(h)
     division = h.crm.get("Divisions", bad_pair["crm_id"])
     keyless = {k: v for k, v in division.items() if k not in ("DivisionId", *STAMPS)}
-    _plant_crm(h, "Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless One"})
+    h.plant_crm("Divisions", bad_pair["crm_id"], {**keyless, "Name": "Keyless One"})
     other = h.crm.get("Divisions", good_pair["crm_id"])
     other_keyless = {k: v for k, v in other.items() if k not in ("DivisionId", *STAMPS)}
     spare = int(h.query("SELECT max(id::INTEGER) AS m FROM crm_companies").iloc[0]["m"]) + 1
-    _plant_crm(h, "Divisions", spare, {**other_keyless, "Name": "Keyless Two"})
+    h.plant_crm("Divisions", spare, {**other_keyless, "Name": "Keyless Two"})
     h.crm.patch("Divisions", good_pair["crm_id"], {"PhoneNumber": "0161 496 0556"})
     h.cycle()
     assert h.unleashed.get_customer(good_pair["erp_id"]).PhoneNumber == "0161 496 0556"
@@ -361,8 +355,7 @@ def test_unknown_crm_fields_are_kept_and_do_not_fail_the_record(harness):
     division = h.crm.get("Divisions", pair["crm_id"])
     extra = {"ZzLegacyFlag": "keep-me", "ZzScores": [1, 2, 3]}
     # The change timestamp left to the server (a fresh write time).
-    _plant_crm(
-        h, "Divisions", pair["crm_id"],
+    h.plant_crm("Divisions", pair["crm_id"],
         {k: v for k, v in {**division, **extra}.items() if k not in STAMPS},
     )  # fmt: skip
     h.unleashed.update_customer(pair["erp_id"], {"CustomerName": "Renamed In Unleashed"})

@@ -32,7 +32,6 @@ from datetime import timedelta
 from typing import Any
 
 import duckdb
-import httpx
 import pandas as pd
 import pytest
 from hypothesis import note, seed, settings
@@ -617,7 +616,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
             division = self.h.crm.get("Divisions", pair.crm_id)
             fresh = {k: v for k, v in division.items() if k not in CRM_STAMPS}
             self.set_aside[pair.crm_id] = division.get("Website")
-            _plant_crm(self.h, "Divisions", pair.crm_id, {**fresh, "Website": ["a.example", "b"]})
+            self.h.plant_crm("Divisions", pair.crm_id, {**fresh, "Website": ["a.example", "b"]})
             note(f"  CRM company {pair.crm_id} planted malformed (Website a JSON list)")
             cm.TOTALS["set_aside"] += 1
         started = store.utcnow()
@@ -645,7 +644,7 @@ class ConvergenceMachine(RuleBasedStateMachine):
         division = self.h.crm.get("Divisions", crm_id)
         if isinstance(division.get("Website"), list):
             fresh = {k: v for k, v in division.items() if k not in CRM_STAMPS}
-            _plant_crm(self.h, "Divisions", crm_id, {**fresh, "Website": website})
+            self.h.plant_crm("Divisions", crm_id, {**fresh, "Website": website})
             note(f"  CRM company {crm_id} reads clean again")
 
     # -- rules: settings and sync ------------------------------------------------------------------
@@ -1158,12 +1157,6 @@ class ConvergenceMachine(RuleBasedStateMachine):
 
 
 CRM_STAMPS = ("LastUpdatedTimestamp", "LastUpdated")  # the server stamps them on every write
-
-
-def _plant_crm(h: Harness, entity_set: str, key: int, record: dict[str, Any]) -> None:
-    """Store a CRM record exactly as given (the server's admin raw write: no validation)."""
-    response = httpx.put(f"{h.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30)
-    response.raise_for_status()
 
 
 def _rejected(rejections, entity: str, crm_id: Any, erp_id: Any, field: str | None) -> bool:

@@ -1094,17 +1094,7 @@ def test_a_change_unleashed_refuses_is_a_rejection_not_resent_and_clears_when_ch
     and a new value goes through and resolves it."""
     h = harness
     h.cycle()
-    pair = h.query(
-        """SELECT a.crm_id AS a_crm, b.crm_id AS b_crm, b.erp_id AS b_erp, b.erp_parent_id AS cust,
-                  ea.data->>'$.FirstName' AS first, ea.data->>'$.LastName' AS last,
-                  ea.data->>'$.EmailAddress' AS email
-           FROM contact_links a JOIN contact_links b
-             ON a.erp_parent_id = b.erp_parent_id AND a.erp_id < b.erp_id
-           JOIN unleashed_contacts ea ON ea.id = a.erp_id AND ea.active
-           JOIN unleashed_contacts eb ON eb.id = b.erp_id AND eb.active
-           WHERE coalesce(ea.data->>'$.EmailAddress', '') <> ''
-           ORDER BY a.erp_id LIMIT 1"""
-    ).iloc[0]
+    pair = h.two_contacts_of_one_customer()
     # Contact B in the CRM takes A's name and email: the same person twice under one customer.
     h.crm.patch(
         "Contacts",

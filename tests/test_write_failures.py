@@ -106,17 +106,7 @@ def test_a_push_with_some_writes_refused_fails_and_says_how_many_went_through(ha
     retried (it is a rejection from the next run on, which is green)."""
     h = harness
     h.cycle()
-    twin = h.query(
-        """SELECT b.crm_id AS b_crm, b.erp_parent_id AS cust,
-                  ea.data->>'$.FirstName' AS first, ea.data->>'$.LastName' AS last,
-                  ea.data->>'$.EmailAddress' AS email
-           FROM contact_links a JOIN contact_links b
-             ON a.erp_parent_id = b.erp_parent_id AND a.erp_id < b.erp_id
-           JOIN unleashed_contacts ea ON ea.id = a.erp_id AND ea.active
-           JOIN unleashed_contacts eb ON eb.id = b.erp_id AND eb.active
-           WHERE coalesce(ea.data->>'$.EmailAddress', '') <> ''
-           ORDER BY a.erp_id LIMIT 1"""
-    ).iloc[0]
+    twin = h.two_contacts_of_one_customer()
     other = h.linked_company(f"l.erp_id <> '{twin['cust']}'")
     h.crm.patch("Divisions", other["crm_id"], {"PhoneNumber": "0113 496 0977"})
     h.crm.patch(

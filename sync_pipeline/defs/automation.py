@@ -51,37 +51,45 @@ from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_d
 GUARD_RECHECK = timedelta(minutes=10)
 WATCHED_SETS = ("Divisions", "Contacts")
 
-# In process: the steps share the one-slot `duckdb` pool, so they run one after another anyway,
-# and a subprocess per step (the default executor) costs seconds each, which is most of a push.
-crm_push_job = dg.define_asset_job(
+
+def _crm_read_job(name: str, apply_asset, description: str, direction: str):
+    """A job that reads the CRM afresh, links, plans and runs one apply step, with only that
+    step's check that fails the run when a planned write was not made. Users and sales ledgers
+    (new links, account-manager lookups) and the other checks come with the cycle.
+
+    In process: the steps share the one-slot `duckdb` pool, so they run one after another
+    anyway, and a subprocess per step (the default executor) costs seconds each, which is most
+    of a push."""
+    return dg.define_asset_job(
+        name,
+        selection=dg.AssetSelection.assets(
+            sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, apply_asset
+        ).without_checks()
+        | dg.AssetSelection.checks(dg.AssetCheckKey(apply_asset.key, WRITES_CHECK)),
+        description=description,
+        tags={"sync/direction": direction},
+        executor_def=dg.in_process_executor,
+    )
+
+
+crm_push_job = _crm_read_job(
     "crm_push_job",
-    # Only what a push needs: the CRM records that change, links, plan, push. Users and sales
-    # ledgers (new links, account-manager lookups) and the asset checks come with the cycle.
-    selection=dg.AssetSelection.assets(
-        sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed
-    ).without_checks()
-    # except the one that fails the run when a planned write was not made
-    | dg.AssetSelection.checks(dg.AssetCheckKey(push_to_unleashed.key, WRITES_CHECK)),
-    description="CRM changes to Unleashed, launched by the CRM change sensor within seconds, "
+    push_to_unleashed,
+    "CRM changes to Unleashed, launched by the CRM change sensor within seconds, "
     "and by the retry sensor when failed writes to Unleashed are due again.",
-    tags={"sync/direction": "push"},
-    executor_def=dg.in_process_executor,
+    "push",
 )
 
 # Failed writes to the CRM tried again between imports: the CRM read afresh and planned again
 # (so a change the plan no longer wants is dropped) from the Unleashed snapshot as the last
 # import left it; no Unleashed request, so it runs outside the import window and while the
 # Unleashed usage limit is used up.
-crm_write_retry_job = dg.define_asset_job(
+crm_write_retry_job = _crm_read_job(
     "crm_write_retry_job",
-    selection=dg.AssetSelection.assets(
-        sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, pull_to_crm
-    ).without_checks()
-    | dg.AssetSelection.checks(dg.AssetCheckKey(pull_to_crm.key, WRITES_CHECK)),
-    description="Failed writes to the CRM (updates and creations) tried again once due, "
+    pull_to_crm,
+    "Failed writes to the CRM (updates and creations) tried again once due, "
     "launched by the retry sensor at any hour; imports nothing from Unleashed.",
-    tags={"sync/direction": "pull"},
-    executor_def=dg.in_process_executor,
+    "pull",
 )
 
 _cycle = dg.AssetSelection.assets(
