@@ -145,11 +145,10 @@ def _say(line: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Stopping a soak: SIGTERM or SIGINT ends the stream between two scenarios
 # ------------------------------------------------------------------------------------------------
-# A soak runs until someone needs the machine. The signal used to break the Dagster run in progress,
-# and hypothesis reported that scenario as a failure or as flaky: a false alarm to explain by hand
-# after every stop (or Dagster swallowed the signal and the stream went on). Now the first signal
-# only asks (`_stop_on_signal`); the scenario in progress runs its steps and its checks, and the
-# next one raises SoakStopped instead of starting. A second signal stops at once, as before.
+# A soak runs until someone needs the machine. A signal that broke the Dagster run in progress
+# would make hypothesis report that scenario as a failure or as flaky: a false alarm. So the first
+# signal only asks (`_stop_on_signal`); the scenario in progress runs its steps and its checks, and
+# the next one raises SoakStopped instead of starting. A second signal stops at once.
 _STOP: dict[str, Any] = {"signal": None, "failed": False, "stopped": False}
 
 

@@ -1,5 +1,5 @@
 """The CRM client against the local Prospect CRM server, over real sockets, in the live model
-(shared/research/prospect-odata.md): auth, the 500-row cap and client paging, integer, string and
+(docs/api-assumptions.md): auth, the 500-row cap and client paging, integer, string and
 composite keys, the value-wrapped single GET, writes (204 PATCH, 201 POST, required fields,
 foreign keys, Xtra rows, change timestamps), tenant facts, `$metadata`, the workspace rate
 limit, injected faults, secrets and durability."""

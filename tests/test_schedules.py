@@ -41,7 +41,8 @@ def _dagster_ticks(schedule: dg.ScheduleDefinition, start: datetime, until: date
 
 @pytest.mark.parametrize("minutes", [45, 90, 7, 300])
 def test_an_interval_cron_cannot_keep_is_refused_listing_the_allowed_ones(tmp_path, minutes):
-    """45 used to run at :00 and :45, and 90, 120 and 240 hourly."""
+    """A 45-minute cron step runs at :00 and :45, not every 45 minutes; 90, 120 and 240 would
+    run hourly."""
     file = tmp_path / "settings.yaml"
     file.write_text(f"imports:\n  every_minutes: {minutes}\n")
     with pytest.raises(SettingsError) as raised:
