@@ -12,6 +12,9 @@ from collections.abc import Iterable, Mapping
 
 import duckdb
 
+# The link table of each entity (sync_pipeline/links.py creates and keeps them).
+LINK_TABLES = {"company": "company_links", "contact": "contact_links"}
+
 _CREATE = re.compile(r"CREATE\s+TABLE\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.IGNORECASE)
 
 

@@ -4,8 +4,8 @@ Link matching and the creation search compare match keys of millions of rows; ex
 from the JSON `data` of every row on each pass is what made that slow, so they are kept next to it:
 
 - `_key_<name> VARCHAR` (every table a match key reads, e.g. `crm_companies._key_account_code`):
-  the key value as it is compared (`links.key_expr`), NULL when empty. The creation search and link
-  matching join on these instead of extracting keys from every row.
+  the key value as it is compared (`mapping.projection.key_expr`), NULL when empty. The
+  creation search and link matching join on these instead of extracting keys from every row.
 - `_link_sig UBIGINT` (every table link matching reads): a hash of the row's status as a link
   pass sees it (active, parent id). `refresh` counts in `derived_counters`
   ('link_inputs:<entity>', for each entity whose link pass reads the table) the rows where it
@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 import duckdb
 
 from sync_pipeline import baseline, store
-from sync_pipeline.mapping.projection import ident, value_expr
+from sync_pipeline.dbschema import LINK_TABLES
+from sync_pipeline.mapping.projection import ident, key_expr, value_expr
 from sync_pipeline.mapping.schema import EntityMapping
 
 MARK = "_derived_mod"
@@ -83,7 +84,6 @@ def columns(mappings: Mapping[str, EntityMapping]) -> dict[str, dict[str, tuple[
     """table -> {column: (type, SQL expression over the row's `data`)} for every raw table the
     mappings read a match key from, and every mapping's CRM and Unleashed table (possibly with no
     columns: their rows are still tracked for the planner)."""
-    from sync_pipeline.links import key_expr  # links imports this module
 
     out: dict[str, dict[str, tuple[str, str]]] = {}
     has_parent: dict[str, bool] = {}
@@ -132,7 +132,6 @@ def linked_by(mappings: Mapping[str, EntityMapping]) -> dict[str, tuple[str, str
     """table -> (column of its row, link table, link column): the row's record is linked when
     its column's value is in the link column (for a key table such as the sales ledgers, the
     record it belongs to, by `parent_id`)."""
-    from sync_pipeline.links import LINK_TABLES  # links imports this module
 
     out: dict[str, tuple[str, str, str]] = {}
     for mapping in mappings.values():

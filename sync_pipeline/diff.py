@@ -26,7 +26,7 @@ import pandas as pd
 from sync_pipeline import baseline, decide, derived, duck, links, store
 from sync_pipeline.clients.crm import crm_key
 from sync_pipeline.decide import quote
-from sync_pipeline.mapping.projection import ident, json_path, values_list_expr
+from sync_pipeline.mapping.projection import ident, json_path, key_expr, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
 from sync_pipeline.mapping.validate import ValidationContext, check_value
 
@@ -393,7 +393,7 @@ def _creations(
         parent_ok = """AND (pl.crm_id IS NOT NULL OR n.erp_parent_id IN (
                            SELECT erp_id FROM sync_plan WHERE op = 'create_crm_company'))"""
     key_cols = "".join(
-        f", {links.key_expr(k, 'erp')} AS {ident('k_' + k.name)}" for k in mapping.match.keys
+        f", {key_expr(k, 'erp')} AS {ident('k_' + k.name)}" for k in mapping.match.keys
     )
     # The few unlinked records found by the scan; only their JSON is read.
     con.execute(

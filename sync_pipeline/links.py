@@ -33,10 +33,9 @@ import duckdb
 import pandas as pd
 
 from sync_pipeline import baseline, dbschema, derived
-from sync_pipeline.mapping.projection import ident, value_expr
+from sync_pipeline.dbschema import LINK_TABLES
+from sync_pipeline.mapping.projection import ident
 from sync_pipeline.mapping.schema import EntityMapping, MatchKey
-
-LINK_TABLES = {"company": "company_links", "contact": "contact_links"}
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS company_links (
@@ -82,37 +81,6 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         return
     for ddl in SCHEMA:
         con.execute(ddl)
-
-
-# Key expressions ---------------------------------------------------------------------------
-
-
-def _compare_sql(expr: str, compare: str) -> str:
-    if compare == "email":
-        return f"lower(trim({expr}))"
-    if compare == "text":
-        return f"trim(regexp_replace({expr}, '\\s+', ' ', 'g'))"
-    return expr
-
-
-def _key_sql(paths: list[str], compare: str, alias: str) -> str:
-    parts = [_compare_sql(value_expr(p, alias), compare) for p in paths]
-    if len(parts) == 1:
-        return parts[0]
-    # chr(31) (unit separator) cannot be typed into a name field, so parts cannot run together.
-    return " || chr(31) || ".join(parts)
-
-
-def _empty_key(paths: list[str]) -> str:
-    return "" if len(paths) == 1 else chr(31) * (len(paths) - 1)
-
-
-def key_expr(key: MatchKey, side: str) -> str:
-    """The key value of one raw row (its `data`) as it is compared, NULL when empty. Stored in
-    the derived column `_key_<name>` of the table the key reads (see derived.py)."""
-    paths = key.crm if side == "crm" else key.erp
-    empty = _empty_key(paths).replace("'", "''")
-    return f"nullif({_key_sql(paths, key.compare, '')}, '{empty}')"
 
 
 def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:

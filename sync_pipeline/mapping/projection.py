@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sync_pipeline.mapping.schema import NAME_RE, PATH_RE, EntityMapping
+from sync_pipeline.mapping.schema import NAME_RE, PATH_RE, EntityMapping, MatchKey
 
 
 def ident(name: str) -> str:
@@ -73,3 +73,35 @@ def projection_sql(mapping: EntityMapping, side: str, fields: Sequence[str] | No
     if side not in ("crm", "erp"):
         raise ValueError(f"side must be 'crm' or 'erp', not {side!r}")
     return _side(mapping, side, fields)
+
+
+# Match keys ------------------------------------------------------------------------------------
+
+
+def _compare_sql(expr: str, compare: str) -> str:
+    if compare == "email":
+        return f"lower(trim({expr}))"
+    if compare == "text":
+        return f"trim(regexp_replace({expr}, '\\s+', ' ', 'g'))"
+    return expr
+
+
+def _key_sql(paths: list[str], compare: str, alias: str) -> str:
+    parts = [_compare_sql(value_expr(p, alias), compare) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    # chr(31) (unit separator) cannot be typed into a name field, so parts cannot run together.
+    return " || chr(31) || ".join(parts)
+
+
+def _empty_key(paths: list[str]) -> str:
+    return "" if len(paths) == 1 else chr(31) * (len(paths) - 1)
+
+
+def key_expr(key: MatchKey, side: str) -> str:
+    """The key value of one raw row (its `data`) as it is compared, NULL when empty. Stored in
+    the derived column `_key_<name>` of the table the key reads (see derived.py); the link
+    step and the creation search compare these."""
+    paths = key.crm if side == "crm" else key.erp
+    empty = _empty_key(paths).replace("'", "''")
+    return f"nullif({_key_sql(paths, key.compare, '')}, '{empty}')"
