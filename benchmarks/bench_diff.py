@@ -1,6 +1,6 @@
 """Benchmark the three-way diff at 100k/300k and 1M/3M companies/contacts.
 
-For each size: build the raw snapshot tables as the product holds them (store.ensure_schema:
+For each size: build the raw snapshot tables as the product holds them (sync_pipeline.schema:
 id PRIMARY KEY; derived match-key columns filled by `derived.refresh`, the product's code
 path), links and the one-row-per-record baseline, as a cycle that agreed on everything leaves
 them (nothing pending), and a log of 2 recorded conflicts per company from earlier cycles.
@@ -77,7 +77,7 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
     edited and timings."""
     import duckdb
 
-    from sync_pipeline import baseline, derived, links, store
+    from sync_pipeline import derived, links, schema
     from sync_pipeline.mapping import load_mappings
     from sync_pipeline.mapping.projection import values_list_expr
 
@@ -86,7 +86,7 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
     con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
     con.execute("SET preserve_insertion_order=false")
     t0 = time.perf_counter()
-    store.ensure_schema(con)  # the product's raw tables: id PRIMARY KEY, derived mark
+    schema.ensure(con)  # the product's tables: raw snapshots with id PRIMARY KEY, links, baseline
     cols = "id, modified, active, data, extracted_at"
     pcols = "id, parent_id, modified, active, data, extracted_at"
     ext = "TIMESTAMP '2026-01-01 00:10'"
@@ -143,8 +143,6 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
               'FaxNumber', '', 'OfficePhone', ''), {ext}
             FROM range({3 * n}) t(j)"""
     )
-    links.ensure_schema(con)
-    baseline.ensure_schema(con)
     con.execute(
         f"""INSERT INTO company_links SELECT i::VARCHAR, {_guid("i")}, 'account_code',
             TIMESTAMP '2026-01-01' FROM range({n}) t(i)"""
@@ -189,7 +187,7 @@ def generate(db: str, n: int, settled: str | None = None, every: int = 100) -> d
                    'history-' || i
             FROM range({2 * n}) t(i)"""
     )
-    store.decisions_from_log(con)  # the planner reads each field's last decision
+    schema.fill_decisions_from_log(con)  # the planner reads each field's last decision
     # That cycle looked at every record and left nothing pending.
     con.execute("DELETE FROM sync_pending")
     con.execute("INSERT INTO sync_pending_state SELECT unnest(?::VARCHAR[])", [list(mappings)])

@@ -1,7 +1,7 @@
 """Baseline: the last value both sides agreed on, per linked record and field, and the set of
 records the next planning pass has to look at.
 
-Tables (created by `ensure_schema`):
+Tables (created by sync_pipeline/schema):
 
 - `sync_baseline(entity, erp_id, crm_values, erp_values, agreed_at)`: one row per linked record.
   `crm_values` / `erp_values` are JSON objects, mapped field name -> the raw value each side held
@@ -37,53 +37,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import dbschema, duck
-
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS sync_baseline (
-        entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL,
-        crm_values JSON NOT NULL, erp_values JSON NOT NULL, agreed_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS sync_pending (
-        entity VARCHAR NOT NULL, side VARCHAR NOT NULL, id VARCHAR NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS sync_pending_state (entity VARCHAR PRIMARY KEY)""",
-    """CREATE TABLE IF NOT EXISTS sync_creation_baseline (
-        entity VARCHAR NOT NULL, erp_id VARCHAR NOT NULL, field VARCHAR NOT NULL,
-        value VARCHAR NOT NULL
-    )""",
-]
-
-
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    if dbschema.complete(con, dbschema.tables_of(SCHEMA), absent={"sync_baseline": ["field"]}):
-        return
-    _migrate_field_rows(con)
-    for ddl in SCHEMA:
-        con.execute(ddl)
-
-
-def _migrate_field_rows(con: duckdb.DuckDBPyConnection) -> None:
-    """Databases written before the baseline moved to one row per record held one row per
-    record and field (and a digest table); fold them into the new layout once."""
-    cols = {
-        r[0]
-        for r in con.execute(
-            """SELECT column_name FROM duckdb_columns()
-               WHERE table_name = 'sync_baseline' AND NOT internal"""
-        ).fetchall()
-    }
-    if "field" not in cols:
-        return
-    con.execute(
-        """CREATE TABLE sync_baseline_records AS
-           SELECT entity, erp_id, json_group_object(field, crm_value) AS crm_values,
-                  json_group_object(field, erp_value) AS erp_values, max(agreed_at) AS agreed_at
-           FROM sync_baseline GROUP BY entity, erp_id"""
-    )
-    con.execute("DROP TABLE sync_baseline")
-    con.execute("ALTER TABLE sync_baseline_records RENAME TO sync_baseline")
-    con.execute("DROP TABLE IF EXISTS sync_baseline_digest")
+from sync_pipeline import duck, schema
 
 
 def mark_pending(con: duckdb.DuckDBPyConnection, entity: str, side: str, ids_sql: str) -> None:
@@ -188,7 +142,7 @@ def record_agreement(
     Each row has `erp_id`, `field` and `value` (the raw value written), or `crm_value` and
     `erp_value` when the two sides hold different spellings of the same value. Runs inside the
     caller's transaction (no commit here)."""
-    ensure_schema(con)
+    schema.ensure(con)
     records = []
     for r in rows:
         value = r.get("value")
@@ -217,7 +171,7 @@ def record_creation(
     """After a CRM record was created from Unleashed: the values it was created with are the
     baseline (so an edit made in the CRM before the next pass is seen as a CRM change, not
     overwritten by the initial policy). Runs inside the caller's transaction."""
-    ensure_schema(con)
+    schema.ensure(con)
     merge_into_baseline(
         con,
         entity,
@@ -238,7 +192,7 @@ def _literal(value: str) -> str:
 def forget(con: duckdb.DuckDBPyConnection, entity: str, erp_ids: Sequence[str]) -> None:
     """Drop the baseline of records that are no longer linked (and look at them again: an
     unlinked Unleashed record is a creation candidate)."""
-    ensure_schema(con)
+    schema.ensure(con)
     if not erp_ids:
         return
     ids = [str(x) for x in erp_ids]

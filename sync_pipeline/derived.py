@@ -50,18 +50,12 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from sync_pipeline import baseline, store
-from sync_pipeline.dbschema import LINK_TABLES
+from sync_pipeline import baseline, schema
 from sync_pipeline.mapping.projection import ident, key_expr, value_expr
 from sync_pipeline.mapping.schema import EntityMapping
+from sync_pipeline.schema import LINK_TABLES, RAW_TABLES
 
 MARK = "_derived_mod"
-STATE_DDL = """CREATE TABLE IF NOT EXISTS derived_state (
-    table_name VARCHAR PRIMARY KEY, fingerprint VARCHAR, refreshed_at TIMESTAMP
-)"""
-COUNTERS_DDL = """CREATE TABLE IF NOT EXISTS derived_counters (
-    name VARCHAR PRIMARY KEY, value BIGINT NOT NULL
-)"""
 LINK_SIG = "_link_sig"
 FIELD_HASH = "_fh_"  # + field name: UBIGINT
 FIELD_AT = "_fat_"  # + field name: TIMESTAMP
@@ -179,10 +173,8 @@ def refresh(
     for mapping in mappings.values():
         owners.setdefault(mapping.crm.table, []).append((mapping.entity, "crm"))
         owners.setdefault(mapping.erp.table, []).append((mapping.entity, "erp"))
-    baseline.ensure_schema(con)
+    schema.ensure(con)
     only = None if tables is None else set(tables)
-    con.execute(STATE_DDL)
-    con.execute(COUNTERS_DDL)
     existing = {
         r[0]
         for r in con.execute(
@@ -226,7 +218,7 @@ def refresh(
         old = "".join(f"t.{ident(c)} AS {ident('_old' + c)}, " for c in rides)
         for c in hashed:
             sets += f"{_field_at_sql(c)}, "
-        parent = "t.parent_id" if store.RAW_TABLES.get(table) else "NULL::VARCHAR AS parent_id"
+        parent = "t.parent_id" if RAW_TABLES.get(table) else "NULL::VARCHAR AS parent_id"
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _derived_values AS
                 WITH s AS (SELECT rowid AS row_id FROM {t} WHERE {stale})
@@ -305,7 +297,7 @@ def _bump(con: duckdb.DuckDBPyConnection, name: str, by: int) -> None:
 def link_inputs_version(con: duckdb.DuckDBPyConnection, entity: str) -> int:
     """How many times a row the entity's link pass reads has changed what it sees (a count that
     only grows): equal before and after means nothing that pass reads has changed."""
-    con.execute(COUNTERS_DDL)
+    schema.ensure(con)
     row = con.execute(
         "SELECT value FROM derived_counters WHERE name = ?", [f"{LINK_INPUTS}:{entity}"]
     ).fetchone()

@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import baseline, decide, derived, duck, links, store
+from sync_pipeline import baseline, decide, derived, duck, links, schema, store
 from sync_pipeline.clients.crm import crm_key
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, key_expr, values_list_expr
@@ -572,9 +572,7 @@ def _ordered(mappings: Mapping[str, EntityMapping]) -> list[EntityMapping]:
 
 
 def _ensure(con: duckdb.DuckDBPyConnection, mappings: Mapping[str, EntityMapping]) -> None:
-    store.ensure_schema(con)
-    links.ensure_schema(con)
-    baseline.ensure_schema(con)
+    schema.ensure(con)
     derived.refresh(con, mappings)  # usually a no-op: the extracts refresh what they write
     started = {r[0] for r in con.execute("SELECT entity FROM sync_pending_state").fetchall()}
     for mapping in mappings.values():

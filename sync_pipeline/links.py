@@ -1,6 +1,6 @@
 """Links: which CRM record is which Unleashed record, one-to-one, kept in DuckDB.
 
-Tables (created by `ensure_schema`):
+Tables (created by sync_pipeline/schema):
 
 - `company_links(crm_id, erp_id, method, linked_at)`
 - `contact_links(crm_id, erp_id, crm_parent_id, erp_parent_id, method, linked_at)`
@@ -32,25 +32,10 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sync_pipeline import baseline, dbschema, derived
-from sync_pipeline.dbschema import LINK_TABLES
+from sync_pipeline import baseline, derived, schema
 from sync_pipeline.mapping.projection import ident
 from sync_pipeline.mapping.schema import EntityMapping, MatchKey
-
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS company_links (
-        crm_id VARCHAR NOT NULL, erp_id VARCHAR NOT NULL, method VARCHAR, linked_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS contact_links (
-        crm_id VARCHAR NOT NULL, erp_id VARCHAR NOT NULL,
-        crm_parent_id VARCHAR, erp_parent_id VARCHAR, method VARCHAR, linked_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS link_issues (
-        entity VARCHAR, kind VARCHAR, method VARCHAR, key_value VARCHAR,
-        crm_ids VARCHAR[], erp_ids VARCHAR[], detail VARCHAR, seen_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS link_state (name VARCHAR PRIMARY KEY, value VARCHAR)""",
-]
+from sync_pipeline.schema import LINK_TABLES
 
 ISSUE_COLUMNS = ["entity", "kind", "method", "key_value", "crm_ids", "erp_ids", "detail"]
 
@@ -74,13 +59,6 @@ class LinkResult:
 
     def total_linked(self, entity: str) -> int:
         return sum(self.linked.get(entity, {}).values())
-
-
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    if dbschema.complete(con, dbschema.tables_of(SCHEMA)):
-        return
-    for ddl in SCHEMA:
-        con.execute(ddl)
 
 
 def crm_keys_sql(mapping: EntityMapping, key: MatchKey, *, active_only: bool = True) -> str:
@@ -386,8 +364,7 @@ def update_links(
     key, since that entity's last pass (and its rules are the same), its pass would change
     nothing, and its tables are not compared (derived.py). A contact pass runs whenever the
     company pass does (it reads the company links)."""
-    ensure_schema(con)
-    baseline.ensure_schema(con)
+    schema.ensure(con)
     derived.refresh(con, mappings)  # the match keys are read from derived columns
     markers = _pass_markers(con, mappings)
     done = dict(
@@ -477,7 +454,7 @@ ONE_TO_ONE_SQL = """
 
 def one_to_one_violations(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Records linked more than once (entity, side, id, links); empty when links are one-to-one."""
-    ensure_schema(con)
+    schema.ensure(con)
     return con.execute(ONE_TO_ONE_SQL).df()
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 from defusedxml import ElementTree
 
+from sync_pipeline import schema
 from sync_pipeline.clients.base import ApiError, AuthError, NotFoundError
 from sync_pipeline.clients.crm import CrmClient, TenantFacts, encode_query, key_segment
 from sync_pipeline.clients.unleashed import UnleashedClient
@@ -577,15 +578,8 @@ def _count_records(
 # --------------------------------------------------------------------------------------------
 # Kept in DuckDB: what writers check
 # --------------------------------------------------------------------------------------------
-def _ensure_table(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        f"""CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
-              checked_at TIMESTAMP, fingerprint VARCHAR, ok BOOLEAN, report VARCHAR)"""
-    )
-
-
 def record(con: duckdb.DuckDBPyConnection, report: PreflightReport) -> None:
-    _ensure_table(con)
+    schema.ensure(con)
     con.execute(f"DELETE FROM {STATE_TABLE}")
     con.execute(
         f"INSERT INTO {STATE_TABLE} VALUES (?, ?, ?, ?)",
@@ -594,7 +588,7 @@ def record(con: duckdb.DuckDBPyConnection, report: PreflightReport) -> None:
 
 
 def last(con: duckdb.DuckDBPyConnection) -> tuple[datetime, str, bool, str] | None:
-    _ensure_table(con)
+    schema.ensure(con)
     row = con.execute(
         f"SELECT checked_at, fingerprint, ok, report FROM {STATE_TABLE} LIMIT 1"
     ).fetchone()

@@ -21,89 +21,8 @@ import pandas as pd
 import pyarrow as pa
 from filelock import FileLock
 
-from sync_pipeline import dbschema, duck
-
-RAW_TABLES = {
-    # table: has parent_id
-    "crm_companies": False,
-    "crm_contacts": True,
-    "crm_users": False,
-    "unleashed_customers": False,
-    "unleashed_contacts": True,
-    "unleashed_salespersons": False,
-}
-
-SCHEMA = [
-    *(
-        f"""CREATE TABLE IF NOT EXISTS {table} (
-            id VARCHAR PRIMARY KEY,
-            {"parent_id VARCHAR," if has_parent else ""}
-            modified TIMESTAMP,
-            active BOOLEAN NOT NULL DEFAULT TRUE,
-            data JSON,
-            extracted_at TIMESTAMP
-        )"""
-        for table, has_parent in RAW_TABLES.items()
-    ),
-    """CREATE TABLE IF NOT EXISTS extract_state (
-        source VARCHAR PRIMARY KEY,
-        high_water TIMESTAMP,
-        last_run_at TIMESTAMP,
-        reported_total BIGINT,
-        rows_received BIGINT
-    )""",
-    """CREATE TABLE IF NOT EXISTS sync_state (
-        key VARCHAR PRIMARY KEY, value VARCHAR, updated_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS bad_records (
-        system VARCHAR, endpoint VARCHAR, record_id VARCHAR, reason VARCHAR,
-        first_seen TIMESTAMP, last_seen TIMESTAMP, resolved_at TIMESTAMP,
-        PRIMARY KEY (system, endpoint, record_id)
-    )""",
-    """CREATE TABLE IF NOT EXISTS outbox (
-        op_id VARCHAR PRIMARY KEY,
-        op_key VARCHAR NOT NULL,
-        run_id VARCHAR,
-        created_at TIMESTAMP,
-        entity VARCHAR, op VARCHAR,
-        crm_id VARCHAR, erp_id VARCHAR, crm_parent_id VARCHAR, erp_parent_id VARCHAR,
-        field VARCHAR, old_value VARCHAR, new_value VARCHAR, payload JSON,
-        conflict BOOLEAN, policy VARCHAR, reason VARCHAR,
-        status VARCHAR NOT NULL,  -- pending, in_flight, in_doubt, applied, failed, deferred,
-                                  -- superseded, refused
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_error VARCHAR,
-        applied_at TIMESTAMP,
-        result_id VARCHAR,
-        failures INTEGER DEFAULT 0,  -- failed tries (a read or a write), for the retry bound
-        next_attempt_at TIMESTAMP    -- when the retry sensor launches a run for it (NULL: none)
-    )""",
-    """CREATE TABLE IF NOT EXISTS audit_log (
-        logged_at TIMESTAMP, run_id VARCHAR, op_id VARCHAR,
-        entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR, field VARCHAR,
-        old_value VARCHAR, new_value VARCHAR, direction VARCHAR, reason VARCHAR
-    )""",
-    """CREATE TABLE IF NOT EXISTS rejections (
-        entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR, field VARCHAR,
-        value VARCHAR, reason VARCHAR,
-        first_seen TIMESTAMP, last_seen TIMESTAMP, resolved_at TIMESTAMP
-    )""",
-    """CREATE TABLE IF NOT EXISTS conflicts (
-        seen_at TIMESTAMP, run_id VARCHAR, entity VARCHAR, crm_id VARCHAR, erp_id VARCHAR,
-        field VARCHAR, crm_value VARCHAR, erp_value VARCHAR, baseline_value VARCHAR,
-        winner VARCHAR, policy VARCHAR, crm_modified TIMESTAMP, erp_modified TIMESTAMP,
-        op_key VARCHAR PRIMARY KEY
-    )""",
-    # The decision the planner keeps for each field's current `newest` conflict (see
-    # `record_conflicts`): one row per (record, field), so the planner's lookup does not grow
-    # with the history in `conflicts`, which may be pruned.
-    """CREATE TABLE IF NOT EXISTS conflict_decisions (
-        entity VARCHAR, erp_id VARCHAR, field VARCHAR,
-        crm_value VARCHAR, erp_value VARCHAR, baseline_value VARCHAR,
-        winner VARCHAR, seen_at TIMESTAMP,
-        PRIMARY KEY (entity, erp_id, field)
-    )""",
-]
+from sync_pipeline import duck, schema
+from sync_pipeline.schema import DERIVED_MARK, RAW_TABLES
 
 
 def utcnow() -> datetime:
@@ -117,49 +36,6 @@ def to_naive_utc(value: datetime | None) -> datetime | None:
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
     return value
-
-
-# Raw snapshot rows carry derived columns (match keys) computed from `data` by
-# sync_pipeline.derived; this mark says they are up to date, and every upsert clears it.
-DERIVED_MARK = "_derived_mod"
-
-
-# Columns added to a table after databases with it were made: name -> type.
-ADDED_COLUMNS = {
-    "outbox": {"failures": "INTEGER DEFAULT 0", "next_attempt_at": "TIMESTAMP"},
-    # The record a malformed part belongs to (a contact's customer; the customer itself when its
-    # contact list is malformed): the planner freezes by it.
-    "bad_records": {"parent_id": "VARCHAR"},
-}
-
-
-def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    columns = {t: [DERIVED_MARK] for t in RAW_TABLES}
-    columns |= {t: list(c) for t, c in ADDED_COLUMNS.items()}
-    if dbschema.complete(con, dbschema.tables_of(SCHEMA), columns):
-        return
-    had_decisions = dbschema.complete(con, ["conflict_decisions"])
-    for ddl in SCHEMA:
-        con.execute(ddl)
-    for table in RAW_TABLES:
-        con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {DERIVED_MARK} TIMESTAMP")
-    for table, added in ADDED_COLUMNS.items():
-        for name, kind in added.items():  # rows from before the column get its default
-            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-    if not had_decisions:
-        decisions_from_log(con)  # a database from before the table
-
-
-def decisions_from_log(con: duckdb.DuckDBPyConnection) -> None:
-    """Fill `conflict_decisions` from the `conflicts` log: each field's last `newest` decision
-    (what the planner read from the log before the table existed)."""
-    con.execute(
-        """INSERT OR REPLACE INTO conflict_decisions
-           SELECT entity, erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
-           FROM conflicts WHERE policy = 'newest' AND erp_id IS NOT NULL
-           QUALIFY row_number() OVER (
-               PARTITION BY entity, erp_id, field ORDER BY seen_at DESC) = 1"""
-    )
 
 
 @contextmanager
@@ -198,7 +74,7 @@ def connect(
             # DuckDB draws a progress bar on stdout for statements over 2 s (a first sync's link
             # pass, an upgrade); in a Dagster run that is carriage-return noise in the compute log.
             con.execute("SET enable_progress_bar = false")
-            ensure_schema(con)
+            schema.ensure(con)
             yield con
         finally:
             con.close()

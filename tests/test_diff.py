@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync_pipeline import baseline, derived, diff, links, store
+from sync_pipeline import baseline, derived, diff, links, schema, store
 from tests.diff_fixtures import World, one, rows
 
 
@@ -149,7 +149,7 @@ def test_conflict_fixed_policies_ignore_timestamps(w, policy, op, value):
 def _refused_website_conflict_won_by_crm(w: World) -> pd.Series:
     """The CRM wins a `newest` website conflict with a value Unleashed refuses; recorded.
     Returns the plan row."""
-    store.ensure_schema(w.con)
+    schema.ensure(w.con)
     w.edit("unleashed_customers", "g-acme", Website="https://acme.org",
            modified=datetime(2026, 3, 1, 11))  # fmt: skip
     w.edit("crm_companies", "12", Website="acme .org", modified=datetime(2026, 3, 1, 12))
@@ -196,10 +196,12 @@ def test_a_kept_newest_decision_does_not_depend_on_the_conflict_history(w):
 
 
 def test_a_database_from_before_the_decisions_table_keeps_its_decisions(w):
-    """Upgrading: the decisions a database's log holds are read into the new table once."""
+    """Upgrading a database from before versioning whose log predates the decisions table: the
+    decisions its log holds are read into the table once."""
     _refused_website_conflict_won_by_crm(w)
     w.con.execute("DROP TABLE conflict_decisions")
-    store.ensure_schema(w.con)
+    w.con.execute("DROP TABLE schema_version")
+    schema.ensure(w.con)
     _assert_crm_still_wins_after_our_own_write(w)
 
 
@@ -558,6 +560,7 @@ def test_database_from_before_the_pending_set_is_migrated_and_looked_at_in_full(
     w.con.execute("DROP TABLE sync_baseline")
     w.con.execute("DROP TABLE sync_pending")
     w.con.execute("DROP TABLE sync_pending_state")
+    w.con.execute("DROP TABLE schema_version")  # it came before schema versioning too
     w.con.execute(
         """CREATE TABLE sync_baseline (entity VARCHAR, erp_id VARCHAR, field VARCHAR,
            crm_value VARCHAR, erp_value VARCHAR, agreed_at TIMESTAMP)"""

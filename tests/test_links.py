@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sync_pipeline import baseline, diff, links
+from sync_pipeline import diff, links, schema
 from tests.diff_fixtures import World
 
 
@@ -142,8 +142,7 @@ def test_existing_links_are_kept_even_when_keys_change():
 
 def test_one_to_one_violations_finds_a_double_link():
     w = World()
-    links.ensure_schema(w.con)
-    baseline.ensure_schema(w.con)
+    schema.ensure(w.con)
     w.con.execute(
         "INSERT INTO company_links VALUES ('1', 'g-a', 'x', now()), ('1', 'g-b', 'x', now())"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sync_pipeline import preflight, store
+from sync_pipeline import preflight, schema, store
 from sync_pipeline.cli import main
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS
 from sync_pipeline.emulators.run import Emulators
@@ -181,7 +181,7 @@ def _reset_counters(emu: Emulators) -> None:
 
 def _snapshot_rows(h: Harness) -> dict[str, int]:
     return {
-        t: int(h.query(f"SELECT count(*) AS n FROM {t}").iloc[0]["n"]) for t in store.RAW_TABLES
+        t: int(h.query(f"SELECT count(*) AS n FROM {t}").iloc[0]["n"]) for t in schema.RAW_TABLES
     }
 
 
