@@ -387,11 +387,11 @@ def measure(db: str, what: str) -> dict:
     con = duckdb.connect(db)
     con.execute(f"SET memory_limit='{MEMORY_LIMIT}'")
     con.execute(f"SET threads={THREADS}")
-    ops, conflicts = {}, 0
+    ops, conflicts, stages = {}, 0, {}
     with PeakRss() as rss:
         cpu0, t0 = _cpu(), time.perf_counter()
         if what == "plan":
-            plan = plan_changes(con, mappings)
+            plan = plan_changes(con, mappings, timings=stages)
             rows = len(plan)
             ops = {k: int(v) for k, v in plan["op"].value_counts().items()}
             conflicts = int(plan["conflict"].sum())
@@ -410,6 +410,7 @@ def measure(db: str, what: str) -> dict:
         "rows": rows,
         "ops": ops,
         "conflicts": conflicts,
+        "stages": stages,
     }
 
 
@@ -588,6 +589,10 @@ def run_size(n: int, workdir: Path) -> dict:
         "refresh_rss_mb": max(r["rss_mb"] for r in refreshes),
         "loads": loads,
         "push": push,
+        "stages": {
+            name: statistics.median(p["stages"].get(name, 0.0) for p in plans)
+            for name in plans[-1]["stages"]
+        },
     }
 
 
@@ -651,6 +656,12 @@ def main() -> None:
         )
     for r in results:
         print(f"ops at {r['n']:,}: {r['ops']}")
+    for r in results:
+        total = sum(r["stages"].values()) or 1.0
+        print(f"plan stages at {r['n']:,} (median s of the runs, share of their sum):")
+        for name, sec in sorted(r["stages"].items(), key=lambda kv: -kv[1]):
+            if sec >= 0.005:
+                print(f"  {name:<32} {sec:6.3f}  {100 * sec / total:3.0f}%")
     for r in results:
         for what in ("phone", "email"):
             steps = [x for x in r["push"]["steps"] if x["field"] == what]

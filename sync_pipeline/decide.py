@@ -32,6 +32,7 @@ from sync_pipeline import duck
 from sync_pipeline.mapping.normalise import normalise_series
 from sync_pipeline.mapping.schema import EntityMapping, FieldSpec
 from sync_pipeline.mapping.validate import PLAIN_EMAIL, SPECIAL_TLDS, escape_char
+from sync_pipeline.stages import Stages
 
 # What a reason shows for a value: quoted, with quotes, backslashes, tabs and line breaks
 # escaped, and every other character the safety check refuses (`validate.escape_char`: control
@@ -232,7 +233,7 @@ AGREE = "(crm_value = erp_value OR cn = en)"
 
 
 def decide(
-    con: duckdb.DuckDBPyConnection,
+    st: Stages,
     mapping: EntityMapping,
     *,
     region: str,
@@ -246,6 +247,8 @@ def decide(
 
     `problem(field, op, value)` says why `value` must not be written by `op` (or None);
     `labels_sql` gives (erp_id, label): how a rejection names its record."""
+    con = st.con
+    entity = mapping.entity
     con.execute(Q_MACRO)
     con.execute(T_MACRO)
     duck.register(
@@ -254,25 +257,26 @@ def decide(
         _fields_frame(mapping, initial_policy=initial_policy, policy_of=policy_of, active=active),
     )
     try:
-        con.execute("CREATE OR REPLACE TEMP TABLE _fields AS SELECT * FROM _fields_in")
+        st.table(f"{entity}.fields", "_fields", "SELECT * FROM _fields_in")
     finally:
         con.unregister("_fields_in")
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _cf AS {
-            norm_select(
-                "SELECT c.*, f.kind FROM _cand_fields c JOIN _fields f USING (field)",
-                NORMS,
-                region,
-            )
-        }"""
+    st.table(
+        f"{entity}.normal_forms",
+        "_cf",
+        norm_select(
+            "SELECT c.*, f.kind FROM _cand_fields c JOIN _fields f USING (field)", NORMS, region
+        ),
+        reads=["_cand_fields", "_fields"],
     )
-    fill_python(con, "_cf", NORMS, region)
-    _prior_decisions(con, mapping.entity)
+    with st.timed(f"{entity}.normal_forms_python"):
+        fill_python(con, "_cf", NORMS, region)
+    _prior_decisions(st, entity)
     # The decisions, a view read twice (by the refusal checks and by the plan): recomputing the
     # CASE logic costs less than materialising a wide table.
-    con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW _decided AS
-        WITH n AS (
+    st.view(
+        f"{entity}.decisions",
+        "_decided",
+        f"""WITH n AS (
             SELECT c.*, c.base_crm IS NOT NULL AS has_base,
                    CASE WHEN c.base_crm IS NULL THEN false
                         WHEN c.bcn IS NOT NULL THEN c.cn <> c.bcn
@@ -332,12 +336,14 @@ def decide(
                CASE WHEN winner = 'crm' THEN base_erp ELSE base_crm END AS baseline_value,
                CASE WHEN winner = 'crm' THEN 'CRM' ELSE 'Unleashed' END AS win,
                CASE WHEN winner = 'crm' THEN 'Unleashed' ELSE 'CRM' END AS lose
-        FROM d WHERE winner IS NOT NULL AND active"""
+        FROM d WHERE winner IS NOT NULL AND active""",
+        reads=["_cf", "_fields", "_prior"],
     )
-    _refusals(con, mapping, problem, labels_sql)
-    con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW _planned AS
-        WITH p AS (
+    _refusals(st, mapping, problem, labels_sql)
+    st.view(
+        f"{entity}.planned",
+        "_planned",
+        f"""WITH p AS (
             SELECT p.*, CASE how
                  WHEN 'changed' THEN
                    win || ' changed ' || label || ' from '
@@ -383,7 +389,8 @@ def decide(
                    || ': ' || refused || '; not sent (' || why_planned || ')'
                END AS reason,
                crm_modified, erp_modified, CAST(NULL AS JSON) AS payload
-        FROM p"""
+        FROM p""",
+        reads=["_decided", "_refused"],
     )
 
 
@@ -395,7 +402,7 @@ _SAME_CONFLICT = """(k.crm_value IS NOT DISTINCT FROM n.crm_value
         CASE WHEN k.winner = 'crm' THEN n.base_erp ELSE n.base_crm END)"""
 
 
-def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
+def _prior_decisions(st: Stages, entity: str) -> None:
     """`_prior`: the last recorded `newest` conflict decision of each candidate (record, field).
 
     A `newest` conflict is decided once. When the same conflict (the same two values over the
@@ -407,22 +414,15 @@ def _prior_decisions(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     Only rows whose two raw values both left the baseline can be a conflict (a side that moved
     after normalisation moved raw), so only their records are looked up: a few thousand of the
     hundreds of thousands of candidates, in a log with a row per field ever in conflict."""
-    (has_table,) = con.execute(
-        """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'conflict_decisions'
-           AND NOT temporary AND database_name = current_database()"""
-    ).fetchone()
-    source = (
+    st.table(
+        f"{entity}.prior_decisions",
+        "_prior",
         f"""SELECT erp_id, field, crm_value, erp_value, baseline_value, winner, seen_at
             FROM conflict_decisions WHERE entity = '{entity}'
               AND erp_id IN (SELECT erp_id FROM _cf
-                             WHERE crm_value <> base_crm AND erp_value <> base_erp)"""
-        if has_table
-        else """SELECT NULL::VARCHAR AS erp_id, NULL::VARCHAR AS field,
-                       NULL::VARCHAR AS crm_value, NULL::VARCHAR AS erp_value,
-                       NULL::VARCHAR AS baseline_value, NULL::VARCHAR AS winner,
-                       NULL::TIMESTAMP AS seen_at WHERE false"""
+                             WHERE crm_value <> base_crm AND erp_value <> base_erp)""",
+        reads=["_cf"],
     )
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _prior AS {source}")
 
 
 def plain_email_sql(col: str) -> str:
@@ -483,7 +483,7 @@ def _sql_passes(mapping: EntityMapping, col: str) -> str:
 
 
 def _refusals(
-    con: duckdb.DuckDBPyConnection,
+    st: Stages,
     mapping: EntityMapping,
     problem: Callable[[str, str, str], str | None],
     labels_sql: str,
@@ -493,28 +493,34 @@ def _refusals(
     ones SQL certainly passes (`sql_pass`: printable ASCII that the field's syntax checks pass)
     are passed there, and `problem` runs in Python (validators, lookups) once per distinct
     (field, op, value) of the rest."""
+    con = st.con
+    stage = f"{mapping.entity}.refusals"
     passes = _sql_passes(mapping, "coalesce(new_value, '')")
-    todo = con.execute(
+    todo = st.run(
+        stage,
         f"""SELECT DISTINCT field, op, coalesce(new_value, '') FROM _decided
-            WHERE NOT coalesce({passes}, false)"""
-    ).fetchall()
-    whys = [(f, op, v, why) for f, op, v in todo if (why := problem(f, op, v)) is not None]
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE _refused (
-               erp_id VARCHAR, field VARCHAR, why VARCHAR, record_label VARCHAR)"""
+            WHERE NOT coalesce({passes}, false)""",
+        reads=["_decided"],
+    )
+    with st.timed(f"{mapping.entity}.refusals_python"):
+        whys = [(f, op, v, why) for f, op, v in todo if (why := problem(f, op, v)) is not None]
+    st.empty_table(
+        stage, "_refused", "erp_id VARCHAR, field VARCHAR, why VARCHAR, record_label VARCHAR"
     )
     if not whys:
         return
     duck.register(con, "_whys", pd.DataFrame(whys, columns=["field", "op", "value", "why"]))
     try:
-        con.execute(
+        st.run(
+            stage,
             f"""INSERT INTO _refused
                 WITH r AS (
                     SELECT d.erp_id, d.field, w.why FROM _decided d
                     JOIN _whys w ON w.field = d.field AND w.op = d.op
                                 AND w.value = coalesce(d.new_value, ''))
                 SELECT r.erp_id, r.field, r.why, coalesce(l.label, '')
-                FROM r LEFT JOIN ({labels_sql}) l ON l.erp_id = r.erp_id"""
+                FROM r LEFT JOIN ({labels_sql}) l ON l.erp_id = r.erp_id""",
+            reads=["_refused", "_decided"],
         )
     finally:
         con.unregister("_whys")

@@ -29,6 +29,7 @@ from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, key_expr, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
 from sync_pipeline.mapping.validate import ValidationContext, check_value
+from sync_pipeline.stages import Stages
 
 PLAN_COLUMNS = [
     "entity", "op", "crm_id", "erp_id", "crm_parent_id", "erp_parent_id", "field",
@@ -139,7 +140,7 @@ def _label_expr(mapping: EntityMapping, list_col: str) -> str:
 # those rows by rowid. At 1M/3M records that is 3-4x cheaper than one join reading them all.
 
 
-def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+def _scan(st: Stages, mapping: EntityMapping) -> None:
     """`_scan`: the records on this pass (`baseline.sync_pending`, CRM ids resolved through the
     links): each active Unleashed record with its link and its CRM record, keeping linked pairs
     with both records active (the candidates) and unlinked records (the creation candidates,
@@ -149,17 +150,19 @@ def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
     link_table = links.LINK_TABLES[entity]
     erp_parent = "parent_id" if mapping.erp.parent_resource else "CAST(NULL AS VARCHAR)"
     crm_parent = "parent_id" if mapping.crm.parent_key else "CAST(NULL AS VARCHAR)"
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _ids AS
-            SELECT id AS erp_id FROM sync_pending WHERE entity = '{entity}' AND side = 'erp'
+    st.table(
+        f"{entity}.scan_ids",
+        "_ids",
+        f"""SELECT id AS erp_id FROM sync_pending WHERE entity = '{entity}' AND side = 'erp'
             UNION
             SELECT l.erp_id FROM {link_table} l
             WHERE l.crm_id IN (SELECT id FROM sync_pending
-                               WHERE entity = '{entity}' AND side = 'crm')"""
+                               WHERE entity = '{entity}' AND side = 'crm')""",
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _scan AS
-        WITH e AS (
+    st.table(
+        f"{entity}.scan",
+        "_scan",
+        f"""WITH e AS (
             SELECT rowid AS erp_row, id, {erp_parent} AS parent_id, modified
             FROM {ident(mapping.erp.table)}
             WHERE active AND id IN (SELECT erp_id FROM _ids)),
@@ -172,17 +175,20 @@ def _scan(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
                e.parent_id AS erp_parent_id, c.modified AS crm_modified,
                e.modified AS erp_modified, c.crm_row, e.erp_row
         FROM e LEFT JOIN l ON l.erp_id = e.id LEFT JOIN c ON c.id = l.crm_id
-        WHERE l.erp_id IS NULL OR c.active"""
+        WHERE l.erp_id IS NULL OR c.active""",
+        reads=["_ids"],
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _erp_rows AS
-            SELECT id, data FROM {ident(mapping.erp.table)}
-            WHERE rowid IN (SELECT erp_row FROM _scan WHERE crm_id IS NULL)"""
+    st.table(
+        f"{entity}.scan",
+        "_erp_rows",
+        f"""SELECT id, data FROM {ident(mapping.erp.table)}
+            WHERE rowid IN (SELECT erp_row FROM _scan WHERE crm_id IS NULL)""",
+        reads=["_scan"],
     )
-    con.execute("DROP TABLE _ids")
+    st.drop("_ids")
 
 
-def _freeze(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+def _freeze(st: Stages, mapping: EntityMapping) -> None:
     """Move out of `_scan` into `_frozen` the records with a side set aside as malformed (or,
     for a contact, whose Unleashed customer is: its contacts were not read either), with why.
 
@@ -199,9 +205,11 @@ def _freeze(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
         if mapping.erp.parent_resource
         else ""
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _frozen AS
-        WITH cb AS ({crm_bad}), eb AS ({erp_bad}), pb AS ({parents_bad}),
+    stage = f"{mapping.entity}.freeze"
+    st.table(
+        stage,
+        "_frozen",
+        f"""WITH cb AS ({crm_bad}), eb AS ({erp_bad}), pb AS ({parents_bad}),
         w AS (
             SELECT s.erp_id, 'the CRM record is set aside as malformed (' || b.reason || ')'
                    AS why
@@ -214,9 +222,11 @@ def _freeze(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
         SELECT s.crm_id, s.erp_id, s.crm_parent_id, s.erp_parent_id, s.crm_modified,
                s.erp_modified, string_agg(w.why, '; ' ORDER BY w.why) AS why
         FROM _scan s JOIN w USING (erp_id)
-        GROUP BY ALL"""
+        GROUP BY ALL""",
+        reads=["_scan"],
     )
-    con.execute("DELETE FROM _scan WHERE erp_id IN (SELECT erp_id FROM _frozen)")
+    st.run(stage, "DELETE FROM _scan WHERE erp_id IN (SELECT erp_id FROM _frozen)",
+           reads=["_scan", "_frozen"])  # fmt: skip
 
 
 def _frozen_rows(mapping: EntityMapping) -> str:
@@ -234,7 +244,7 @@ def _frozen_rows(mapping: EntityMapping) -> str:
         FROM _frozen"""
 
 
-def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+def _candidate_fields(st: Stages, mapping: EntityMapping) -> None:
     """`_cand_fields` (a view): (record, field) rows of the candidate records (`_cand`) whose
     raw values moved from the baseline, or that have no baseline yet, with when each side's
     value of the field changed (`derived.field_at_column`, as `crm_modified` / `erp_modified`: a
@@ -281,9 +291,10 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
         f"coalesce(nullif({_label_expr(mapping, 'cv')}, ''), "
         f"nullif({_label_expr(mapping, 'ev')}, ''))"
     )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP VIEW _cand_fields AS
-        WITH f AS (SELECT * FROM (VALUES {_field_order(mapping)}) f(pos, field)),
+    st.view(
+        f"{mapping.entity}.candidate_fields",
+        "_cand_fields",
+        f"""WITH f AS (SELECT * FROM (VALUES {_field_order(mapping)}) f(pos, field)),
         w AS ({w}),
         x AS (SELECT crm_id, erp_id, crm_parent_id, erp_parent_id, crm_modified, erp_modified,
                      cv, ev, bc, be, cat, eat, base_row, {label} AS rec_label,
@@ -294,7 +305,8 @@ def _candidate_fields(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) ->
                coalesce(x.eat[x.pos], x.erp_modified) AS erp_modified, f.field,
                x.cv[x.pos] AS crm_value, x.ev[x.pos] AS erp_value,
                x.bc[x.pos] AS base_crm, x.be[x.pos] AS base_erp, x.base_row, x.rec_label
-        FROM x JOIN f ON f.pos = x.pos"""
+        FROM x JOIN f ON f.pos = x.pos""",
+        reads=["_cand"],
     )
 
 
@@ -304,36 +316,40 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str) -> pd.DataFrame:
     return duck.arrow(con, sql).to_pandas(self_destruct=True, split_blocks=True)
 
 
-def _write_settles(con: duckdb.DuckDBPyConnection, mapping: EntityMapping) -> None:
+def _write_settles(st: Stages, mapping: EntityMapping) -> None:
     """Baseline values for the fields found to agree (decide.AGREE over `_cf`), merged into
     the candidates' baseline rows read earlier in this pass (by rowid, so `sync_baseline` is not
     searched again)."""
+    stage = f"{mapping.entity}.settle"
     agreed = f"SELECT erp_id, field, crm_value, erp_value FROM _cf WHERE {decide.AGREE}"
-    (n,) = con.execute(f"SELECT count(*) FROM ({agreed})").fetchone()
+    ((n,),) = st.run(stage, f"SELECT count(*) FROM ({agreed})", reads=["_cf"])
     if n:
-        baseline.merge_into_baseline(
-            con,
-            mapping.entity,
-            agreed,
-            existing_sql="""SELECT erp_id, rowid AS base_row, crm_values, erp_values
+        with st.timed(stage):
+            baseline.merge_into_baseline(
+                st.con,
+                mapping.entity,
+                agreed,
+                existing_sql="""SELECT erp_id, rowid AS base_row, crm_values, erp_values
                             FROM sync_baseline WHERE rowid IN (
                                 SELECT base_row FROM _cf WHERE base_row IS NOT NULL
                                   AND erp_id IN (SELECT erp_id FROM _merge_new))""",
-        )
+            )
 
 
-def _keep_pending(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, looked: bool) -> None:
+def _keep_pending(st: Stages, mapping: EntityMapping, looked: bool) -> None:
     """The pass consumed the entity's pending set; put back what is still not in agreement
     (a field left different: planned, rejected or held back by a setting) and the unlinked
     Unleashed records (creation candidates, looked at until they are linked)."""
     entity = mapping.entity
-    con.execute("DELETE FROM sync_pending WHERE entity = ?", [entity])
+    stage = f"{entity}.pending"
+    st.run(stage, "DELETE FROM sync_pending WHERE entity = ?", [entity])
     unsettled = "UNION SELECT erp_id FROM _frozen"
     if looked:
         unsettled += f" UNION SELECT erp_id FROM _cf WHERE NOT {decide.AGREE}"
-    baseline.mark_pending(
-        con, entity, "erp", f"SELECT erp_id FROM _scan WHERE crm_id IS NULL {unsettled}"
-    )
+    with st.timed(stage):
+        baseline.mark_pending(
+            st.con, entity, "erp", f"SELECT erp_id FROM _scan WHERE crm_id IS NULL {unsettled}"
+        )
 
 
 # Refusals ----------------------------------------------------------------------------------
@@ -374,9 +390,7 @@ def _problem(mapping: EntityMapping, ctx: _Context) -> Callable[[str, str, str],
 # Creations ----------------------------------------------------------------------------------
 
 
-def _creations(
-    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context
-) -> pd.DataFrame:
+def _creations(st: Stages, mapping: EntityMapping, ctx: _Context) -> pd.DataFrame:
     """create_crm_company / create_crm_contact rows for active, unlinked Unleashed records that
     no CRM record matches by any key (a match that could not be linked is reported instead of
     creating a duplicate)."""
@@ -395,17 +409,31 @@ def _creations(
     key_cols = "".join(
         f", {key_expr(k, 'erp')} AS {ident('k_' + k.name)}" for k in mapping.match.keys
     )
+    stage = f"{entity}.creations"
+    con = st.con
     # The few unlinked records found by the scan; only their JSON is read.
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _new AS
-            SELECT n.erp_id, n.erp_parent_id, {parent_col} AS crm_parent_id, n.erp_modified,
+    st.table(
+        stage,
+        "_new",
+        f"""SELECT n.erp_id, n.erp_parent_id, {parent_col} AS crm_parent_id, n.erp_modified,
                    {values_list_expr(erp_paths, "e")} AS ev{key_cols}
             FROM _scan n {parent_join} JOIN _erp_rows e ON e.id = n.erp_id
-            WHERE n.crm_id IS NULL {parent_ok}"""
+            WHERE n.crm_id IS NULL {parent_ok}""",
+        reads=["_scan", "_erp_rows"],
     )
-    (n_new,) = con.execute("SELECT count(*) FROM _new").fetchall()[0]
+    ((n_new,),) = st.run(stage, "SELECT count(*) FROM _new", reads=["_new"])
     if n_new == 0:
         return empty_plan()
+    with st.timed(stage):
+        return _creation_rows(con, mapping, ctx)
+
+
+def _creation_rows(
+    con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context
+) -> pd.DataFrame:
+    """The plan rows for the records in `_new` (see `_creations`)."""
+    entity = mapping.entity
+    names = list(mapping.fields)
     # Which CRM records (any status) share a key with a new record?
     blocked_parts = []
     for key in mapping.match.keys:
@@ -532,23 +560,34 @@ def _creations(
 # Entry points ------------------------------------------------------------------------------
 
 
-def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _Context) -> None:
+def _plan_entity(st: Stages, mapping: EntityMapping, ctx: _Context) -> None:
     """Plan rows for the linked records of one entity on this pass, inserted into `sync_plan`
     (and the creation candidates left in `_scan` for `_creations`)."""
-    _scan(con, mapping)
-    _freeze(con, mapping)
+    entity = mapping.entity
+    _scan(st, mapping)
+    _freeze(st, mapping)
     cols = ", ".join(PLAN_COLUMNS)
-    con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM ({_frozen_rows(mapping)})")
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE _cand AS SELECT * FROM _scan WHERE crm_id IS NOT NULL"
+    st.run(
+        f"{entity}.frozen_rejections",
+        f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM ({_frozen_rows(mapping)})",
+        reads=["_frozen"],
     )
-    (n_cand,) = con.execute("SELECT count(*) FROM _cand").fetchone()
+    with st.scope():  # the candidates and their decisions, dropped once planned
+        _plan_candidates(st, mapping, ctx)
+
+
+def _plan_candidates(st: Stages, mapping: EntityMapping, ctx: _Context) -> None:
+    entity = mapping.entity
+    cols = ", ".join(PLAN_COLUMNS)
+    st.table(f"{entity}.candidates", "_cand", "SELECT * FROM _scan WHERE crm_id IS NOT NULL",
+             reads=["_scan"])  # fmt: skip
+    ((n_cand,),) = st.run(f"{entity}.candidates", "SELECT count(*) FROM _cand", reads=["_cand"])
     if n_cand == 0:
-        _keep_pending(con, mapping, looked=False)
+        _keep_pending(st, mapping, looked=False)
         return
-    _candidate_fields(con, mapping)
+    _candidate_fields(st, mapping)
     decide.decide(
-        con,
+        st,
         mapping,
         region=ctx.region,
         initial_policy=ctx.initial_policy,
@@ -557,13 +596,10 @@ def _plan_entity(con: duckdb.DuckDBPyConnection, mapping: EntityMapping, ctx: _C
         problem=_problem(mapping, ctx),
         labels_sql="SELECT erp_id, any_value(rec_label) AS label FROM _cf GROUP BY erp_id",
     )
-    con.execute(f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _planned")
-    _write_settles(con, mapping)
-    _keep_pending(con, mapping, looked=True)
-    for view in ("_planned", "_decided", "_cand_fields"):
-        con.execute(f"DROP VIEW {view}")
-    for table in ("_refused", "_prior", "_fields", "_cf", "_cand"):
-        con.execute(f"DROP TABLE IF EXISTS {table}")
+    st.run(f"{entity}.plan_insert", f"INSERT INTO sync_plan ({cols}) SELECT {cols} FROM _planned",
+           reads=["_planned"])  # fmt: skip
+    _write_settles(st, mapping)
+    _keep_pending(st, mapping, looked=True)
 
 
 def _ordered(mappings: Mapping[str, EntityMapping]) -> list[EntityMapping]:
@@ -602,11 +638,13 @@ def plan_changes(
     policy_overrides: Mapping[str, str] | None = None,
     account_manager_sync: bool = True,
     default_region: str = "GB",
+    timings: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Plan every operation for the linked records and the Unleashed-side new records.
 
     Also settles the baseline of fields whose two sides already agree. Returns the plan
-    (columns `PLAN_COLUMNS`) and replaces the DuckDB table `sync_plan` with it."""
+    (columns `PLAN_COLUMNS`) and replaces the DuckDB table `sync_plan` with it. `timings`, when
+    given, receives the seconds each named stage took (`stages.Stages`)."""
     if initial_policy not in ("erp", "crm", "newest"):
         raise ValueError(f"initial_policy must be erp, crm or newest, not {initial_policy!r}")
     for key, value in (policy_overrides or {}).items():
@@ -616,15 +654,24 @@ def plan_changes(
     ctx = _Context(
         con, default_region, initial_policy, dict(policy_overrides or {}), account_manager_sync
     )
+    st = Stages(con)
     # One transaction for the pass: the settle step deletes by rowids it read earlier.
     with store.transaction(con):
-        con.execute(PLAN_DDL)
-        for mapping in _ordered(mappings):
-            _plan_entity(con, mapping, ctx)
-            write_plan(con, _creations(con, mapping, ctx), replace=False)
-            for table in ("_new", "_scan", "_erp_rows", "_frozen"):
-                con.execute(f"DROP TABLE IF EXISTS {table}")
-    return read_plan(con)
+        try:
+            st.run("plan.reset", PLAN_DDL)
+            for mapping in _ordered(mappings):
+                _plan_entity(st, mapping, ctx)
+                creations = _creations(st, mapping, ctx)
+                with st.timed(f"{mapping.entity}.creations"):
+                    write_plan(con, creations, replace=False)
+                st.close()
+        finally:
+            st.close()
+    with st.timed("plan.read_back"):
+        plan = read_plan(con)
+    if timings is not None:
+        timings.update(st.timings())
+    return plan
 
 
 def read_plan(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:

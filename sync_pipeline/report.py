@@ -100,6 +100,20 @@ def filled_md(plan: pd.DataFrame) -> str:
     )
 
 
+def stage_timings_md(timings: dict[str, float]) -> str:
+    """Seconds per named planning stage (`stages.Stages`), in the order they ran, with each
+    stage's share of the total."""
+    total = sum(timings.values()) or 1.0
+    return md_table(
+        [
+            {"stage": name, "seconds": f"{sec:.3f}", "share": f"{100 * sec / total:.0f}%"}
+            for name, sec in timings.items()
+        ],
+        ["stage", "seconds", "share"],
+        limit=max(len(timings), 1),
+    )
+
+
 def rejections_md(plan: pd.DataFrame) -> str:
     if plan is None or plan.empty:
         return "_none_"

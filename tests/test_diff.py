@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sync_pipeline import baseline, derived, diff, links, schema, store
+from sync_pipeline.stages import StageError, Stages
 from tests.diff_fixtures import World, one, rows
 
 
@@ -42,6 +43,37 @@ def test_plan_has_exactly_the_contract_columns_and_is_written_to_duckdb(w):
     assert list(p.columns) == diff.PLAN_COLUMNS
     stored = w.con.execute("SELECT op, field, new_value FROM sync_plan").fetchall()
     assert stored == [("update_erp", "name", "Acme Limited")]
+
+
+def test_a_pass_times_its_named_stages_and_leaves_no_temporary_table_behind(w):
+    w.edit("crm_companies", "12", Name="Acme Limited")
+    w.edit("unleashed_contacts", "c-jane", PhoneNumber="020 7946 0999")
+    timings: dict[str, float] = {}
+    p = diff.plan_changes(w.con, w.mappings, timings=timings)
+    assert set(p["field"]) == {"name", "phone"}
+    for entity in ("company", "contact"):
+        for stage in ("scan", "candidates", "normal_forms", "decisions", "refusals",
+                      "plan_insert", "settle", "pending", "creations"):  # fmt: skip
+            assert f"{entity}.{stage}" in timings
+    assert "plan.read_back" in timings and all(sec >= 0 for sec in timings.values())
+    left = w.con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE temporary "
+        "UNION ALL SELECT view_name FROM duckdb_views() WHERE temporary AND NOT internal"
+    ).fetchall()
+    assert left == []
+
+
+def test_a_stage_reading_what_no_earlier_stage_made_is_refused(w):
+    st = Stages(w.con)
+    st.table("one", "_made", "SELECT 1 AS x")
+    st.run("two", "SELECT * FROM _made", reads=["_made"])
+    with pytest.raises(StageError, match="stage three reads _never_made"):
+        st.run("three", "SELECT 1", reads=["_never_made"])
+    st.drop("_made")
+    with pytest.raises(StageError, match="stage four reads _made"):
+        st.run("four", "SELECT * FROM _made", reads=["_made"])
+    with pytest.raises(StageError, match="no stage of this pass made it"):
+        st.drop("sync_plan")  # a persistent table is never the runner's to drop
 
 
 def test_nothing_changed_plans_nothing(w):

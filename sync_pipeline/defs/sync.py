@@ -1,5 +1,7 @@
 """Plan and apply assets: links, the three-way plan, push, pull and the overnight fix."""
 
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -22,6 +24,7 @@ from sync_pipeline.report import (
     md_table,
     plan_md,
     rejections_md,
+    stage_timings_md,
 )
 
 UPDATE_OPS = ("update_erp", "update_crm")
@@ -99,6 +102,7 @@ def sync_plan(
         raise dg.Failure(description=f"Nothing written: {block}")
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
+    timings: dict[str, float] = {}
     with duckdb.get_connection() as con:
         plan = diff_mod.plan_changes(
             con, mappings,
@@ -106,10 +110,13 @@ def sync_plan(
             policy_overrides=settings.conflict_policies,
             account_manager_sync=settings.account_manager_sync,
             default_region=settings.default_phone_region,
+            timings=timings,
         )  # fmt: skip
+        t0 = time.perf_counter()
         queued = queue_plan(
             con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
         )
+        timings["queue (conflicts, rejections, outbox)"] = time.perf_counter() - t0
         plan = queued["plan"]
     if refusal:
         context.log.error(refusal)
@@ -129,6 +136,8 @@ def sync_plan(
             "rejections_preview": dg.MetadataValue.md(rejections_md(plan)),
             "empty_fields_filled": int((plan["policy"] == FILLED).sum()) if len(plan) else 0,
             "filled_preview": dg.MetadataValue.md(filled_md(plan)),
+            "plan_seconds": round(sum(timings.values()), 3),
+            "plan_stage_seconds": dg.MetadataValue.md(stage_timings_md(timings)),
             **_settings_metadata(sync_config),
         }
     )
