@@ -35,6 +35,7 @@ from sync_pipeline.clients.crm import (
     odata_literal,
 )
 from sync_pipeline.clients.unleashed import UnleashedClient
+from sync_pipeline.core import CREATE_OPS
 from sync_pipeline.extract import (
     EMBEDDED_CONTACTS_LIMIT,
     contact_snapshot,
@@ -50,7 +51,6 @@ log = logging.getLogger("sync_pipeline.apply")
 
 PUSH_OPS = ("update_erp",)
 PULL_OPS = ("update_crm",)
-CREATE_OPS = ("create_crm_contact", "create_crm_company")
 # How long before its planning a parent record found after a lost answer may have been made
 # (clock skew between this machine and the CRM).
 PLANNED_SLACK = timedelta(minutes=5)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from sync_pipeline import baseline, decide, derived, duck, links, schema, store
 from sync_pipeline.clients.crm import crm_key
+from sync_pipeline.core import check_policy
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.projection import ident, json_path, key_expr, values_list_expr
 from sync_pipeline.mapping.schema import EntityMapping, Reference
@@ -645,11 +646,9 @@ def plan_changes(
     Also settles the baseline of fields whose two sides already agree. Returns the plan
     (columns `PLAN_COLUMNS`) and replaces the DuckDB table `sync_plan` with it. `timings`, when
     given, receives the seconds each named stage took (`stages.Stages`)."""
-    if initial_policy not in ("erp", "crm", "newest"):
-        raise ValueError(f"initial_policy must be erp, crm or newest, not {initial_policy!r}")
+    check_policy(initial_policy, "initial_policy")
     for key, value in (policy_overrides or {}).items():
-        if value not in ("newest", "crm", "erp"):
-            raise ValueError(f"policy override {key}={value!r}: expected newest, crm or erp")
+        check_policy(value, f"policy override {key}")
     _ensure(con, mappings)
     ctx = _Context(
         con, default_region, initial_policy, dict(policy_overrides or {}), account_manager_sync

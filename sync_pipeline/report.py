@@ -9,6 +9,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from sync_pipeline.core import FILLED_POLICY
 from sync_pipeline.decide import quote
 from sync_pipeline.mapping.validate import visible
 
@@ -85,7 +86,7 @@ def conflicts_md(plan: pd.DataFrame) -> str:
 
 
 # The policy of a first agreement where one side was empty: the filled value wins, both ways.
-FILLED = "initial:filled"
+FILLED = FILLED_POLICY
 
 
 def filled_md(plan: pd.DataFrame) -> str:

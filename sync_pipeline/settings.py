@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection, Mapping
 from datetime import datetime, time, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from sync_pipeline.configfile import ConfigFileError, parse_config
+from sync_pipeline.core import InitialPolicy, Policy
 
 if TYPE_CHECKING:
     from sync_pipeline.mapping import EntityMapping
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 DEFAULT_SETTINGS_FILE = "settings.yaml"
 SETTINGS_ENV = "SYNC_SETTINGS_FILE"
 
-Policy = Literal["newest", "crm", "erp"]
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 ENTITIES = ("company", "contact")
@@ -185,7 +185,7 @@ class Settings(BaseModel):
     timezone: str = "Europe/London"
     imports: ImportWindow = Field(default_factory=ImportWindow)
     overnight_fix_at: RunTime = time(2, 0)
-    initial_policy: Literal["crm", "erp"] = "erp"
+    initial_policy: InitialPolicy = "erp"
     conflict_policies: dict[str, Policy] = Field(
         default_factory=dict,
         description="Overrides of the mapping's per-field policy, keyed 'company.phone' etc.",

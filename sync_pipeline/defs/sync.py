@@ -7,6 +7,7 @@ import pandas as pd
 
 from sync_pipeline import account_managers, apply, duck, links, preflight, store
 from sync_pipeline import diff as diff_mod
+from sync_pipeline.core import CREATE_OPS, UPDATE_OPS
 from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
 from sync_pipeline.defs.resources import (
@@ -27,8 +28,6 @@ from sync_pipeline.report import (
     stage_timings_md,
 )
 
-UPDATE_OPS = ("update_erp", "update_crm")
-CREATE_OPS = ("create_crm_contact", "create_crm_company")
 REFUSAL_KEY = "two_way_refusal"
 
 # A blocking check on each asset that writes: it fails (and so does the run) when a planned write

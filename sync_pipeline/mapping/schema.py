@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sync_pipeline.configfile import ConfigFileError, read_config
+from sync_pipeline.core import Policy, Side
 
 PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -25,7 +26,6 @@ Normaliser = Literal["text", "name", "phone", "email", "website", "exact"]
 # accepts, and what the CRM may be given.
 ErpCheck = Literal["unleashed_website", "email", "salesperson_exists", "unleashed_required"]
 CrmCheck = Literal["crm_website", "email"]
-Policy = Literal["newest", "crm", "erp"]
 MatchCompare = Literal["exact", "email", "text"]
 Option = Literal["account_manager_sync"]
 
@@ -236,7 +236,7 @@ class FieldSpec(_Model):
             )
         return data
 
-    def checks_to(self, target: Literal["erp", "crm"]) -> tuple[str, ...]:
+    def checks_to(self, target: Side) -> tuple[str, ...]:
         """The named checks a value of this field goes through on its way to `target`."""
         listed = self.checks.to_erp if target == "erp" else self.checks.to_crm
         if listed is not None:
