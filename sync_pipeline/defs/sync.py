@@ -2,8 +2,9 @@
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
-from sync_pipeline import account_managers, apply, duck, links, preflight, store
+from sync_pipeline import account_managers, apply, brake, duck, links, preflight, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
@@ -58,6 +59,21 @@ _LATEST_IMPORT = [
 ]
 
 
+# A blocking check on the plan: a plan over the mass-change brake's limits is held (nothing is
+# queued, and the apply steps after it do not run), until an operator releases it by its id.
+BRAKE_CHECK = "mass_change_brake"
+HELD_TAG = "sync/mass-change-held"
+
+
+class PlanConfig(dg.Config):
+    release_plan_id: str = Field(
+        default="",
+        description="Only for mass_change_release_job: the id of a plan the mass-change brake "
+        "held, as its check showed it. The plan is written if planning again gives the same plan; "
+        "if the data changed since, nothing is written and the check names the new plan.",
+    )
+
+
 def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
     return {f"setting: {k}": v for k, v in sync_config.settings().summary().items()}
 
@@ -84,9 +100,22 @@ def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.Materi
     pool="duckdb",
     deps=[sync_links, unleashed_salespersons],
     description="The three-way field diff against the last agreed values: one row per operation.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            BRAKE_CHECK,
+            asset=dg.AssetKey(["sync", "plan"]),
+            blocking=True,
+            description="The plan changes at most the settings' share of the linked records "
+            "(mass_change_brake.max_changed_share, 10% by default) and blanks at most "
+            "max_blanked_values filled values (20). Over either, the plan is held: nothing is "
+            "written in either direction, and this check fails with the counts, example changes "
+            "and the plan id to release with mass_change_release_job.",
+        )
+    ],
 )
 def sync_plan(
     context: dg.AssetExecutionContext,
+    config: PlanConfig,
     crm: CrmResource,
     duckdb: SyncDuckDB,
     sync_config: SyncConfigResource,
@@ -99,7 +128,9 @@ def sync_plan(
         raise dg.Failure(description=f"Nothing written: {block}")
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
+    release = config.release_plan_id.strip()
     with duckdb.get_connection() as con:
+        first = brake.is_first_connection(con)
         plan = diff_mod.plan_changes(
             con, mappings,
             initial_policy=settings.initial_policy,
@@ -107,10 +138,23 @@ def sync_plan(
             account_manager_sync=settings.account_manager_sync,
             default_region=settings.default_phone_region,
         )  # fmt: skip
-        queued = queue_plan(
-            con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
-        )
+        plan = refused_as_rejections(con, plan)
+        verdict = brake.evaluate(
+            con, _writable(plan, settings.two_way_sync, refusal),
+            settings.mass_change_brake, first_connection=first,
+        )  # fmt: skip
+        released = verdict.held and bool(release) and release == verdict.plan_id
+        if verdict.held and not released:
+            brake.hold(con, verdict, context.run_id)
+            store.set_state(con, REFUSAL_KEY, refusal)
+            queued = {"queued": 0, "rejections": store.sync_rejections(con, plan), "plan": plan}
+        else:
+            brake.clear(con)
+            queued = queue_plan(
+                con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
+            )
         plan = queued["plan"]
+    brake_results = _brake_check(context, verdict, release, released)
     if refusal:
         context.log.error(refusal)
     elif not settings.two_way_sync:
@@ -129,9 +173,74 @@ def sync_plan(
             "rejections_preview": dg.MetadataValue.md(rejections_md(plan)),
             "empty_fields_filled": int((plan["policy"] == FILLED).sum()) if len(plan) else 0,
             "filled_preview": dg.MetadataValue.md(filled_md(plan)),
+            "plan_id": verdict.plan_id or "(nothing to write)",
+            "held_by_mass_change_brake": verdict.held and not released,
             **_settings_metadata(sync_config),
-        }
+        },
+        check_results=brake_results,
     )
+
+
+def _writable(plan: pd.DataFrame, two_way: bool, refusal: str | None) -> pd.DataFrame:
+    """The plan rows a run would write, as `queue_plan` lets them through."""
+    if plan.empty or refusal:
+        return plan.iloc[0:0]
+    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way else set())
+    return plan[plan["op"].isin(allowed)]
+
+
+def _brake_check(
+    context: dg.AssetExecutionContext,
+    verdict: brake.BrakeResult,
+    release: str,
+    released: bool,
+) -> list[dg.AssetCheckResult]:
+    key = dg.AssetCheckKey(context.asset_key, BRAKE_CHECK)
+    held = verdict.held and not released
+    if held:
+        context.log.error(verdict.summary())
+        context.instance.add_run_tags(context.run_id, {HELD_TAG: verdict.plan_id or ""})
+    if key not in context.selected_asset_check_keys:
+        return []
+    meta: dict = {
+        **verdict.metadata(),
+        "example_changes": dg.MetadataValue.md(
+            md_table(
+                verdict.examples,
+                ["direction", "entity", "crm_id", "erp_id", "field", "change"],
+                widths={"change": 160},
+                total=verdict.values_written,
+            )
+        ),
+    }
+    description = verdict.summary()
+    if release:
+        if released:
+            note = f"plan {release} released by the operator: written as held"
+        elif verdict.held:
+            note = (
+                f"plan {release} was not released: the data changed since it was held, and the "
+                f"plan is now {verdict.plan_id} (not written)"
+            )
+            description = f"Plan {release} no longer matches (the data changed since it was "
+            description += f"held): nothing was written. The plan now: {verdict.summary()}"
+        else:
+            note = (
+                f"plan {release} is no longer held: the plan is now "
+                f"{verdict.plan_id or '(nothing to write)'}, within the limits, written as usual"
+            )
+        meta["release"] = note
+        context.log.info(note)
+    return [
+        dg.AssetCheckResult(
+            asset_key=key.asset_key,
+            check_name=key.name,
+            passed=not held,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=description,
+            metadata=meta,
+        )
+    ]
 
 
 def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: str | None) -> dict:
@@ -220,6 +329,9 @@ def push_to_unleashed(
             why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
             context.log.info(why)
             return _skipped(context, why, sync_config)
+        if why := _held(con):
+            context.log.warning(why)
+            return _skipped(context, why, sync_config)
         with unleashed.get_client() as client:
             stats = apply.apply_push(
                 con, client, sync_config.mappings(), context.run_id,
@@ -251,6 +363,9 @@ def pull_to_crm(
         if refusal:
             context.log.error(refusal)
             return _skipped(context, refusal, sync_config)
+        if why := _held(con):
+            context.log.warning(why)
+            return _skipped(context, why, sync_config)
         updates = settings.two_way_sync
         with crm.get_client() as client:
             stats = apply.apply_pull(
@@ -261,6 +376,12 @@ def pull_to_crm(
     if not updates:
         result.metadata["updates_skipped"] = "two-way sync is off in settings"
     return result
+
+
+def _held(con) -> str | None:
+    """Why nothing may be written now: the mass-change brake holds the latest plan."""
+    hold = brake.active_hold(con)
+    return brake.hold_message(hold) if hold else None
 
 
 def _apply_result(
@@ -410,7 +531,7 @@ def account_manager_fix(
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
     with duckdb.get_connection() as con:
-        refusal = refusal or preflight.write_block(con, mappings)
+        refusal = refusal or preflight.write_block(con, mappings) or _held(con)
         if refusal:
             context.log.error(refusal)
             return _skipped(context, refusal, sync_config)
