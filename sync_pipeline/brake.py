@@ -35,16 +35,20 @@ def _text(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
+LIVE_KEY = "live_since"
+
+
 def is_first_connection(con: duckdb.DuckDBPyConnection) -> bool:
-    """Nothing was ever agreed between the two systems (read before planning: a plan records
-    the fields that already agree)."""
-    (exists,) = con.execute(
-        """SELECT count(*) FROM duckdb_tables() WHERE table_name = 'sync_baseline'
-           AND NOT temporary AND database_name = current_database()"""
-    ).fetchone()
-    if not exists:
-        return True
-    return con.execute("SELECT 1 FROM sync_baseline LIMIT 1").fetchone() is None
+    """The sync has never queued a live plan (shadow runs do not count) nor written anything."""
+    if store.get_state(con, LIVE_KEY):
+        return False
+    return con.execute("SELECT 1 FROM audit_log LIMIT 1").fetchone() is None
+
+
+def mark_live(con: duckdb.DuckDBPyConnection) -> None:
+    """A live plan was queued: from now on the share of changed records is held too."""
+    if not store.get_state(con, LIVE_KEY):
+        store.set_state(con, LIVE_KEY, f"{store.utcnow():%Y-%m-%d %H:%M:%S}")
 
 
 def plan_id(plan: pd.DataFrame) -> str | None:

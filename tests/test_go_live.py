@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from sync_pipeline.settings import MassChangeBrake
 from tests.harness import run_failing
 
 RELEASE = "mass_change_release_job"
+WRITES = "planned_writes_written"
 
 
 def _check(result, asset: str, name: str) -> tuple[bool, str | None, dict[str, Any]]:
@@ -187,3 +190,81 @@ def test_the_overnight_fix_writes_nothing_while_a_plan_is_held(harness):
     meta = h.materialization_metadata(fix, ["sync", "account_manager_fix"])
     assert meta["skipped"].startswith("The mass-change brake holds plan")
     assert writes_sent(h) == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shadow mode
+# ------------------------------------------------------------------------------------------------
+def _or_none(value: Any) -> Any:
+    return None if value is None or pd.isna(value) else value
+
+
+def _change(direction: str, entity: str, erp_id: str, field: Any, value: Any) -> tuple:
+    field = _or_none(field)
+    return (direction, entity, erp_id, field, None if field is None else _or_none(value))
+
+
+def _written_by(h, run_id: str) -> set[tuple]:
+    """What a run wrote, from the audit log: (direction, entity, record, field, value); a
+    creation as (direction, entity, Unleashed id, None, None)."""
+    rows = h.query(
+        "SELECT direction, entity, erp_id, field, new_value FROM audit_log WHERE run_id = ?",
+        [run_id],
+    )
+    return {
+        _change(r.direction, r.entity, r.erp_id, r.field, r.new_value)
+        for r in rows.itertuples(index=False)
+    }
+
+
+def _shown(h) -> set[tuple]:
+    direction = {"update_erp": "crm_to_erp"}
+    rows = h.query("SELECT op, entity, erp_id, field, after FROM shadow_plan")
+    return {
+        _change(direction.get(r.op, "erp_to_crm"), r.entity, r.erp_id, r.field, r.after)
+        for r in rows.itertuples(index=False)
+    }
+
+
+def test_shadow_mode_writes_nothing_and_the_first_live_run_writes_what_it_showed(harness):
+    h = harness
+    h.set_settings(shadow_mode=True)
+    reset_request_counts(h)
+    before = h.emu.holdings()
+    result = h.cycle()  # a first connection, in shadow mode
+    # Nothing changed in either system: only reads were sent.
+    assert writes_sent(h) == {}
+    assert h.emu.holdings() == before
+    plan = h.materialization_metadata(result, ["sync", "plan"])
+    shown = h.query("SELECT * FROM shadow_plan")
+    assert plan["shadow_writes"] == len(shown) > 0
+    assert set(shown["direction"]) >= {"CRM → Unleashed", "Unleashed → CRM", "new contact → CRM"}
+    assert plan["operations_queued"] == 0
+    # Before -> after for every value, per direction and field.
+    row = shown[shown["op"] == "update_crm"].iloc[0]
+    assert f"'{row['before']}' → '{row['after']}'" in plan["shadow_preview"]
+    assert "| Unleashed → CRM | contact |" in plan["shadow_by_field"]
+    for asset in ("push_to_unleashed", "pull_to_crm"):
+        applied = h.materialization_metadata(result, ["sync", asset])
+        assert applied["skipped"].startswith("Shadow mode is on")
+    # Nothing in the outbox, so nothing failed; every check that fails a run passed.
+    assert h.query("SELECT * FROM outbox").empty
+    checks = result.get_asset_check_evaluations()
+    run_checks = [e for e in checks if e.check_name in (WRITES, "mass_change_brake")]
+    assert len(run_checks) == 3 and all(e.passed for e in run_checks)
+    shadow_set = _shown(h)
+    estimated = {
+        "unleashed": plan["shadow_write_requests_unleashed"],
+        "crm": plan["shadow_write_requests_crm"],
+    }
+
+    # Going live: the first live run writes exactly the set the shadow run showed.
+    h.set_settings(shadow_mode=False)
+    reset_request_counts(h)
+    live = h.cycle()
+    assert _written_by(h, live.run_id) == shadow_set
+    # The writes cost the write requests the shadow run said, in each system.
+    sent = writes_sent(h)
+    for system in ("unleashed", "crm"):
+        writes = sum(n for k, n in sent.items() if k.startswith(system))
+        assert writes == estimated[system], (system, sent, estimated)

@@ -4,7 +4,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from sync_pipeline import account_managers, apply, brake, duck, links, preflight, store
+from sync_pipeline import account_managers, apply, brake, duck, links, preflight, shadow, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
@@ -144,17 +144,29 @@ def sync_plan(
             settings.mass_change_brake, first_connection=first,
         )  # fmt: skip
         released = verdict.held and bool(release) and release == verdict.plan_id
-        if verdict.held and not released:
-            brake.hold(con, verdict, context.run_id)
+        shadow_meta: dict = {}
+        if settings.shadow_mode or (verdict.held and not released):
+            # Nothing queued: the outbox is left as it is, and the records stay pending.
             store.set_state(con, REFUSAL_KEY, refusal)
             queued = {"queued": 0, "rejections": store.sync_rejections(con, plan), "plan": plan}
+            if settings.shadow_mode:
+                shown = shadow.writes(_writable(plan, settings.two_way_sync, refusal))
+                shadow.record(con, shown, context.run_id)
+                shadow_meta = shadow.metadata(shown)
+            else:
+                brake.hold(con, verdict, context.run_id)
         else:
             brake.clear(con)
+            brake.mark_live(con)
             queued = queue_plan(
                 con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
             )
         plan = queued["plan"]
-    brake_results = _brake_check(context, verdict, release, released)
+    if settings.shadow_mode:
+        context.log.info("Shadow mode: nothing queued or written; see shadow_preview.")
+    brake_results = _brake_check(
+        context, verdict, release, released, shadow_mode=settings.shadow_mode
+    )
     if refusal:
         context.log.error(refusal)
     elif not settings.two_way_sync:
@@ -174,7 +186,8 @@ def sync_plan(
             "empty_fields_filled": int((plan["policy"] == FILLED).sum()) if len(plan) else 0,
             "filled_preview": dg.MetadataValue.md(filled_md(plan)),
             "plan_id": verdict.plan_id or "(nothing to write)",
-            "held_by_mass_change_brake": verdict.held and not released,
+            "held_by_mass_change_brake": verdict.held and not released and not settings.shadow_mode,
+            **shadow_meta,
             **_settings_metadata(sync_config),
         },
         check_results=brake_results,
@@ -194,9 +207,27 @@ def _brake_check(
     verdict: brake.BrakeResult,
     release: str,
     released: bool,
+    *,
+    shadow_mode: bool = False,
 ) -> list[dg.AssetCheckResult]:
     key = dg.AssetCheckKey(context.asset_key, BRAKE_CHECK)
     held = verdict.held and not released
+    if shadow_mode:
+        # Nothing is written anyway: the check warns that the first live run would be held.
+        if key not in context.selected_asset_check_keys:
+            return []
+        return [
+            dg.AssetCheckResult(
+                asset_key=key.asset_key,
+                check_name=key.name,
+                passed=not verdict.held,
+                severity=dg.AssetCheckSeverity.WARN,
+                description="Shadow mode (nothing written): "
+                + ("a live run would be held. " if verdict.held else "")
+                + verdict.summary(),
+                metadata=verdict.metadata(),
+            )
+        ]
     if held:
         context.log.error(verdict.summary())
         context.instance.add_run_tags(context.run_id, {HELD_TAG: verdict.plan_id or ""})
@@ -329,7 +360,7 @@ def push_to_unleashed(
             why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
             context.log.info(why)
             return _skipped(context, why, sync_config)
-        if why := _held(con):
+        if why := _held(con, settings):
             context.log.warning(why)
             return _skipped(context, why, sync_config)
         with unleashed.get_client() as client:
@@ -363,7 +394,7 @@ def pull_to_crm(
         if refusal:
             context.log.error(refusal)
             return _skipped(context, refusal, sync_config)
-        if why := _held(con):
+        if why := _held(con, settings):
             context.log.warning(why)
             return _skipped(context, why, sync_config)
         updates = settings.two_way_sync
@@ -378,8 +409,17 @@ def pull_to_crm(
     return result
 
 
-def _held(con) -> str | None:
-    """Why nothing may be written now: the mass-change brake holds the latest plan."""
+SHADOW_SKIP = (
+    "Shadow mode is on in settings: nothing written (the plan's shadow_preview shows what "
+    "would have been)."
+)
+
+
+def _held(con, settings=None) -> str | None:
+    """Why nothing may be written now: shadow mode, or the mass-change brake holds the latest
+    plan."""
+    if settings is not None and settings.shadow_mode:
+        return SHADOW_SKIP
     hold = brake.active_hold(con)
     return brake.hold_message(hold) if hold else None
 
@@ -537,6 +577,12 @@ def account_manager_fix(
             return _skipped(context, refusal, sync_config)
         fixes = account_managers.plan_fix(con, mappings)
         todo = fixes[fixes["op"] == "update_crm"]
+        if settings.shadow_mode:
+            context.log.info(SHADOW_SKIP)
+            result = _skipped(context, SHADOW_SKIP, sync_config)
+            shown = shadow.writes(todo)
+            result.metadata.update(shadow.metadata(shown))
+            return result
         if len(todo):
             store.enqueue(con, todo, context.run_id)
         with crm.get_client() as client:
