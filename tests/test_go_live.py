@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from sync_pipeline.settings import MassChangeBrake
-from tests.harness import run_failing
+from tests.harness import failure_messages, run_failing
 
 RELEASE = "mass_change_release_job"
 WRITES = "planned_writes_written"
@@ -268,3 +268,78 @@ def test_shadow_mode_writes_nothing_and_the_first_live_run_writes_what_it_showed
     for system in ("unleashed", "crm"):
         writes = sum(n for k, n in sent.items() if k.startswith(system))
         assert writes == estimated[system], (system, sent, estimated)
+
+
+# ------------------------------------------------------------------------------------------------
+# Undo a run
+# ------------------------------------------------------------------------------------------------
+def _use_env(h, monkeypatch) -> None:
+    """The environment `sync-pipeline` reads, pointing at the harness's servers and files."""
+    for name, value in h.emu.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SYNC_SETTINGS_FILE", str(h.settings_file))
+    monkeypatch.setenv("SYNC_DUCKDB_PATH", str(h.db))
+
+
+def test_undo_writes_back_what_a_run_replaced_and_leaves_what_a_person_changed(
+    harness, monkeypatch, capsys
+):
+    h = harness
+    h.cycle()
+    contacts = linked_contacts(h, 3)
+    before = {c.erp_id: unleashed_phone(h, c) for c in contacts}
+    edit_phones(h, contacts)
+    pushed = h.push()
+    # A person changes the third contact in Unleashed after the push.
+    third = contacts[2]
+    h.unleashed.update_contact(third.erp_parent_id, third.erp_id, {"PhoneNumber": "0113 496 0999"})
+
+    _use_env(h, monkeypatch)
+    from sync_pipeline.cli import main
+
+    assert main(["undo", pushed.run_id]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"Undo of run {pushed.run_id}: 2 values written back, 1 left because someone changed "
+        "them since"
+    )
+    assert third.erp_id in out.split("Left (changed since the run):")[1]
+    assert "holds '0113 496 0999' now" in out
+    assert {c.erp_id: unleashed_phone(h, c) for c in contacts[:2]} == {
+        c.erp_id: before[c.erp_id] for c in contacts[:2]
+    }
+    assert unleashed_phone(h, third) == "0113 496 0999"
+    undone = h.query("SELECT * FROM audit_log WHERE reason = ?", [f"undo of run {pushed.run_id}"])
+    assert len(undone) == 2
+    # The next cycle carries the restored values back to the CRM: both systems as before the run.
+    h.cycle()
+    for c in contacts[:2]:
+        assert h.crm.get("Contacts", int(c.crm_id))["PhoneNumber"] == before[c.erp_id]
+
+
+def test_the_undo_job_restores_and_an_unknown_run_is_a_clear_error(harness, monkeypatch, capsys):
+    h = harness
+    h.cycle()
+    contacts = linked_contacts(h, 2)
+    before = {c.erp_id: unleashed_phone(h, c) for c in contacts}
+    edit_phones(h, contacts)
+    pushed = h.push()
+    result = h.run("undo_run_job", run_config=_undo(pushed.run_id))
+    out = result.output_for_node("undo_run")
+    assert out.startswith(f"Undo of run {pushed.run_id}: 2 values written back, 0 left")
+    assert {c.erp_id: unleashed_phone(h, c) for c in contacts} == before
+    # Again: nothing more to write, both already hold their earlier values.
+    again = h.run("undo_run_job", run_config=_undo(pushed.run_id)).output_for_node("undo_run")
+    assert "0 values written back" in again and "2 already held their earlier value" in again
+
+    failed = run_failing(h, "undo_run_job", run_config=_undo("no-such-run"))
+    assert "run 'no-such-run' has no audited writes" in failure_messages(failed)
+    _use_env(h, monkeypatch)
+    from sync_pipeline.cli import main
+
+    assert main(["undo", "no-such-run"]) == 1
+    assert "Undo FAILED: run 'no-such-run' has no audited writes" in capsys.readouterr().err
+
+
+def _undo(run_id: str) -> dict[str, Any]:
+    return {"ops": {"undo_run": {"config": {"run_id": run_id}}}}

@@ -45,6 +45,7 @@ from sync_pipeline.defs.sync import (
     sync_links,
     sync_plan,
 )
+from sync_pipeline.defs.undo import undo_run_job
 from sync_pipeline.guards import two_way_refusal
 from sync_pipeline.settings import WEEKDAYS, Settings
 from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_due, next_import_time
@@ -172,6 +173,7 @@ history_pruning_job = dg.define_asset_job(
 JOBS = [
     crm_push_job,
     mass_change_release_job,
+    undo_run_job,
     crm_write_retry_job,
     sync_cycle_job,
     full_resync_job,
