@@ -1,5 +1,6 @@
 """The `sync-pipeline` command: `emulators` runs both local API servers, `demo` shows them off,
-`compact` gives back the space that pruned history leaves in the DuckDB file.
+`compact` gives back the space that pruned history leaves in the DuckDB file, `undo` writes back
+what a run replaced.
 
 Each subcommand is one function taking the parsed arguments and returning an exit code, so a new
 one (`dev`) is a parser entry plus a function.
@@ -150,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
         "place, the old file is deleted and nothing is left to go back to",
     )
     compact.set_defaults(handler=run_compact)
+
+    undo = commands.add_parser(
+        "undo",
+        help="write back the values a run's writes replaced (where nobody changed them since)",
+        description="Undo a sync run: read each record the run wrote to, write back the value "
+        "the run replaced where the field still holds what the run wrote, and list what was "
+        "left because someone changed it since. Records the run created stay. Reads the same "
+        "environment variables as the Dagster code location; undo_run_job does the same from "
+        "the Dagster UI. Exits 1 when the run is unknown or a write failed.",
+    )
+    undo.add_argument("run_id", metavar="RUN_ID", help="the Dagster run id (Runs in the UI)")
+    undo.add_argument(
+        "--database",
+        default=None,
+        metavar="PATH",
+        help="the DuckDB file (default: the code location's, from SYNC_DUCKDB_PATH)",
+    )
+    undo.set_defaults(handler=run_undo)
     return parser
 
 
@@ -336,3 +355,46 @@ def _mb(size: int) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------
+# undo
+# --------------------------------------------------------------------------------------------
+def run_undo(args: argparse.Namespace) -> int:
+    import uuid
+
+    from sync_pipeline import store, undo
+    from sync_pipeline.defs.resources import (
+        ResourceConfigError,
+        connection_resources,
+        duckdb_path,
+    )
+    from sync_pipeline.defs.undo import refusal
+    from sync_pipeline.mapping import MappingError
+
+    try:
+        crm, unleashed, sync_config = connection_resources()
+        mappings = sync_config.mappings()
+        settings = sync_config.settings()
+    except (ResourceConfigError, MappingError, ValueError) as exc:
+        print(f"Undo FAILED: {exc}", file=sys.stderr)
+        return 1
+    database = args.database or duckdb_path()
+    if not Path(database).exists():
+        print(f"Undo FAILED: no database at {database}", file=sys.stderr)
+        return 1
+    with store.connect(database) as con:
+        if why := refusal(con, settings, mappings):
+            print(f"Undo FAILED: nothing written: {why}", file=sys.stderr)
+            return 1
+        with crm.get_client() as crm_client, unleashed.get_client() as unleashed_client:
+            try:
+                result = undo.undo_run(
+                    con, crm_client, unleashed_client, mappings, args.run_id.strip(),
+                    f"cli-undo-{uuid.uuid4()}",
+                )  # fmt: skip
+            except undo.UnknownRun as exc:
+                print(f"Undo FAILED: {exc}", file=sys.stderr)
+                return 1
+    _say(*result.lines())
+    return 1 if result.failed else 0

@@ -170,6 +170,37 @@ class WriteRetry(BaseModel):
         )
 
 
+class MassChangeBrake(BaseModel):
+    """A plan that would change an unusual share of the linked records, or blank many values,
+    is held: nothing is written in either direction until an operator releases that plan (the
+    `mass_change_release_job`, with its plan id) or fixes the cause. A person's day of edits stays
+    far below both limits; a bulk import gone wrong, a bad script or a broken mapping does not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_changed_share: float = Field(
+        0.10, gt=0, le=1, description="share of the linked records one plan may change"
+    )
+    min_changed_records: int = Field(
+        25,
+        ge=0,
+        description="the share is held only when more records than this would change, so a "
+        "small tenant's ordinary day (3 of 20 companies) is not held",
+    )
+    max_blanked_values: int = Field(
+        20, ge=0, description="filled values one plan may replace with an empty one"
+    )
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        return (
+            f"hold a plan changing over {self.max_changed_share:.0%} of the linked records (and "
+            f"over {self.min_changed_records}) or blanking over {self.max_blanked_values} values"
+        )
+
+
 class Settings(BaseModel):
     """Everything an operator may change without touching code."""
 
@@ -207,6 +238,12 @@ class Settings(BaseModel):
         "once this sync has used 80% of it (the account's other integrations count too)",
     )
     retry_failed_writes: WriteRetry = Field(default_factory=WriteRetry)
+    mass_change_brake: MassChangeBrake = Field(default_factory=MassChangeBrake)
+    shadow_mode: bool = Field(
+        False,
+        description="Extract, plan and report what every run would write, and write nothing "
+        "(no change in either system); turn it off to go live",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -261,6 +298,8 @@ class Settings(BaseModel):
                 self.unleashed_monthly_request_limit or "(not set)"
             ),
             "retry_failed_writes": self.retry_failed_writes.describe(),
+            "mass_change_brake": self.mass_change_brake.describe(),
+            "shadow_mode": "on: nothing is written" if self.shadow_mode else "off",
             "initial_policy": self.initial_policy,
             "conflict_policies": ", ".join(f"{k}={v}" for k, v in self.conflict_policies.items())
             or "(mapping defaults)",
@@ -294,6 +333,7 @@ _KEYS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     (): Settings,
     ("imports",): ImportWindow,
     ("retry_failed_writes",): WriteRetry,
+    ("mass_change_brake",): MassChangeBrake,
 }
 
 

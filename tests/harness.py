@@ -219,13 +219,14 @@ def writes_check(result, asset: str) -> tuple[bool, str | None, dict[str, Any]]:
     raise AssertionError(f"no writes check on {asset} in the run")
 
 
-def run_failing(h: Harness, job: str = "sync_cycle_job"):
+def run_failing(h: Harness, job: str = "sync_cycle_job", **kwargs: Any):
     """Run a job that must fail (the current hour's partition for partitioned jobs)."""
     job_def = h.defs.resolve_job_def(job)
     result = job_def.execute_in_process(
         instance=h.instance,
         partition_key=current_partition() if job_def.partitions_def is not None else None,
         raise_on_error=False,
+        **kwargs,
     )
     assert not result.success
     return result

@@ -35,6 +35,7 @@ from sync_pipeline.defs.resources import (
     UnleashedResource,
 )
 from sync_pipeline.defs.sync import (
+    BRAKE_CHECK,
     WRITES_CHECK,
     account_manager_candidates,
     account_manager_fix,
@@ -44,6 +45,7 @@ from sync_pipeline.defs.sync import (
     sync_links,
     sync_plan,
 )
+from sync_pipeline.defs.undo import undo_run_job
 from sync_pipeline.guards import two_way_refusal
 from sync_pipeline.settings import WEEKDAYS, Settings
 from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_due, next_import_time
@@ -54,8 +56,9 @@ WATCHED_SETS = ("Divisions", "Contacts")
 
 def _crm_read_job(name: str, apply_asset, description: str, direction: str):
     """A job that reads the CRM afresh, links, plans and runs one apply step, with only that
-    step's check that fails the run when a planned write was not made. Users and sales ledgers
-    (new links, account-manager lookups) and the other checks come with the cycle.
+    step's check that fails the run when a planned write was not made, and the plan's
+    mass-change brake. Users and sales ledgers (new links, account-manager lookups) and the
+    other checks come with the cycle.
 
     In process: the steps share the one-slot `duckdb` pool, so they run one after another
     anyway, and a subprocess per step (the default executor) costs seconds each, which is most
@@ -65,7 +68,10 @@ def _crm_read_job(name: str, apply_asset, description: str, direction: str):
         selection=dg.AssetSelection.assets(
             sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, apply_asset
         ).without_checks()
-        | dg.AssetSelection.checks(dg.AssetCheckKey(apply_asset.key, WRITES_CHECK)),
+        | dg.AssetSelection.checks(
+            dg.AssetCheckKey(apply_asset.key, WRITES_CHECK),
+            dg.AssetCheckKey(sync_plan.key, BRAKE_CHECK),
+        ),
         description=description,
         tags={"sync/direction": direction},
         executor_def=dg.in_process_executor,
@@ -133,6 +139,30 @@ account_manager_fix_job = dg.define_asset_job(
     description="Nightly: CRM account managers set to the Unleashed salespersons.",
 )
 
+# The operator's release of a plan the mass-change brake held: the CRM read again, the plan made
+# again (from the Unleashed snapshot the held run imported), and written both ways if it is still
+# the plan released (`release_plan_id`, from the brake check); if the data changed since, nothing
+# is written and the check names the plan as it is now.
+_RELEASE_ASSETS = (
+    sync_preflight, crm_companies, crm_contacts, sync_links, sync_plan, push_to_unleashed,
+    pull_to_crm,
+)  # fmt: skip
+mass_change_release_job = dg.define_asset_job(
+    "mass_change_release_job",
+    selection=dg.AssetSelection.assets(*_RELEASE_ASSETS).without_checks()
+    | dg.AssetSelection.checks(
+        dg.AssetCheckKey(sync_plan.key, BRAKE_CHECK),
+        dg.AssetCheckKey(push_to_unleashed.key, WRITES_CHECK),
+        dg.AssetCheckKey(pull_to_crm.key, WRITES_CHECK),
+    ),
+    description="Release a plan the mass-change brake held: launch it with the plan id from "
+    "the sync/plan check mass_change_brake (ops: sync__plan: config: release_plan_id). Writes "
+    "that plan both ways if planning again gives the same plan; else writes nothing and names "
+    "the plan as it is now.",
+    tags={"sync/direction": "both", "sync/trigger": "mass-change-release"},
+    executor_def=dg.in_process_executor,
+)
+
 history_pruning_job = dg.define_asset_job(
     "history_pruning_job",
     selection=dg.AssetSelection.assets(sync_history),
@@ -142,6 +172,8 @@ history_pruning_job = dg.define_asset_job(
 
 JOBS = [
     crm_push_job,
+    mass_change_release_job,
+    undo_run_job,
     crm_write_retry_job,
     sync_cycle_job,
     full_resync_job,

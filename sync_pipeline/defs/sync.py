@@ -4,8 +4,9 @@ import time
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
-from sync_pipeline import account_managers, apply, duck, links, preflight, store
+from sync_pipeline import account_managers, apply, brake, duck, links, preflight, shadow, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.core import CREATE_OPS, UPDATE_OPS
 from sync_pipeline.decide import quote
@@ -60,6 +61,21 @@ _LATEST_IMPORT = [
 ]
 
 
+# A blocking check on the plan: a plan over the mass-change brake's limits is held (nothing is
+# queued, and the apply steps after it do not run), until an operator releases it by its id.
+BRAKE_CHECK = "mass_change_brake"
+HELD_TAG = "sync/mass-change-held"
+
+
+class PlanConfig(dg.Config):
+    release_plan_id: str = Field(
+        default="",
+        description="Only for mass_change_release_job: the id of a plan the mass-change brake "
+        "held, as its check showed it. The plan is written if planning again gives the same plan; "
+        "if the data changed since, nothing is written and the check names the new plan.",
+    )
+
+
 def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
     return {f"setting: {k}": v for k, v in sync_config.settings().summary().items()}
 
@@ -86,9 +102,22 @@ def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.Materi
     pool="duckdb",
     deps=[sync_links, unleashed_salespersons],
     description="The three-way field diff against the last agreed values: one row per operation.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            BRAKE_CHECK,
+            asset=dg.AssetKey(["sync", "plan"]),
+            blocking=True,
+            description="The plan changes at most the settings' share of the linked records "
+            "(mass_change_brake.max_changed_share, 10% by default) and blanks at most "
+            "max_blanked_values filled values (20). Over either, the plan is held: nothing is "
+            "written in either direction, and this check fails with the counts, example changes "
+            "and the plan id to release with mass_change_release_job.",
+        )
+    ],
 )
 def sync_plan(
     context: dg.AssetExecutionContext,
+    config: PlanConfig,
     crm: CrmResource,
     duckdb: SyncDuckDB,
     sync_config: SyncConfigResource,
@@ -102,7 +131,9 @@ def sync_plan(
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
     timings: dict[str, float] = {}
+    release = config.release_plan_id.strip()
     with duckdb.get_connection() as con:
+        first = brake.is_first_connection(con)
         plan = diff_mod.plan_changes(
             con, mappings,
             initial_policy=settings.initial_policy,
@@ -112,11 +143,36 @@ def sync_plan(
             timings=timings,
         )  # fmt: skip
         t0 = time.perf_counter()
-        queued = queue_plan(
-            con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
-        )
+        plan = refused_as_rejections(con, plan)
+        verdict = brake.evaluate(
+            con, _writable(plan, settings.two_way_sync, refusal),
+            settings.mass_change_brake, first_connection=first,
+        )  # fmt: skip
+        released = verdict.held and bool(release) and release == verdict.plan_id
+        shadow_meta: dict = {}
+        if settings.shadow_mode or (verdict.held and not released):
+            # Nothing queued: the outbox is left as it is, and the records stay pending.
+            store.set_state(con, REFUSAL_KEY, refusal)
+            queued = {"queued": 0, "rejections": store.sync_rejections(con, plan), "plan": plan}
+            if settings.shadow_mode:
+                shown = shadow.writes(_writable(plan, settings.two_way_sync, refusal))
+                shadow.record(con, shown, context.run_id)
+                shadow_meta = shadow.metadata(shown)
+            else:
+                brake.hold(con, verdict, context.run_id)
+        else:
+            brake.clear(con)
+            brake.mark_live(con)
+            queued = queue_plan(
+                con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
+            )
         timings["queue (conflicts, rejections, outbox)"] = time.perf_counter() - t0
         plan = queued["plan"]
+    if settings.shadow_mode:
+        context.log.info("Shadow mode: nothing queued or written; see shadow_preview.")
+    brake_results = _brake_check(
+        context, verdict, release, released, shadow_mode=settings.shadow_mode
+    )
     if refusal:
         context.log.error(refusal)
     elif not settings.two_way_sync:
@@ -137,9 +193,93 @@ def sync_plan(
             "filled_preview": dg.MetadataValue.md(filled_md(plan)),
             "plan_seconds": round(sum(timings.values()), 3),
             "plan_stage_seconds": dg.MetadataValue.md(stage_timings_md(timings)),
+            "plan_id": verdict.plan_id or "(nothing to write)",
+            "held_by_mass_change_brake": verdict.held and not released and not settings.shadow_mode,
+            **shadow_meta,
             **_settings_metadata(sync_config),
-        }
+        },
+        check_results=brake_results,
     )
+
+
+def _writable(plan: pd.DataFrame, two_way: bool, refusal: str | None) -> pd.DataFrame:
+    """The plan rows a run would write, as `queue_plan` lets them through."""
+    if plan.empty or refusal:
+        return plan.iloc[0:0]
+    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way else set())
+    return plan[plan["op"].isin(allowed)]
+
+
+def _brake_check(
+    context: dg.AssetExecutionContext,
+    verdict: brake.BrakeResult,
+    release: str,
+    released: bool,
+    *,
+    shadow_mode: bool = False,
+) -> list[dg.AssetCheckResult]:
+    key = dg.AssetCheckKey(context.asset_key, BRAKE_CHECK)
+    held = verdict.held and not released
+    if shadow_mode:
+        # Nothing is written anyway: the check warns that the first live run would be held.
+        if key not in context.selected_asset_check_keys:
+            return []
+        return [
+            dg.AssetCheckResult(
+                asset_key=key.asset_key,
+                check_name=key.name,
+                passed=not verdict.held,
+                severity=dg.AssetCheckSeverity.WARN,
+                description="Shadow mode (nothing written): "
+                + ("a live run would be held. " if verdict.held else "")
+                + verdict.summary(),
+                metadata=verdict.metadata(),
+            )
+        ]
+    if held:
+        context.log.error(verdict.summary())
+        context.instance.add_run_tags(context.run_id, {HELD_TAG: verdict.plan_id or ""})
+    if key not in context.selected_asset_check_keys:
+        return []
+    meta: dict = {
+        **verdict.metadata(),
+        "example_changes": dg.MetadataValue.md(
+            md_table(
+                verdict.examples,
+                ["direction", "entity", "crm_id", "erp_id", "field", "change"],
+                widths={"change": 160},
+                total=verdict.values_written,
+            )
+        ),
+    }
+    description = verdict.summary()
+    if release:
+        if released:
+            note = f"plan {release} released by the operator: written as held"
+        elif verdict.held:
+            note = (
+                f"plan {release} was not released: the data changed since it was held, and the "
+                f"plan is now {verdict.plan_id} (not written)"
+            )
+            description = f"Plan {release} no longer matches (the data changed since it was "
+            description += f"held): nothing was written. The plan now: {verdict.summary()}"
+        else:
+            note = (
+                f"plan {release} is no longer held: the plan is now "
+                f"{verdict.plan_id or '(nothing to write)'}, within the limits, written as usual"
+            )
+        meta["release"] = note
+        context.log.info(note)
+    return [
+        dg.AssetCheckResult(
+            asset_key=key.asset_key,
+            check_name=key.name,
+            passed=not held,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=description,
+            metadata=meta,
+        )
+    ]
 
 
 def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: str | None) -> dict:
@@ -228,6 +368,9 @@ def push_to_unleashed(
             why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
             context.log.info(why)
             return _skipped(context, why, sync_config)
+        if why := _held(con, settings):
+            context.log.warning(why)
+            return _skipped(context, why, sync_config)
         with unleashed.get_client() as client:
             stats = apply.apply_push(
                 con, client, sync_config.mappings(), context.run_id,
@@ -259,6 +402,9 @@ def pull_to_crm(
         if refusal:
             context.log.error(refusal)
             return _skipped(context, refusal, sync_config)
+        if why := _held(con, settings):
+            context.log.warning(why)
+            return _skipped(context, why, sync_config)
         updates = settings.two_way_sync
         with crm.get_client() as client:
             stats = apply.apply_pull(
@@ -269,6 +415,21 @@ def pull_to_crm(
     if not updates:
         result.metadata["updates_skipped"] = "two-way sync is off in settings"
     return result
+
+
+SHADOW_SKIP = (
+    "Shadow mode is on in settings: nothing written (the plan's shadow_preview shows what "
+    "would have been)."
+)
+
+
+def _held(con, settings=None) -> str | None:
+    """Why nothing may be written now: shadow mode, or the mass-change brake holds the latest
+    plan."""
+    if settings is not None and settings.shadow_mode:
+        return SHADOW_SKIP
+    hold = brake.active_hold(con)
+    return brake.hold_message(hold) if hold else None
 
 
 def _apply_result(
@@ -418,12 +579,18 @@ def account_manager_fix(
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
     with duckdb.get_connection() as con:
-        refusal = refusal or preflight.write_block(con, mappings)
+        refusal = refusal or preflight.write_block(con, mappings) or _held(con)
         if refusal:
             context.log.error(refusal)
             return _skipped(context, refusal, sync_config)
         fixes = account_managers.plan_fix(con, mappings)
         todo = fixes[fixes["op"] == "update_crm"]
+        if settings.shadow_mode:
+            context.log.info(SHADOW_SKIP)
+            result = _skipped(context, SHADOW_SKIP, sync_config)
+            shown = shadow.writes(todo)
+            result.metadata.update(shadow.metadata(shown))
+            return result
         if len(todo):
             store.enqueue(con, todo, context.run_id)
         with crm.get_client() as client:

@@ -10,6 +10,10 @@ A database from before versioning (tables, no `schema_version`) is brought to ve
 `_from_unversioned` inside the same transaction: the layouts it may have are known and each is
 moved forward where it is found.
 
+Not here: the derived columns of the snapshot tables, which follow the YAML mapping
+(`derived.refresh` adds them), and the tables an asset replaces whole on every run
+(`sync_plan`, `shadow_plan`, `account_manager_candidates`).
+
 To change the schema, add the next numbered file (never edit an applied one) and a test that
 opens a database at the previous version (tests/test_schema.py shows how).
 """
