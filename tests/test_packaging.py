@@ -4,6 +4,7 @@ packages, `dg check defs` passing, and a clear message when a command needs a mi
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -88,3 +89,31 @@ def test_dg_check_defs_passes():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "All definitions loaded successfully" in result.stdout + result.stderr
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_uv_lock_pins_what_constraints_txt_pins():
+    """`make` installs from constraints.txt and `uv sync` from uv.lock: the same versions."""
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        pinned[_normal(name)] = version
+    locked: dict[str, set[str]] = {}
+    for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
+        locked.setdefault(_normal(package["name"]), set()).add(package.get("version"))
+    assert {n: (v, locked.get(n)) for n, v in pinned.items() if v not in locked.get(n, ())} == {}
+    # The lock is of this pyproject: the same runtime dependencies and extras.
+    project = next(
+        p
+        for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+        if p["name"] == "sync-pipeline"
+    )
+    assert {_normal(d["name"]) for d in project["dependencies"]} == {
+        _normal(n) for n in _names(PYPROJECT["project"]["dependencies"])
+    }
+    assert set(project["metadata"]["provides-extras"]) == set(
+        PYPROJECT["project"]["optional-dependencies"]
+    )
