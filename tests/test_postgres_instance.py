@@ -29,8 +29,9 @@ from tests.postgres import postgres_server
 ROOT = Path(__file__).resolve().parents[1]
 DAGSTER_CLI = [sys.executable, "-m", "dagster"]
 DAEMON = str(Path(sys.executable).parent / "dagster-daemon")
-# The daemon needs a few seconds to load the code location before the schedule's tick comes.
-DAEMON_START_S = 25
+# The daemon loads the code location (with the settings' times) before the schedule's tick comes:
+# tens of seconds on a loaded machine. The import queues behind the backfill anyway.
+DAEMON_START_S = 45
 # About 100 s in all on a quiet machine; each step may take much longer on a loaded one.
 WAIT_S = 300
 
