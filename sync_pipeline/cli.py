@@ -172,10 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The local servers' own packages: the `emulators` extra, not the product's runtime dependencies.
+EMULATOR_PACKAGES = frozenset({"starlette", "uvicorn", "limits", "odata_query"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in EMULATOR_PACKAGES:
+            raise
+        print(
+            f"sync-pipeline {args.command}: the local servers need the `emulators` extra "
+            f"(missing: {exc.name}). Install it with: pip install 'sync-pipeline[emulators]' "
+            "(make installs every extra).",
+            file=sys.stderr,
+        )
+        return 2
 
 
 # --------------------------------------------------------------------------------------------
