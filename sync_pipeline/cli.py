@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         "place, the old file is deleted and nothing is left to go back to",
     )
     compact.set_defaults(handler=run_compact)
+
+    from sync_pipeline.webhooks.cli import add_parser as add_webhooks
+
+    add_webhooks(commands)
     return parser
 
 
