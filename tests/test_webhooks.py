@@ -319,3 +319,54 @@ def test_subscribe_list_unsubscribe_and_at_most_five(emulators, monkeypatch, cap
     # Unleashed calls only public HTTPS endpoints.
     assert cli.main(["webhooks", "subscribe", "http://hooks.example.com/x"]) == 1
     assert "not a public https:// URL" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# The receiver command
+# ------------------------------------------------------------------------------------------------
+def test_the_receiver_command_refuses_to_start_without_a_secret(monkeypatch, capsys):
+    monkeypatch.delenv("UNLEASHED_WEBHOOK_SECRET", raising=False)
+    assert cli.main(["webhooks"]) == 1
+    assert "UNLEASHED_WEBHOOK_SECRET is empty" in capsys.readouterr().err
+
+
+def test_the_receiver_command_records_a_signed_delivery_in_the_event_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "local-test-signing-secret"
+    env = {**os.environ, "UNLEASHED_WEBHOOK_SECRET": secret,
+           "SYNC_WEBHOOK_EVENTS_PATH": str(tmp_path / "events.sqlite")}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sync_pipeline.cli", "webhooks", "serve", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        guid = str(uuid.uuid4())
+        body = json.dumps({"id": "d-1", "eventType": "customer.created", "data": {"Guid": guid}})
+        stamp = str(int(time.time()))
+        answer = httpx.post(
+            f"{url}{WEBHOOK_PATH}", content=body.encode(),
+            headers={SIGNATURE_HEADER: sign(secret, stamp, body.encode()), TIMESTAMP_HEADER: stamp},
+        )  # fmt: skip
+        assert answer.status_code == 200 and answer.json() == {"status": "queued"}
+        with EventStore(tmp_path / "events.sqlite") as events:
+            (event,) = events.pending()
+        assert (event.event_type, event.customer_guid) == ("customer.created", guid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert secret not in proc.stdout.read()
