@@ -95,6 +95,18 @@ def launch(h, request: dg.RunRequest):
                  tags=request.tags)  # fmt: skip
 
 
+def tick_while_waiting(h, request: dg.RunRequest):
+    """A tick while the requested run has not started (so it has claimed nothing)."""
+    job = h.defs.resolve_job_def("unleashed_webhook_job")
+    run = h.instance.create_run_for_job(
+        job, tags=request.tags, status=dg.DagsterRunStatus.NOT_STARTED
+    )
+    try:
+        return tick(h)
+    finally:
+        h.instance.delete_run(run.run_id)
+
+
 def unleashed_requests(h) -> dict[str, int]:
     return h.emu.stats("unleashed")["requests"]
 
@@ -170,10 +182,13 @@ def test_an_unleashed_edit_reaches_the_crm_through_webhook_sensor_and_run(harnes
     assert r.events.counts()["pending"] == 1
     h.emu.reset_stats("unleashed")
     request = run_request(h)
-    assert request.run_config["ops"]["unleashed__webhook_reads"]["config"]["customers"] == [
-        pair["erp_id"]
-    ]
-    launch(h, request)
+    assert request.tags["sync/webhook-customers"] == "1"
+    # Launched, the run is waiting to start: a further tick launches no second run.
+    waiting = tick_while_waiting(h, request)
+    assert isinstance(waiting, dg.SkipReason) and "wait for run" in waiting.skip_message
+    result = launch(h, request)
+    meta = h.materialization_metadata(result, ["unleashed", "webhook_reads"])
+    assert (meta["webhook_events"], meta["customers_read"]) == (1, 1)
     assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0113 496 7101"
     by_webhook = unleashed_requests(h)
     # One targeted read of the named customer, and no listing.

@@ -1,11 +1,13 @@
 """Unleashed → CRM in seconds: the webhook job and the sensor that launches it.
 
 The receiver (`sync-pipeline webhooks`) records each signed delivery in the event file; this
-sensor claims the pending events as a batch and launches `unleashed_webhook_job` for the
-customers they name. The job reads those customers alone (`GET /Customers/{guid}`), reads the CRM
-afresh, links, plans, and pulls to the CRM; it does not push: CRM changes have their own sensor
-and push job, and each direction's run fails, and is retried, on its own writes only. A batch's
-events are consumed once its run succeeded; a failed run's go back to pending and are read again
+sensor launches `unleashed_webhook_job` when events are pending and no webhook run is waiting to
+start, and the run claims every pending event as it starts (so deliveries that arrive while it
+waits in the queue ride along). The job reads the customers they name alone
+(`GET /Customers/{guid}`), reads the CRM afresh, links, plans, and pulls to the CRM; it does not
+push: CRM changes have their own sensor
+and push job, and each direction's run fails, and is retried, on its own writes only. A run's
+events are consumed once it succeeded; a failed run's go back to pending and are read again
 (after 30 s, doubling up to an hour). The daytime imports stay the safety net and the backfill:
 an event that never arrived is read by the next import.
 """
@@ -25,11 +27,14 @@ from sync_pipeline.defs.sync import WRITES_CHECK, pull_to_crm, sync_links, sync_
 from sync_pipeline.defs.webhook_reads import unleashed_webhook_reads
 from sync_pipeline.webhooks.events import EventStore, events_path
 
-BATCH_TAG = "sync/webhook-batch"
-READS_OP = "unleashed__webhook_reads"
-MAX_BATCH = 500  # events per run; more wait for the next tick
-STALE_CLAIM_S = 300  # a claimed batch with no run after this long is released
+STALE_CLAIM_S = 300  # a batch whose run cannot be found after this long is released
 KEEP_CONSUMED_S = 7 * 24 * 3600  # delivery ids kept for de-duplication
+UNFINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 unleashed_webhook_job = dg.define_asset_job(
     "unleashed_webhook_job",
@@ -38,9 +43,9 @@ unleashed_webhook_job = dg.define_asset_job(
         sync_plan, pull_to_crm,
     ).without_checks()
     | dg.AssetSelection.checks(dg.AssetCheckKey(pull_to_crm.key, WRITES_CHECK)),
-    description="Unleashed changes announced by webhooks to the CRM within seconds: the named "
-    "customers read one by one, the CRM read afresh, then link, plan and pull. Launched by "
-    "unleashed_webhook_sensor.",
+    description="Unleashed changes announced by webhooks to the CRM within seconds: the "
+    "customers the pending events name read one by one, the CRM read afresh, then link, plan "
+    "and pull. Launched by unleashed_webhook_sensor.",
     tags={"sync/direction": "pull"},
     executor_def=dg.in_process_executor,
 )  # fmt: skip
@@ -48,18 +53,16 @@ unleashed_webhook_job = dg.define_asset_job(
 
 def _settle(context: dg.SensorEvaluationContext, events: EventStore) -> dict[str, int]:
     """Close the batches whose runs ended: consumed after a success, pending again after a
-    failure (or when no run was ever made for it)."""
+    failure (or when the run cannot be found)."""
     done = {"consumed": 0, "released": 0, "running": 0}
     for batch in events.open_batches():
-        runs = context.instance.get_runs(dg.RunsFilter(tags={BATCH_TAG: batch.key}), limit=1)
-        if not runs:
+        run = context.instance.get_run_by_id(batch.key)
+        if run is None:
             if time.time() - batch.claimed_at > STALE_CLAIM_S:
                 done["released"] += events.release(batch.key, failed=False)
             else:
                 done["running"] += batch.events
-            continue
-        run = runs[0]
-        if run.status == dg.DagsterRunStatus.SUCCESS:
+        elif run.status == dg.DagsterRunStatus.SUCCESS:
             done["consumed"] += events.consume(batch.key, run.run_id)
         elif run.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
             done["released"] += events.release(batch.key, failed=True)
@@ -94,8 +97,22 @@ def unleashed_webhook_sensor(
                 else ""
             )
             return dg.SkipReason(
-                f"No new webhook event (runs in progress: {settled['running']} events; "
+                f"No new webhook event (events being read by runs: {settled['running']}; "
                 f"consumed this tick: {settled['consumed']}).{note}"
+            )
+        # A run that has not claimed its events yet (queued, or starting) reads these too: one
+        # run per queue slot, however many deliveries arrive while runs wait for the database.
+        waiting = [
+            run.run_id
+            for run in context.instance.get_runs(
+                dg.RunsFilter(job_name=unleashed_webhook_job.name, statuses=UNFINISHED)
+            )
+            if not events.has_batch(run.run_id)
+        ]
+        if waiting:
+            return dg.SkipReason(
+                f"{len(pending)} webhook events wait for run {waiting[0][:8]}, which reads them "
+                "when it starts."
             )
         block = unleashed.usage_block()
         if block is not None:
@@ -107,16 +124,12 @@ def unleashed_webhook_sensor(
                     "again (or by the import that follows).",
                 )
             )
-        take = pending[:MAX_BATCH]
-        key = events.claim([e.seq for e in take])
-    customers = list(dict.fromkeys(e.customer_guid for e in take))
+    customers = {e.customer_guid for e in pending}
     return dg.RunRequest(
-        run_key=f"unleashed-webhook:{key}",
-        run_config={"ops": {READS_OP: {"config": {"customers": customers}}}},
+        run_key=f"unleashed-webhook:{pending[-1].delivery_id}:{time.time():.0f}",
         tags={
             "sync/trigger": "unleashed-webhook",
-            BATCH_TAG: key,
-            "sync/webhook-events": str(len(take)),
+            "sync/webhook-events": str(len(pending)),
             "sync/webhook-customers": str(len(customers)),
         },
     )

@@ -1,9 +1,9 @@
 """The durable queue of webhook events: a SQLite file (stdlib `sqlite3`, WAL), apart from the
 DuckDB database, so the receiver never waits for (or blocks) the DuckDB lock a run holds.
 
-The receiver records each delivery here before it answers 2xx; the sensor claims the pending
-events for a run (a batch, named in the run's tags) and marks them consumed once that run
-succeeded; a failed run's events go back to pending and are read again by the next run.
+The receiver records each delivery here before it answers 2xx; a webhook run claims the pending
+events as it starts (a batch keyed by its run id), and the sensor marks them consumed once that
+run succeeded; a failed run's events go back to pending and are read again by a later run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ def events_path(database: str | os.PathLike[str]) -> str:
     return os.environ.get(EVENTS_PATH_ENV) or str(Path(database).parent / EVENTS_FILE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class PendingEvent:
     seq: int
     delivery_id: str
@@ -156,16 +155,29 @@ class EventStore:
             ).fetchone()
         return row[0]
 
-    def claim(self, seqs: list[int], now: float | None = None) -> str:
-        """Put pending events into a new batch; returns its key (the run's tag)."""
-        key = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+    def claim(self, batch: str, limit: int, now: float | None = None) -> list[PendingEvent]:
+        """Put the pending events (the oldest `limit`) into the batch `batch` (the run id of the
+        run that reads them) and return them."""
+        now = time.time() if now is None else now
         with self._tx() as db:
-            db.executemany(
-                "UPDATE events SET batch = ?, claimed_at = ? "
-                "WHERE seq = ? AND batch IS NULL AND consumed_at IS NULL",
-                [(key, time.time() if now is None else now, s) for s in seqs],
+            rows = db.execute(
+                "UPDATE events SET batch = ?, claimed_at = ? WHERE seq IN ("
+                "  SELECT seq FROM events WHERE consumed_at IS NULL AND batch IS NULL"
+                "  AND (retry_at IS NULL OR retry_at <= ?) ORDER BY seq LIMIT ?) "
+                "RETURNING seq, delivery_id, event_type, customer_guid, received_at",
+                (batch, now, now, limit),
+            ).fetchall()
+        return sorted(PendingEvent(*row) for row in rows)
+
+    def has_batch(self, batch: str) -> bool:
+        """Whether the run `batch` has claimed events (consumed or not)."""
+        with self._lock:
+            return (
+                self._db.execute(
+                    "SELECT 1 FROM events WHERE batch = ? LIMIT 1", (batch,)
+                ).fetchone()
+                is not None
             )
-        return key
 
     def open_batches(self) -> list[Batch]:
         with self._lock:
