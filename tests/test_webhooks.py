@@ -115,9 +115,7 @@ def unleashed_requests(h) -> dict[str, int]:
 # Refused deliveries
 # ------------------------------------------------------------------------------------------------
 def _one_real_delivery(h, r: Receiver) -> dict:
-    guid = h.linked_company()["erp_id"] if h.db.exists() else None
-    if guid is None:
-        guid = h.unleashed.list_customers().items[0].Guid
+    guid = h.unleashed.list_customers().items[0].Guid
     h.unleashed.update_customer(str(guid), {"PhoneNumber": "0113 496 7000"})
     r.wait_sent(1)
     (sent,) = r.hub()["recent"]

@@ -34,7 +34,7 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
             *UNLEASHED_EXTRACTS,
             unleashed_webhook_reads,
             *SYNC_ASSETS,
-        ],  # fmt: skip
+        ],
         asset_checks=CHECKS,
         jobs=[*JOBS, *WEBHOOK_JOBS],
         sensors=[*SENSORS, *WEBHOOK_SENSORS],
