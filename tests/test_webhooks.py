@@ -26,16 +26,21 @@ from sync_pipeline.webhooks.subscriptions import subscribe
 class Receiver:
     """The receiver on a free port, subscribed to the local Unleashed server."""
 
-    def __init__(self, h) -> None:
+    def __init__(self, h, *, start: bool = True) -> None:
         self.h = h
         self.events = EventStore(events_path(h.db))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
         self.subscription = subscribe(h.unleashed, self.url)
+        self.server = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
         app = create_receiver(self.events, [self.subscription.signing_secret])
-        self.server = ServerThread(app, port=port).start()
+        self.server = ServerThread(app, port=self.port).start()
 
     def hub(self) -> dict:
         return httpx.get(f"{self.h.emu.unleashed_url}/_admin/webhooks", timeout=10).json()
@@ -61,7 +66,8 @@ class Receiver:
         return httpx.post(self.url, content=body, headers=headers, timeout=10)
 
     def close(self) -> None:
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         self.events.close()
 
 
@@ -69,8 +75,8 @@ class Receiver:
 def listen(harness):
     made: list[Receiver] = []
 
-    def start() -> Receiver:
-        made.append(Receiver(harness))
+    def start(**kwargs) -> Receiver:
+        made.append(Receiver(harness, **kwargs))
         return made[-1]
 
     yield start
@@ -283,6 +289,30 @@ def test_a_failed_run_leaves_its_events_to_be_read_again(harness, listen):
     assert r.events.counts()["consumed"] == 0
     (event,) = r.events.pending(now=time.time() + 31)  # due again after 30 s
     assert event.customer_guid == pair["erp_id"]
+
+
+def test_unleashed_retries_a_delivery_until_the_receiver_answers(harness, listen):
+    h = harness
+    r = listen(start=False)  # subscribed, but the receiver is not running
+    r.set_faults(first_retry_s=0.3, timeout_s=5)
+    # First a socket that takes the connection and never answers: a delivery made inside the
+    # API request would hold its answer for the 5 s timeout.
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", r.port))
+    silent.listen(8)
+    guid = str(h.unleashed.list_customers().items[0].Guid)
+    t0 = time.monotonic()
+    h.unleashed.update_customer(guid, {"PhoneNumber": "0113 496 7501"})
+    assert time.monotonic() - t0 < 3
+    r.wait(lambda: r.hub()["counts"].get("retries", 0) >= 1, "the timed-out attempt")
+    silent.close()  # then nothing listens: refused
+    r.wait(lambda: r.hub()["counts"].get("retries", 0) >= 2, "a refused attempt")
+    assert r.events.counts()["pending"] == 0
+    r.start()
+    r.wait(lambda: r.hub()["counts"].get("delivered") == 1, "the delivery")
+    (event,) = r.events.pending()
+    assert (event.event_type, event.customer_guid) == ("customer.updated", guid)
 
 
 def test_a_lost_delivery_is_caught_by_the_next_import(harness, listen):
