@@ -1,5 +1,7 @@
-"""How long a CRM change takes to reach Unleashed under `dagster dev` (issue: "CRM changes reach
-Unleashed within seconds"; target p95 <= 15 s).
+"""How long a change takes to cross under `dagster dev`, both ways: a CRM edit to Unleashed
+(issue: "CRM changes reach Unleashed within seconds"; target p95 <= 15 s), and an Unleashed edit
+to the CRM with webhooks on; and how many Unleashed requests each change pulled to the CRM costs
+with webhooks and with the import alone.
 
 How it works:
 
@@ -19,6 +21,15 @@ How it works:
 6. The push runs are read back from Dagster's GraphQL API to split each edit's latency into:
    sensor detection (edit -> run created), queueing (created -> started), run start-up (started ->
    first step) and the steps themselves.
+7. Webhooks on: the receiver (`sync-pipeline webhooks serve`) starts in a child process and is
+   subscribed on the local Unleashed server, which then delivers signed events. After a warm-up,
+   the same number of edits are made to Unleashed customers' phone numbers as a person makes
+   them in Unleashed (the server's `/_admin` force-edit: no API request), a few seconds apart; a
+   poller reads each CRM company outside the API (`GET /_admin/raw`, so it spends none of the
+   CRM's rate limit) until the number is there. Unleashed requests are counted by the server.
+8. Without webhooks: after `dagster dev` stops, the same number of Unleashed edits again, then
+   one import (`sync_cycle_job`, in process), counting its Unleashed requests; and one more
+   import with nothing changed (what every scheduled import costs).
 
     python benchmarks/bench_latency.py [--edits 20] [--spacing-s 3] [--companies 50]
 """
@@ -269,6 +280,213 @@ def run_breakdown(dev: DagsterDev, edits: list[tuple[str, float, float]]) -> dic
     return {"parts": parts, "steps": steps, "runs": len(runs), "run_durations": durations}
 
 
+class CrmWatcher:
+    """Polls CRM companies outside the API (the local server's `GET /_admin/raw`, which spends
+    none of the CRM's rate limit) until each pending edit's phone number is there."""
+
+    def __init__(self, servers: ServerProcess, timeout_s: float) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=servers.crm_url, timeout=10)
+        self.timeout_s = timeout_s
+        self.pending: dict[int, tuple[str, float, float]] = {}  # crm_id -> (E.164, t, timeout)
+        self.arrived: dict[int, float] = {}
+        self.timed_out: list[int] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="crm-watcher")
+
+    def expect(self, crm_id: int, phone: str, t_edit: float, timeout_s: float | None = None):
+        from sync_pipeline.mapping.normalise import normalise_phone
+
+        with self.lock:
+            self.pending[crm_id] = (normalise_phone(phone), t_edit, timeout_s or self.timeout_s)
+
+    def _run(self) -> None:
+        from sync_pipeline.mapping.normalise import normalise_phone
+
+        while not self.stop.wait(0.1):
+            with self.lock:
+                items = list(self.pending.items())
+            for crm_id, (want, t_edit, timeout_s) in items:
+                now = time.monotonic()
+                record = self.http.get(f"/_admin/raw/Divisions/{crm_id}").json()
+                got = normalise_phone(record.get("PhoneNumber"))
+                with self.lock:
+                    if got == want:
+                        self.arrived[crm_id] = now - t_edit
+                        del self.pending[crm_id]
+                    elif now - t_edit > timeout_s:
+                        self.timed_out.append(crm_id)
+                        del self.pending[crm_id]
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        return wait_until(lambda: not self.pending, timeout_s, 0.2)
+
+    def __enter__(self) -> CrmWatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self.http.close()
+
+
+def unleashed_edit(servers: ServerProcess, erp_id: str, phone: str) -> None:
+    """A person's edit in Unleashed: the server's force-edit (no API request, delivered to the
+    webhook subscriptions like any change)."""
+    import httpx
+
+    httpx.put(
+        f"{servers.unleashed_url}/_admin/customers/{erp_id}",
+        json={"PhoneNumber": phone},
+        timeout=10,
+    ).raise_for_status()
+
+
+def unleashed_requests(servers: ServerProcess) -> dict[str, int]:
+    return servers.stats("unleashed")["requests"]
+
+
+def webhooks_on(
+    servers: ServerProcess,
+    env: dict[str, str],
+    work: Path,
+    dev: DagsterDev,
+    targets: list[tuple[int, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """The receiver subscribed and running; Unleashed edits timed until the CRM has them."""
+    import httpx
+
+    from sync_pipeline.clients.unleashed import UnleashedClient
+    from sync_pipeline.webhooks.subscriptions import subscribe
+
+    port = free_port()
+    with UnleashedClient(
+        servers.unleashed_url, servers.unleashed_api_id, servers.unleashed_api_key
+    ) as client:
+        made = subscribe(client, f"http://127.0.0.1:{port}/webhooks/unleashed")
+    receiver_env = {**env, "UNLEASHED_WEBHOOK_SECRET": made.signing_secret}
+    cmd = [sys.executable, "-m", "sync_pipeline.cli", "webhooks", "serve",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with (work / "receiver.log").open("w") as log:
+        receiver = subprocess.Popen(
+            cmd, cwd=ROOT, env=receiver_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        up = wait_until(lambda: _answers(httpx, f"http://127.0.0.1:{port}/healthz"), 60, 0.2)
+        if not up:
+            print("the webhook receiver did not start; see", work / "receiver.log")
+            return None
+        with CrmWatcher(servers, args.timeout_s) as watcher:
+            crm_id, erp_id = targets[0]
+            t0 = time.monotonic()
+            unleashed_edit(servers, erp_id, "0113 496 2000")
+            watcher.expect(crm_id, "0113 496 2000", t0, args.warmup_timeout_s)
+            if not watcher.wait_idle(args.warmup_timeout_s + 5) or crm_id not in watcher.arrived:
+                print("the webhook warm-up edit never reached the CRM; see", work)
+                return None
+            print(f"Webhook warm-up edit reached the CRM {watcher.arrived[crm_id]:.1f} s after "
+                  "it was made in Unleashed")  # fmt: skip
+            watcher.arrived.clear()
+            time.sleep(args.spacing_s)
+            servers.reset_stats("unleashed")
+            print(f"{args.edits} Unleashed edits, {args.spacing_s:g} s apart (webhooks on)…")
+            for i, (crm_id, erp_id) in enumerate(targets[: args.edits], start=1):
+                phone = f"0113 496 {2000 + i:04d}"
+                t0 = time.monotonic()
+                unleashed_edit(servers, erp_id, phone)
+                watcher.expect(crm_id, phone, t0)
+                time.sleep(args.spacing_s)
+            watcher.wait_idle(args.timeout_s + 5)
+            requests = unleashed_requests(servers)
+            runs = dev.graphql(RUNS_QUERY, {"job": "unleashed_webhook_job"})["runsOrError"]
+            durations = [
+                r["endTime"] - r["startTime"]
+                for r in runs["results"]
+                if r["startTime"] and r["endTime"]
+            ]
+        return {
+            "latencies": list(watcher.arrived.values()),
+            "timed_out": len(watcher.timed_out),
+            "requests": requests,
+            "run_durations": durations,
+        }
+    finally:
+        receiver.terminate()
+        try:
+            receiver.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            receiver.kill()
+
+
+def _answers(httpx: Any, url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def import_alone(
+    servers: ServerProcess,
+    db: Path,
+    settings_file: Path,
+    targets: list[tuple[int, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The same number of Unleashed edits, pulled by one import; then an import with nothing
+    changed."""
+    for i, (_crm_id, erp_id) in enumerate(targets[: args.edits], start=1):
+        unleashed_edit(servers, erp_id, f"0113 496 {3000 + i:04d}")
+    servers.reset_stats("unleashed")
+    initial_cycle(servers, db, settings_file)
+    with_changes = unleashed_requests(servers)
+    import httpx
+
+    pulled = sum(
+        httpx.get(f"{servers.crm_url}/_admin/raw/Divisions/{crm_id}", timeout=10)
+        .json()
+        .get("PhoneNumber", "")
+        .replace(" ", "")
+        .endswith(f"496{3000 + i:04d}")
+        for i, (crm_id, _erp) in enumerate(targets[: args.edits], start=1)
+    )
+    servers.reset_stats("unleashed")
+    initial_cycle(servers, db, settings_file)
+    return {"requests": with_changes, "pulled": pulled, "idle": unleashed_requests(servers)}
+
+
+def print_webhooks(hooks: dict[str, Any], args: argparse.Namespace) -> None:
+    latencies = hooks["latencies"]
+    arrived = len(latencies)
+    print("\n=== Unleashed edit -> CRM latency (dagster dev, webhooks on) ===")
+    print(f"arrived: {arrived}/{args.edits} (timed out after {args.timeout_s:g} s: "
+          f"{hooks['timed_out']})")  # fmt: skip
+    print(f"seconds until the CRM had the edit: {_fmt(latencies)}")
+    print(f"  whole webhook run (started -> ended):     {_fmt(hooks['run_durations'])}")
+    total = sum(hooks["requests"].values())
+    imported = hooks["import"]
+    import_total = sum(imported["requests"].values())
+    print("\n=== Unleashed requests per change pulled to the CRM ===")
+    print(
+        f"webhooks: {total} requests for {arrived} changes = "
+        f"{total / max(arrived, 1):.2f} per change ({_by_endpoint(hooks['requests'])})"
+    )
+    print(
+        f"import alone: {import_total} requests for {imported['pulled']} changes = "
+        f"{import_total / max(imported['pulled'], 1):.2f} per change "
+        f"({_by_endpoint(imported['requests'])}); and every scheduled import costs "
+        f"{sum(imported['idle'].values())} with nothing changed "
+        f"({_by_endpoint(imported['idle'])})"
+    )
+
+
+def _by_endpoint(requests: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(requests.items())) or "none"
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -285,6 +503,9 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=90.0, help="per edit")
     parser.add_argument("--warmup-timeout-s", type=float, default=240.0)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs)")
+    parser.add_argument(
+        "--no-webhooks", action="store_true", help="measure the CRM -> Unleashed direction only"
+    )
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
 
@@ -307,7 +528,9 @@ def main() -> int:
             "DAGSTER_HOME": str(work / "dagster_home"),
             "SYNC_DUCKDB_PATH": str(db),
             "SYNC_SETTINGS_FILE": str(settings_file),
+            "SYNC_WEBHOOK_EVENTS_PATH": str(work / "webhook-events.sqlite"),
         }
+        load_before = os.getloadavg()
         t_start = time.monotonic()
         with (
             DagsterDev(env, work / "dagster_home", work / "dagster_dev.log") as dev,
@@ -349,8 +572,14 @@ def main() -> int:
             breakdown = run_breakdown(
                 dev, [(e, w, watcher.arrived.get(e, float("nan"))) for e, w, _ in made]
             )
-        crm_requests = servers.stats("crm")["total_requests"]
-        rate = servers.crm_rate()
+            crm_requests = servers.stats("crm")["total_requests"]
+            rate = servers.crm_rate()
+            hooks = None
+            if not args.no_webhooks:
+                hooks = webhooks_on(servers, env, work, dev, targets, args)
+        if hooks is not None:
+            hooks["import"] = import_alone(servers, db, settings_file, targets, args)
+        load_after = os.getloadavg()
 
     latencies = list(watcher.arrived.values())
     arrived, lost = len(latencies), args.edits - len(latencies)
@@ -372,6 +601,12 @@ def main() -> int:
     print(
         f"CRM requests during the benchmark: {crm_requests} (server-side rate limit "
         f"{rate['limit']}/{rate['window_s']} s; 429s sent: {rate['throttled']})"
+    )
+    if hooks is not None:
+        print_webhooks(hooks, args)
+    print(
+        f"\nLoad average (1/5/15 min) at the start: {' '.join(f'{x:.2f}' for x in load_before)}; "
+        f"at the end: {' '.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} cores, shared)"
     )
     if not args.keep:
         import shutil

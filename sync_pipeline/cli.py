@@ -169,11 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the DuckDB file (default: the code location's, from SYNC_DUCKDB_PATH)",
     )
     undo.set_defaults(handler=run_undo)
+
+    from sync_pipeline.webhooks.cli import add_parser as add_webhooks
+
+    add_webhooks(commands)
     return parser
 
 
 # The local servers' own packages: the `emulators` extra, not the product's runtime dependencies.
-EMULATOR_PACKAGES = frozenset({"starlette", "uvicorn", "limits", "odata_query"})
+EMULATOR_PACKAGES = frozenset({"limits", "odata_query"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,7 +68,8 @@ def test_api_pacing_window_is_shared_through_a_file_next_to_the_database(monkeyp
 
 
 # Jobs that talk to the CRM or Unleashed; history pruning only deletes old rows in DuckDB.
-API_JOBS = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job")
+API_JOBS = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job",
+            "unleashed_webhook_job")  # fmt: skip
 
 
 def test_every_job_that_reads_or_writes_starts_with_the_preflight():

@@ -17,6 +17,8 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
     from sync_pipeline.defs.extract import CRM_EXTRACTS, UNLEASHED_EXTRACTS
     from sync_pipeline.defs.preflight import sync_preflight
     from sync_pipeline.defs.sync import SYNC_ASSETS
+    from sync_pipeline.defs.webhook_reads import unleashed_webhook_reads
+    from sync_pipeline.defs.webhooks import WEBHOOK_JOBS, WEBHOOK_SENSORS
     from sync_pipeline.settings import load_settings
 
     # The schedules' cron strings are the settings' times, so the settings file is read here, as
@@ -26,10 +28,16 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
     schedules = build_schedules(load_settings(resources["sync_config"].settings_file))
 
     return dg.Definitions(
-        assets=[sync_preflight, *CRM_EXTRACTS, *UNLEASHED_EXTRACTS, *SYNC_ASSETS],
+        assets=[
+            sync_preflight,
+            *CRM_EXTRACTS,
+            *UNLEASHED_EXTRACTS,
+            unleashed_webhook_reads,
+            *SYNC_ASSETS,
+        ],
         asset_checks=CHECKS,
-        jobs=JOBS,
-        sensors=SENSORS,
+        jobs=[*JOBS, *WEBHOOK_JOBS],
+        sensors=[*SENSORS, *WEBHOOK_SENSORS],
         schedules=schedules,
         resources=dict(resources),
         # Every step opens the one DuckDB file, so steps of a run are serialised by the `duckdb`

@@ -497,7 +497,8 @@ RETRIES = {
     "Unleashed": (("update_erp",), crm_push_job, ("crm_push_job", "sync_cycle_job",
                                                   "full_resync_job")),
     "the CRM": (("update_crm", "create_crm_contact", "create_crm_company"), crm_write_retry_job,
-                ("crm_write_retry_job", "sync_cycle_job", "full_resync_job")),
+                ("crm_write_retry_job", "sync_cycle_job", "full_resync_job",
+                 "unleashed_webhook_job")),
 }  # fmt: skip
 RETRY_TRIGGER = "failed-write-retry"
 # How long a tick waits for the database when a run holds it: a run holds it for seconds to

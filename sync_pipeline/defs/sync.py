@@ -17,6 +17,7 @@ from sync_pipeline.defs.resources import (
     SyncDuckDB,
     UnleashedResource,
 )
+from sync_pipeline.defs.webhook_reads import unleashed_webhook_reads
 from sync_pipeline.guards import two_way_refusal
 from sync_pipeline.report import (
     FILLED,
@@ -85,7 +86,8 @@ def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
     group_name="plan",
     kinds={"duckdb"},
     pool="duckdb",
-    deps=[*CRM_EXTRACTS, *_LATEST_IMPORT],
+    # After a webhook run's targeted reads too, when the run has them (not in the cycle).
+    deps=[*CRM_EXTRACTS, *_LATEST_IMPORT, unleashed_webhook_reads],
     description="One-to-one links: CRM company ↔ Unleashed customer, contact ↔ contact.",
 )
 def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.MaterializeResult:

@@ -13,11 +13,12 @@ rows whatever `$top` asks (clients page with `$top`/`$skip`); `GET /Divisions(12
 `{"error": {"code", "message", "details": [{"code", "message", "target"}]}}`.
 
 Admin endpoints (no auth, never faulted): `/_admin/faults`, `/_admin/stats`, `/_admin/reset`,
-`/_admin/seed`, `/_admin/tenant`, `/_admin/ratelimit`, and `PUT /_admin/raw/{EntitySet}/{key}`,
-which stores the JSON body as that record exactly as given, without any validation (so tests can
-plant what the API would never accept: wrong types, nulls, unknown fields, a malformed
-`LastUpdatedTimestamp`, a record without its key). The body replaces the whole record; the
-timestamp is set to the next write time only when the body leaves it out. A stored timestamp
+`/_admin/seed`, `/_admin/tenant`, `/_admin/ratelimit`, `GET /_admin/raw/{EntitySet}/{key}` (a
+record as stored, outside the API), and `PUT /_admin/raw/{EntitySet}/{key}`, which stores the
+JSON body as that record exactly as given, without any validation (so tests can plant what the
+API would never accept: wrong types, nulls, unknown fields, a malformed `LastUpdatedTimestamp`,
+a record without its key). The body replaces the whole record; the timestamp is set to the next
+write time only when the body leaves it out. A stored timestamp
 that does not parse compares as the latest instant in `$filter` (see odata.py).
 """
 
@@ -755,6 +756,24 @@ def create_app(
         rate.reset_counts()
         return JSONResponse(rate.snapshot())
 
+    async def get_raw(request: Request) -> JSONResponse:
+        """A record as stored, outside the API (not counted, not rate-limited): benchmarks watch
+        for a value to arrive without spending the tenant's request budget."""
+        entity = ENTITY_SETS.get(request.path_params["entity_set"])
+        if entity is None:
+            return odata_error(
+                404, "NotFound", f"no entity set {request.path_params['entity_set']}"
+            )
+        raw_key = request.path_params["key"]
+        try:
+            doc_id = entity.doc_id(parse_key(entity, raw_key))
+        except _BadRequest:
+            doc_id = raw_key
+        doc = state.store.get(entity.name, doc_id)
+        if doc is None:
+            return odata_error(404, "NotFound", f"no {entity.name} {raw_key}")
+        return JSONResponse(doc)
+
     async def put_raw(request: Request) -> JSONResponse:
         entity = ENTITY_SETS.get(request.path_params["entity_set"])
         if entity is None:
@@ -788,6 +807,7 @@ def create_app(
 
     extra = [
         Route("/_admin/raw/{entity_set}/{key:path}", put_raw, methods=["PUT"]),
+        Route("/_admin/raw/{entity_set}/{key:path}", get_raw, methods=["GET"]),
         Route("/_admin/tenant", get_tenant, methods=["GET"]),
         Route("/_admin/tenant", put_tenant, methods=["PUT"]),
         Route("/_admin/ratelimit", get_rate, methods=["GET"]),

@@ -49,6 +49,11 @@ from sync_pipeline.emulators.common import (
     _send_json,
     admin_routes,
 )
+from sync_pipeline.emulators.webhooks import (
+    WebhookHub,
+    admin_webhook_routes,
+    subscription_routes,
+)
 
 LOCAL_API_ID = "6f1c2d8e-3b4a-4c5d-9e7f-0a1b2c3d4e5f"
 LOCAL_API_KEY = "local-unleashed-key-7Qm2Vx9LpR4tZc8Hn3Jw"
@@ -510,7 +515,8 @@ def create_app(
     state = UnleashedState(DocumentStore(store_path), world)
     fault_state = FaultState(faults)
     quota = MonthlyQuota(state.store, monthly_quota)
-    handlers = _Handlers(state)
+    hooks = WebhookHub(state.store)
+    handlers = _Handlers(state, hooks)
 
     async def get_quota(request: Request) -> JSONResponse:
         return JSONResponse(quota.snapshot())
@@ -538,6 +544,10 @@ def create_app(
         Route(f"{ADMIN_PREFIX}/salespersons", handlers.admin_put_salesperson, methods=["POST"]),
         Route(f"{ADMIN_PREFIX}/customers/{{guid}}", handlers.admin_get_customer, methods=["GET"]),
         Route(f"{ADMIN_PREFIX}/customers/{{guid}}", handlers.admin_put_customer, methods=["PUT"]),
+        Route(
+            f"{ADMIN_PREFIX}/customers/{{guid}}", handlers.admin_delete_customer, methods=["DELETE"]
+        ),
+        *admin_webhook_routes(hooks),
         Route(f"{ADMIN_PREFIX}/quota", get_quota, methods=["GET"]),
         Route(f"{ADMIN_PREFIX}/quota", put_quota, methods=["PUT"]),
     ]
@@ -554,6 +564,7 @@ def create_app(
         Route("/Salespersons", h.wrap(h.list_salespersons), methods=["GET"]),
         Route("/Salespersons/{page:int}", h.wrap(h.list_salespersons), methods=["GET"]),
         Route("/Salespersons/{guid}", h.wrap(h.get_salesperson), methods=["GET"]),
+        *subscription_routes(hooks, h.wrap, Refusal),
         *admin_routes(fault_state, reset=reset, seed=seed, extra=admin_extra),
     ]
     app = Starlette(
@@ -572,13 +583,17 @@ def create_app(
     app.state.unleashed = state
     app.state.faults = fault_state
     app.state.quota = quota
+    app.state.webhooks = hooks
     return app
 
 
 class _Handlers:
-    def __init__(self, state: UnleashedState) -> None:
+    def __init__(self, state: UnleashedState, hooks: WebhookHub) -> None:
         self.state = state
         self.store = state.store
+        # Every change to a customer or one of its contacts is delivered to the webhook
+        # subscriptions (from a background thread), whether made through the API or /_admin.
+        self.hooks = hooks
 
     @staticmethod
     def wrap(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -686,6 +701,7 @@ class _Handlers:
             doc["LastModifiedOn"] = now
             doc["Contacts"] = list(existing.get("Contacts") or []) if existing else []
             self.store.put(CUSTOMERS, guid, doc)
+        self.hooks.notify("customer.updated" if existing else "customer.created", guid)
         return JSONResponse(self.state.customer_out(doc, include_contacts=False))
 
     def _customer_problems(self, guid: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -788,6 +804,7 @@ class _Handlers:
             contact = {**body, "Guid": guid}
             customer["Contacts"] = [*(customer.get("Contacts") or []), contact]
             self.state.touch(customer)
+        self.hooks.notify("customer.updated", customer["Guid"])  # a contact change (assumed)
         return JSONResponse(contact, 201)
 
     def _contact_index(self, customer: dict[str, Any], request: Request) -> int:
@@ -813,6 +830,7 @@ class _Handlers:
             customer["Contacts"] = list(customer["Contacts"])
             customer["Contacts"][index] = contact
             self.state.touch(customer)
+        self.hooks.notify("customer.updated", customer["Guid"])
         return JSONResponse(contact)
 
     async def delete_contact(self, request: Request) -> Response:
@@ -821,6 +839,7 @@ class _Handlers:
             index = self._contact_index(customer, request)
             customer["Contacts"] = [c for i, c in enumerate(customer["Contacts"]) if i != index]
             self.state.touch(customer)
+        self.hooks.notify("customer.updated", customer["Guid"])
         return Response(status_code=204)
 
     # -- salespersons --------------------------------------------------------------------
@@ -897,4 +916,15 @@ class _Handlers:
                     for c in doc.get("Contacts") or []
                 ]
             self.store.put(CUSTOMERS, guid, doc)
+        # A force-edit stands for a person's edit in Unleashed: it is delivered too.
+        self.hooks.notify("customer.updated" if existing else "customer.created", guid)
         return JSONResponse(doc)
+
+    async def admin_delete_customer(self, request: Request) -> Response:
+        """A customer deleted in Unleashed (the API has no DELETE): gone from every listing,
+        `customer.deleted` delivered."""
+        guid = normalize_guid(request.path_params["guid"])
+        if guid is None or not self.store.delete(CUSTOMERS, guid):
+            return JSONResponse({"Description": "not found"}, 404)
+        self.hooks.notify("customer.deleted", guid)
+        return Response(status_code=204)
