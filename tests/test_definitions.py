@@ -19,11 +19,15 @@ def test_definitions_are_loadable_and_complete():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {
-        "sync/preflight", "crm/companies", "crm/contacts", "crm/users",
-        "unleashed/customers", "unleashed/contacts", "unleashed/salespersons",
-        "sync/links", "sync/plan", "sync/push_to_unleashed", "sync/pull_to_crm",
-        "sync/account_manager_fix", "crm/account_manager_candidates", "sync/history",
+        "sync/sync_preflight", "crm/crm_companies", "crm/crm_contacts", "crm/crm_users",
+        "unleashed/unleashed_customers", "unleashed/unleashed_contacts",
+        "unleashed/unleashed_salespersons", "sync/sync_links", "sync/sync_plan",
+        "sync/push_to_unleashed", "sync/pull_to_crm", "sync/account_manager_fix",
+        "crm/account_manager_candidates", "sync/sync_history",
     } <= keys  # fmt: skip
+    # The UI's graph and lineage show an asset by the last part of its key: each names its system.
+    names = [k.path[-1] for k in defs.resolve_asset_graph().get_all_asset_keys()]
+    assert len(names) == len(set(names)), sorted(names)
     # The sales ledger's customer code comes expanded with the division: no asset of its own.
     assert "crm/sales_ledgers" not in keys
     jobs = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manager_fix_job",
@@ -72,10 +76,10 @@ API_JOBS = ("crm_push_job", "sync_cycle_job", "full_resync_job", "account_manage
 
 
 def test_every_job_that_reads_or_writes_starts_with_the_preflight():
-    """`sync/preflight` is in every job that calls an API, and every other asset of the job is
+    """`sync/sync_preflight` is in every job that calls an API, and every other asset of the job is
     downstream of it: nothing is read into the sync or written before the preflight passed."""
     graph = defs.resolve_asset_graph()
-    preflight = dg.AssetKey(["sync", "preflight"])
+    preflight = dg.AssetKey(["sync", "sync_preflight"])
     for name in API_JOBS:
         selected = defs.resolve_job_def(name).asset_layer.selected_asset_keys
         assert preflight in selected, name

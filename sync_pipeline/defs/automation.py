@@ -106,9 +106,9 @@ full_resync_job = dg.define_asset_job(
         "ops": {
             name: {"config": {"full_refresh": True}}
             for name in (
-                "crm__companies",
-                "crm__contacts",
-                "crm__users",
+                "crm__crm_companies",
+                "crm__crm_contacts",
+                "crm__crm_users",
                 "unleashed_customers",
             )
         }

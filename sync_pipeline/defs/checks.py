@@ -28,7 +28,7 @@ from sync_pipeline.defs.sync import pull_to_crm, push_to_unleashed, sync_links, 
 from sync_pipeline.report import md_table
 
 RECEIVED = "received_what_the_api_reported"
-UNLEASHED_CUSTOMERS = dg.AssetKey(["unleashed", "customers"])
+UNLEASHED_CUSTOMERS = dg.AssetKey(["unleashed", "unleashed_customers"])
 
 # asset -> extract_state source
 COUNT_SOURCES = {

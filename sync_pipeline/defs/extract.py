@@ -33,7 +33,7 @@ def _derived_metadata(refreshed: derived.RefreshStats) -> dict[str, float | int]
 
 def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["crm", kind],
+        key=["crm", f"crm_{kind}"],
         group_name="extract",
         kinds={"duckdb"},
         pool="duckdb",
@@ -79,14 +79,14 @@ crm_users = _crm_asset("users", "CRM users (candidates for account manager), rea
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
-            ["unleashed", "customers"],
+            ["unleashed", "unleashed_customers"],
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed customers, imported by hourly window.",
             deps=[sync_preflight],
         ),
         dg.AssetSpec(
-            ["unleashed", "contacts"],
+            ["unleashed", "unleashed_contacts"],
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed contacts, read inside their customers' pages.",
@@ -117,7 +117,7 @@ def unleashed_customers(
         )
     meta = {**stats.metadata(), **_derived_metadata(refreshed)}
     yield dg.MaterializeResult(
-        asset_key=["unleashed", "customers"],
+        asset_key=["unleashed", "unleashed_customers"],
         metadata={
             **{k: v for k, v in meta.items() if not k.startswith("contacts_")},
             "window": f"{window.start:%Y-%m-%d %H:%M}–{window.end:%H:%M} UTC" if window else "-",
@@ -125,14 +125,14 @@ def unleashed_customers(
         },
     )
     yield dg.MaterializeResult(
-        asset_key=["unleashed", "contacts"],
+        asset_key=["unleashed", "unleashed_contacts"],
         metadata={k: v for k, v in meta.items() if k.startswith("contacts_")}
         | {"customers_with_over_100_contacts": meta["customers_with_over_100_contacts"]},
     )
 
 
 @dg.asset(
-    key=["unleashed", "salespersons"],
+    key=["unleashed", "unleashed_salespersons"],
     group_name="extract",
     kinds={"duckdb"},
     pool="duckdb",

@@ -63,7 +63,7 @@ def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
 
 
 @dg.asset(
-    key=["sync", "links"],
+    key=["sync", "sync_links"],
     group_name="plan",
     kinds={"duckdb"},
     pool="duckdb",
@@ -78,7 +78,7 @@ def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.Materi
 
 
 @dg.asset(
-    key=["sync", "plan"],
+    key=["sync", "sync_plan"],
     group_name="plan",
     kinds={"duckdb", "pandas"},
     pool="duckdb",
@@ -430,7 +430,7 @@ def account_manager_fix(
 
 
 @dg.asset(
-    key=["sync", "history"],
+    key=["sync", "sync_history"],
     group_name="maintenance",
     kinds={"duckdb"},
     pool="duckdb",
