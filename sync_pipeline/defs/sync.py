@@ -337,7 +337,6 @@ def _writes_check(
         md_table(
             stats.failures[:FIRST_FAILURES],
             ["entity", "crm_id", "erp_id", "field", "left", "reason", "retry"],
-            widths={"reason": 240, "retry": 80},
             total=len(stats.failures),
         )
     )
