@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from sync_pipeline.definitions import defs
 from sync_pipeline.settings import load_settings
@@ -88,3 +90,23 @@ def test_every_job_that_reads_or_writes_starts_with_the_preflight():
             assert preflight in upstream, f"{name}: {key.to_user_string()} can run before it"
     only = defs.resolve_job_def("preflight_job").asset_layer.selected_asset_keys
     assert only == {preflight}
+
+
+def test_import_partitions_cover_the_recent_days_not_every_hour_since_install(monkeypatch):
+    """The UI and a backfill offer the last SYNC_BACKFILL_DAYS days of hourly windows (7 by
+    default) up to the current hour, not thousands of windows since the first install."""
+    from sync_pipeline.defs.extract import BACKFILL_DAYS, import_partitions
+
+    now = datetime(2026, 12, 6, 3, 40, tzinfo=UTC)
+    keys = import_partitions(now).get_partition_keys(current_time=now)
+    assert (keys[0], keys[-1]) == ("2026-11-29-00:00", "2026-12-06-03:00")
+    assert len(keys) == BACKFILL_DAYS * 24 + 4
+    shown = defs.resolve_job_def("sync_cycle_job").partitions_def.get_partition_keys()
+    assert len(shown) <= (BACKFILL_DAYS + 1) * 24 + 1
+    assert datetime.now(UTC).strftime("%Y-%m-%d-%H:00") in shown
+
+    monkeypatch.setenv("SYNC_BACKFILL_DAYS", "30")
+    assert import_partitions(now).get_partition_keys(current_time=now)[0] == "2026-11-06-00:00"
+    monkeypatch.setenv("SYNC_BACKFILL_DAYS", "a month")
+    with pytest.raises(ValueError, match="SYNC_BACKFILL_DAYS must be a whole number of days"):
+        import_partitions(now)

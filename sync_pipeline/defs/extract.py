@@ -1,6 +1,7 @@
 """Extract assets: both systems into DuckDB snapshot tables."""
 
-from datetime import timedelta
+import os
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -15,8 +16,27 @@ from sync_pipeline.defs.resources import (
 from sync_pipeline.report import bad_records_md
 
 # Unleashed imports are partitioned by hour so a missed window can be backfilled. The current hour
-# is included (end_offset=1) so the daytime schedule can import it while it is still open.
-IMPORT_PARTITIONS = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", end_offset=1)
+# is included (end_offset=1) so the daytime schedule can import it while it is still open. The
+# partitions start BACKFILL_DAYS before today (UTC midnight, as the code location loads): the UI
+# and a backfill offer the recent windows, not every hour since the first install. A gap older
+# than that is caught up by full_resync_job, which re-reads both systems whole.
+BACKFILL_DAYS = 7
+BACKFILL_DAYS_ENV = "SYNC_BACKFILL_DAYS"
+
+
+def import_partitions(now: datetime | None = None) -> dg.HourlyPartitionsDefinition:
+    raw = os.environ.get(BACKFILL_DAYS_ENV) or str(BACKFILL_DAYS)
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 366:
+        raise ValueError(
+            f"{BACKFILL_DAYS_ENV} must be a whole number of days from 1 to 366, not {raw!r}"
+        )
+    today = (now or datetime.now(UTC)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return dg.HourlyPartitionsDefinition(
+        start_date=today - timedelta(days=int(raw)), timezone="UTC", end_offset=1
+    )
+
+
+IMPORT_PARTITIONS = import_partitions()
 
 
 class ExtractConfig(dg.Config):
