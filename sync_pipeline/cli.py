@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_world_options(dev)
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default: 3000)")
+    dev.add_argument(
+        "--unleashed-port", type=int, default=8301, help="local Unleashed port (default: 8301)"
+    )
+    dev.add_argument("--crm-port", type=int, default=8302, help="local CRM port (default: 8302)")
     dev.set_defaults(handler=run_dev)
 
     check = commands.add_parser(
@@ -297,7 +301,10 @@ def run_dev(args: argparse.Namespace) -> int:
     """Both local servers plus `dagster dev` with the sensor and schedules running."""
     from sync_pipeline.demo import run_dev as dev
 
-    return dev(companies=args.companies, seed=args.seed, port=args.port)
+    return dev(
+        companies=args.companies, seed=args.seed, port=args.port,
+        unleashed_port=args.unleashed_port, crm_port=args.crm_port,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

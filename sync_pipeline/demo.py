@@ -5,11 +5,14 @@ Also the `dev` command: both local servers plus `dagster dev` with the sensor an
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +36,13 @@ run_coordinator:
     dequeue_interval_seconds: 1
 telemetry:
   enabled: false
+"""
+# Its code location: the package's definitions, wherever `sync-pipeline dev` is started from.
+DEV_WORKSPACE_YAML = """\
+load_from:
+  - python_module:
+      module_name: sync_pipeline.definitions
+      location_name: sync_pipeline
 """
 
 
@@ -172,7 +182,9 @@ def _print_failure(result) -> None:
             print(f"FAILED {event.step_key}: {err.message if err else ''}", file=sys.stderr)
 
 
-def _first_cycle(emu, db: Path) -> None:
+def _first_cycle(emu, db: Path, home: Path) -> bool:
+    """One full cycle recorded in the instance under `home` (the DAGSTER_HOME the webserver and
+    daemon use), so the UI opens on its materialisations and check results."""
     import dagster as dg
 
     from sync_pipeline.defs import build_defs
@@ -196,15 +208,74 @@ def _first_cycle(emu, db: Path) -> None:
             mappings_dir=DEFAULT_MAPPINGS,
         ),
     }  # fmt: skip
-    with dg.DagsterInstance.ephemeral() as instance:
-        build_defs(resources).resolve_job_def("sync_cycle_job").execute_in_process(
+    job = build_defs(resources).resolve_job_def("sync_cycle_job")
+    with dg.DagsterInstance.from_config(str(home.resolve())) as instance:
+        result = job.execute_in_process(
             instance=instance,
             partition_key=datetime.now(UTC).strftime("%Y-%m-%d-%H:00"),
             run_config=QUIET,
+            raise_on_error=False,
         )
+    if not result.success:
+        _print_failure(result)
+    return result.success
 
 
-def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
+# How long `dagster dev` and the processes it started (webserver, daemon, code servers) get to
+# stop after SIGTERM before they are killed.
+STOP_GRACE_S = 20
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped
+
+
+def _run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` in a process group of its own until it exits, or until this process gets
+    SIGTERM or Ctrl-C: then the whole group (dagster dev, its webserver, daemon and code
+    servers) is asked to stop, and killed after STOP_GRACE_S."""
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)  # noqa: S603
+    try:
+        return process.wait()
+    except (KeyboardInterrupt, _Stopped):
+        _stop_group(process)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    group = process.pid  # start_new_session: the leader's pid is the group's id
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(STOP_GRACE_S)
+    while time.monotonic() < deadline:  # the group outlives its leader while children stop
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
+
+
+def run_dev(
+    companies: int = 50,
+    seed: int = 42,
+    port: int = 3000,
+    unleashed_port: int = 8301,
+    crm_port: int = 8302,
+) -> int:
     """Both local servers (fixed ports, state kept in .data/) and `dagster dev` pointed at them."""
     from sync_pipeline.emulators.run import Emulators
 
@@ -212,9 +283,10 @@ def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
     home = data / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(DEV_DAGSTER_YAML)
+    (home / "workspace.yaml").write_text(DEV_WORKSPACE_YAML)
     with Emulators(
         companies=companies, seed=seed, data_dir=data / "emulators",
-        unleashed_port=8301, crm_port=8302,
+        unleashed_port=unleashed_port, crm_port=crm_port,
     ) as emu:  # fmt: skip
         env = {
             **os.environ,
@@ -228,10 +300,10 @@ def run_dev(companies: int = 50, seed: int = 42, port: int = 3000) -> int:
             # Pushes need links, and links need one import; outside the daytime import window
             # the schedule would not give one, so the first start runs a full cycle itself.
             print("First start: one full sync cycle so both systems are linked…")
-            _first_cycle(emu, db)
+            _first_cycle(emu, db, home)
         print(f"Dagster UI: http://127.0.0.1:{port}  (Ctrl-C stops everything)")
-        cmd = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-p", str(port)]
-        try:
-            return subprocess.call(cmd, env=env)  # noqa: S603 - our own interpreter and args
-        except KeyboardInterrupt:
-            return 0
+        cmd = [
+            sys.executable, "-m", "dagster", "dev",
+            "-w", str((home / "workspace.yaml").resolve()), "-p", str(port),
+        ]  # fmt: skip
+        return _run_until_stopped(cmd, env)

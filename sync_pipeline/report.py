@@ -22,30 +22,38 @@ OP_LABELS = {
 }
 
 
-def _cell(value: Any, width: int = 40) -> str:
+# Columns shown whole: a reason names the record, the field, the value and why, and an operator
+# cut off mid-sentence cannot act on it. Other cells (values can be long free text) are cut at
+# VALUE_WIDTH characters, marked with "…". The Dagster UI wraps a markdown table's cells to the
+# panel's width, so a long reason reads as a paragraph in its row.
+WHOLE = frozenset({"reason", "problem", "retry", "policy", "last_error"})
+VALUE_WIDTH = 120
+
+
+def _cell(value: Any, width: int | None = VALUE_WIDTH) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
         return ""
     text = visible(str(value).replace("|", "\\|").replace("\n", " "))
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def md_table(
     rows: list[dict[str, Any]],
     columns: list[str],
     limit: int = 25,
-    widths: dict[str, int] | None = None,
+    widths: dict[str, int | None] | None = None,
     total: int | None = None,
 ) -> str:
-    """`widths` lets a column show more than the default 40 characters (e.g. a reason);
+    """A markdown table of the first `limit` rows. The columns in WHOLE are never cut, others at
+    VALUE_WIDTH characters; `widths` sets another width for a column (None: never cut).
     `total` is the number of rows when `rows` holds only the first ones."""
     if not rows:
         return "_none_"
     total = len(rows) if total is None else total
-    widths = widths or {}
+    widths = {c: None if c in WHOLE else VALUE_WIDTH for c in columns} | (widths or {})
     head = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
     body = "\n".join(
-        "| " + " | ".join(_cell(r.get(c), widths.get(c, 40)) for c in columns) + " |"
-        for r in rows[:limit]
+        "| " + " | ".join(_cell(r.get(c), widths[c]) for c in columns) + " |" for r in rows[:limit]
     )
     more = f"\n\n_…and {total - limit} more_" if total > limit else ""
     return head + body + more
@@ -61,8 +69,7 @@ def bad_records_md(bad: Iterable[Any]) -> str:
         {"system": b.system, "endpoint": b.endpoint, "record": b.record_id, "reason": b.reason}
         for b in bad
     ]
-    # The reason names the record, the field and why: cut it short and the operator cannot act.
-    return md_table(rows, ["system", "endpoint", "record", "reason"], widths={"reason": 500})
+    return md_table(rows, ["system", "endpoint", "record", "reason"])
 
 
 def plan_md(plan: pd.DataFrame, limit: int = 25) -> str:

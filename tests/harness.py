@@ -31,7 +31,15 @@ def current_partition() -> str:
 
 
 class Harness:
-    def __init__(self, emu: Emulators, tmp_path: Path, mappings_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        emu: Emulators,
+        tmp_path: Path,
+        mappings_dir: str | None = None,
+        instance: dg.DagsterInstance | None = None,
+    ) -> None:
+        """Runs go to `instance` (one the Dagster UI can read, e.g. under a DAGSTER_HOME), an
+        ephemeral in-memory one by default."""
         self.emu = emu
         self.db = tmp_path / "sync.duckdb"
         self.settings_file = tmp_path / "settings.yaml"
@@ -49,7 +57,7 @@ class Harness:
             ),
         }  # fmt: skip
         self.defs = build_defs(self.resources)
-        self.instance = dg.DagsterInstance.ephemeral()
+        self.instance = instance or dg.DagsterInstance.ephemeral()
         self.crm = CrmClient(emu.crm_url, emu.crm_token)
         self.unleashed = UnleashedClient(
             emu.unleashed_url, emu.unleashed_api_id, emu.unleashed_api_key

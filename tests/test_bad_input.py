@@ -114,7 +114,7 @@ def test_malformed_unleashed_customer_is_set_aside_others_sync_and_fix_syncs(
     assert len(reasons) == 1, reasons
     for word in words:
         assert word in reasons[0], reasons[0]
-    meta = h.materialization_metadata(result, ["unleashed", "customers"])
+    meta = h.materialization_metadata(result, ["unleashed", "unleashed_customers"])
     assert meta["bad_records"] >= 1
     preview = meta["bad_records_preview"]
     assert bad_pair["erp_id"] in preview and field in preview
@@ -272,7 +272,7 @@ def test_malformed_crm_company_is_set_aside_others_sync_and_fix_syncs(harness, f
     for word in words:
         assert word in reasons[0], reasons[0]
     assert f"Divisions({bad_pair['crm_id']})" in reasons[0]
-    meta = h.materialization_metadata(result, ["crm", "companies"])
+    meta = h.materialization_metadata(result, ["crm", "crm_companies"])
     assert meta["bad_records"] >= 1 and field in meta["bad_records_preview"]
 
     h.plant_crm("Divisions", bad_pair["crm_id"], {**fresh, "Name": "Fixed In Crm Ltd"})
@@ -381,7 +381,7 @@ def _open_rejections(h: Harness, **where: str):
 
 
 def _rejected_in_plan_preview(h: Harness, result) -> str:
-    return h.materialization_metadata(result, ["sync", "plan"])["rejections_preview"]
+    return h.materialization_metadata(result, ["sync", "sync_plan"])["rejections_preview"]
 
 
 def _no_raw_unsafe_characters(text: str) -> bool:

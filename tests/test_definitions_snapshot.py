@@ -99,14 +99,14 @@ def test_the_definitions_match_the_reviewed_snapshot():
 def test_the_snapshot_notices_a_dropped_check_and_a_job_that_loses_an_asset():
     """The rendering sees the changes this test exists for, so the snapshot test can fail."""
     push = defs.resolve_job_def("crm_push_job")
-    kept = [k for k in push.asset_layer.executable_asset_keys if _key(k) != "sync/links"]
+    kept = [k for k in push.asset_layer.executable_asset_keys if _key(k) != "sync/sync_links"]
     trimmed = dg.Definitions(
         assets=list(defs.assets or []),
         jobs=[dg.define_asset_job("crm_push_job", selection=kept)],
         resources=defs.resources,
     )
     push_assets = render(trimmed).split("crm_push_job |", 1)[1].splitlines()[1]
-    assert "sync/plan" in push_assets and "sync/links" not in push_assets
+    assert "sync/sync_plan" in push_assets and "sync/sync_links" not in push_assets
 
     @dg.asset
     def thing() -> None: ...

@@ -23,7 +23,7 @@ def _check(result, asset: str, name: str) -> tuple[bool, str | None, dict[str, A
 
 
 def brake_check(result) -> tuple[bool, str | None, dict[str, Any]]:
-    return _check(result, "sync/plan", "mass_change_brake")
+    return _check(result, "sync/sync_plan", "mass_change_brake")
 
 
 def writes_sent(h) -> dict[str, int]:
@@ -141,7 +141,7 @@ def test_a_plan_changing_over_a_tenth_is_held_until_that_plan_is_released(harnes
 
 
 def _release(plan_id: str) -> dict[str, Any]:
-    return {"ops": {"sync__plan": {"config": {"release_plan_id": plan_id}}}}
+    return {"ops": {"sync__sync_plan": {"config": {"release_plan_id": plan_id}}}}
 
 
 def test_a_plan_within_the_share_goes_through(harness):
@@ -253,7 +253,7 @@ def test_shadow_mode_writes_nothing_and_the_first_live_run_writes_what_it_showed
     # Nothing changed in either system: only reads were sent.
     assert writes_sent(h) == {}
     assert h.emu.holdings() == before
-    plan = h.materialization_metadata(result, ["sync", "plan"])
+    plan = h.materialization_metadata(result, ["sync", "sync_plan"])
     shown = h.query("SELECT * FROM shadow_plan")
     assert plan["shadow_writes"] == len(shown) > 0
     assert set(shown["direction"]) >= {"CRM → Unleashed", "Unleashed → CRM", "new contact → CRM"}

@@ -1,6 +1,6 @@
 """The preflight as an operator meets it: `sync-pipeline check` against the local servers over
-real sockets, and the `sync/preflight` step every Dagster job starts with. A mapping or a tenant
-that does not fit is refused before anything is read into the sync or written, with a message
+real sockets, and the `sync/sync_preflight` step every Dagster job starts with. A mapping or a
+tenant that does not fit is refused before anything is read into the sync or written, with a message
 naming the file, the entry, the missing name and the closest real one; fixing it is enough for
 the next run to pass, and editing the mappings makes the next run check again."""
 
@@ -190,7 +190,7 @@ def _failed_steps(result) -> set[str]:
 
 
 def _preflight_meta(h: Harness, result) -> dict:
-    return h.materialization_metadata(result, ["sync", "preflight"])
+    return h.materialization_metadata(result, ["sync", "sync_preflight"])
 
 
 def test_a_run_with_a_misspelt_mapping_stops_at_the_preflight_and_recovers_once_fixed(
@@ -204,7 +204,7 @@ def test_a_run_with_a_misspelt_mapping_stops_at_the_preflight_and_recovers_once_
         crm_before = h.crm.get("Divisions", 1)
         _reset_counters(emu)
         result = run_failing(h, "sync_cycle_job")
-        assert _failed_steps(result) == {"sync__preflight"}
+        assert _failed_steps(result) == {"sync__sync_preflight"}
         text = failure_messages(result)
         assert f"{company}: fields.phone.crm" in text and "PhoneNumber" in text, text[:3000]
         # The preflight asked the CRM (so the counters count), and nobody wrote anything.
@@ -239,7 +239,7 @@ def test_a_run_with_a_misspelt_mapping_stops_at_the_preflight_and_recovers_once_
         h.crm.patch("Divisions", 1, {"PhoneNumber": "0161 496 0123"})  # a change to push
         _reset_counters(emu)
         result = run_failing(h, "crm_push_job")
-        assert _failed_steps(result) == {"sync__preflight"}
+        assert _failed_steps(result) == {"sync__sync_preflight"}
         text = failure_messages(result)
         assert f"{contact}: fields.mobile.crm" in text and "MobilePhoneNumber" in text
         assert _writes(emu) == {"crm": {}, "unleashed": {}}

@@ -58,11 +58,11 @@ def test_crm_edit_reaches_unleashed_and_nothing_else_changes(harness):
     # That push's link step also linked the CRM records the cycle created from Unleashed (new
     # rows in its CRM extract). A second phone edit cannot link or unlink anything: the link step
     # says it did not compare the tables, and the edit still arrives.
-    assert h.materialization_metadata(result, ["sync", "links"])["pass"] == "full"
+    assert h.materialization_metadata(result, ["sync", "sync_links"])["pass"] == "full"
     h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "+44 161 496 0124"})
     result = h.push()
     assert _customer(h, pair["erp_id"])["PhoneNumber"] == "+44 161 496 0124"
-    links_meta = h.materialization_metadata(result, ["sync", "links"])
+    links_meta = h.materialization_metadata(result, ["sync", "sync_links"])
     assert links_meta["pass"].startswith("skipped: no record's status or parent")
 
 
@@ -106,7 +106,7 @@ def test_a_linked_contacts_new_email_is_pushed_without_a_full_link_pass(harness)
     result = h.push()
     emails = {str(c.Guid): c.EmailAddress for c in h.unleashed.list_contacts(pair["erp_id"])}
     assert emails[contact["erp_id"]] == "moved.on@example.org"
-    assert h.materialization_metadata(result, ["sync", "links"])["pass"].startswith("skipped")
+    assert h.materialization_metadata(result, ["sync", "sync_links"])["pass"].startswith("skipped")
     linked = h.query("SELECT erp_id FROM contact_links WHERE crm_id = ?", [contact["crm_id"]])
     assert list(linked["erp_id"]) == [contact["erp_id"]]
 
@@ -247,7 +247,7 @@ def test_first_sync_never_blanks_a_filled_value_and_reports_the_fill(harness):
     result = h.cycle()
     assert h.crm.get("Divisions", division["DivisionId"])["PhoneNumber"] == division["PhoneNumber"]
     assert h.unleashed.get_customer(str(customer.Guid)).PhoneNumber == division["PhoneNumber"]
-    meta = h.materialization_metadata(result, ["sync", "plan"])
+    meta = h.materialization_metadata(result, ["sync", "sync_plan"])
     assert meta["empty_fields_filled"] >= 1
     assert str(customer.Guid) in meta["filled_preview"]
     with store.connect(h.db) as con:
@@ -552,7 +552,7 @@ def test_guard_refuses_two_way_sync_and_writes_nothing(harness, facts, words):
     h.emu.reset_stats("unleashed")
     h.emu.reset_stats("crm")
     result = h.cycle()
-    meta = h.materialization_metadata(result, ["sync", "plan"])
+    meta = h.materialization_metadata(result, ["sync", "sync_plan"])
     assert words in meta["two_way"]
     assert "Nothing was written" in meta["two_way"]
     for system in ("unleashed", "crm"):
@@ -840,13 +840,13 @@ def _run_sync_checks(h, checks=None):
 
 def test_a_check_counts_this_months_unleashed_requests_and_warns_near_the_limit(harness, tmp_path):
     """Every run process adds its Unleashed requests to the month's count in the pacing file;
-    the check on unleashed/customers shows it, and warns from 80% of the account's monthly
+    the check on unleashed/unleashed_customers shows it, and warns from 80% of the account's monthly
     usage limit once the operator has set it."""
     from sync_pipeline.defs.checks import extract_counts
 
     h = harness
     h.use_pacing_file(tmp_path / "api-pacing.sqlite")
-    usage = "unleashed/customers:unleashed_usage_within_limit"
+    usage = "unleashed/unleashed_customers:unleashed_usage_within_limit"
     before = _unleashed_requests(h)
     h.cycle()
     h.push()
@@ -872,9 +872,10 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
         "sync/pull_to_crm:no_operation_waiting_over_a_day",
     }
     checks = _check_results(h.cycle())
-    assert waiting | {"sync/plan:no_stale_rejections", "sync/links:links_are_one_to_one"} <= set(
-        checks
-    )
+    assert waiting | {
+        "sync/sync_plan:no_stale_rejections",
+        "sync/sync_links:links_are_one_to_one",
+    } <= set(checks)
     assert all(passed for passed, _ in checks.values()), checks
     rejected, failing = h.query(
         "SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 2"
@@ -886,7 +887,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     run_with_unwritten(h)
     h.emu.set_faults("unleashed")
     checks = _run_sync_checks(h)
-    assert all(checks[k][0] for k in waiting) and checks["sync/plan:no_stale_rejections"][0]
+    assert all(checks[k][0] for k in waiting) and checks["sync/sync_plan:no_stale_rejections"][0]
 
     with store.connect(h.db) as con:  # a day and a bit later, nothing changed
         # (the seed world's own rejections, e.g. a first sync's fills Unleashed would refuse,
@@ -902,7 +903,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     assert failing.erp_id[:8] in meta["preview"] and "phone" in meta["preview"]
     assert "Unleashed GET /Customers/{guid} failed (HTTP 50" in meta["preview"]
     assert checks["sync/pull_to_crm:no_operation_waiting_over_a_day"][0]
-    passed, meta = checks["sync/plan:no_stale_rejections"]
+    passed, meta = checks["sync/sync_plan:no_stale_rejections"]
     assert not passed and meta["rejections_older_than_a_day"] == 1
     assert "| website | www.acme .com |" in meta["preview"]
     assert "is not accepted by Unleashed" in meta["preview"]  # the reason, not cut off before it
@@ -910,7 +911,7 @@ def test_checks_warn_about_rejections_and_operations_left_unwritten_for_over_a_d
     checks = _check_results(h.cycle())  # Unleashed answers again: the push goes through
     assert checks["sync/push_to_unleashed:no_operation_waiting_over_a_day"][0]
     assert _customer(h, failing.erp_id)["PhoneNumber"] == "0113 496 0555"
-    assert not checks["sync/plan:no_stale_rejections"][0]  # still not fixed
+    assert not checks["sync/sync_plan:no_stale_rejections"][0]  # still not fixed
 
 
 def test_a_write_that_timed_out_after_landing_is_checked_not_sent_again(harness):
@@ -1257,7 +1258,7 @@ def test_nightly_pruning_through_dagster_and_the_same_change_queued_again(harnes
     edit(original)
     edit(edited)  # the same change again: its second occurrence, kept by the pruning
     result = h.run("history_pruning_job")
-    meta = h.materialization_metadata(result, ["sync", "history"])
+    meta = h.materialization_metadata(result, ["sync", "sync_history"])
     assert meta["rows_deleted"] >= 2  # the first push's outbox and audit rows at least
     assert "outbox" in meta["tables"] and "audit_log" in meta["tables"]
     occurrences = h.query("SELECT op_id FROM outbox WHERE op_key = ? ORDER BY op_id", [key])

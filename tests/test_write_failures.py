@@ -180,8 +180,8 @@ def test_a_cycle_whose_crm_writes_fail_fails_and_its_other_steps_still_run(harne
     checks = {
         (e.asset_key.to_user_string(), e.check_name) for e in result.get_asset_check_evaluations()
     }
-    assert ("sync/links", "links_are_one_to_one") in checks
-    assert ("sync/plan", "no_stale_rejections") in checks
+    assert ("sync/sync_links", "links_are_one_to_one") in checks
+    assert ("sync/sync_plan", "no_stale_rejections") in checks
     h.cycle()  # the CRM takes writes again: the next run writes it and is green
     assert h.crm.get("Divisions", pair["crm_id"])["PhoneNumber"] == "0113 496 0966"
 

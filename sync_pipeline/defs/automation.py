@@ -120,9 +120,9 @@ full_resync_job = dg.define_asset_job(
         "ops": {
             name: {"config": {"full_refresh": True}}
             for name in (
-                "crm__companies",
-                "crm__contacts",
-                "crm__users",
+                "crm__crm_companies",
+                "crm__crm_contacts",
+                "crm__crm_users",
                 "unleashed_customers",
             )
         }
@@ -156,9 +156,9 @@ mass_change_release_job = dg.define_asset_job(
         dg.AssetCheckKey(pull_to_crm.key, WRITES_CHECK),
     ),
     description="Release a plan the mass-change brake held: launch it with the plan id from "
-    "the sync/plan check mass_change_brake (ops: sync__plan: config: release_plan_id). Writes "
-    "that plan both ways if planning again gives the same plan; else writes nothing and names "
-    "the plan as it is now.",
+    "the sync/sync_plan check mass_change_brake (ops: sync__sync_plan: config: "
+    "release_plan_id). Writes that plan both ways if planning again gives the same plan; else "
+    "writes nothing and names the plan as it is now.",
     tags={"sync/direction": "both", "sync/trigger": "mass-change-release"},
     executor_def=dg.in_process_executor,
 )

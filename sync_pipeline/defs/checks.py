@@ -28,7 +28,7 @@ from sync_pipeline.defs.sync import pull_to_crm, push_to_unleashed, sync_links, 
 from sync_pipeline.report import md_table
 
 RECEIVED = "received_what_the_api_reported"
-UNLEASHED_CUSTOMERS = dg.AssetKey(["unleashed", "customers"])
+UNLEASHED_CUSTOMERS = dg.AssetKey(["unleashed", "unleashed_customers"])
 
 # asset -> extract_state source
 COUNT_SOURCES = {
@@ -248,7 +248,6 @@ def _no_stale_rejections(con) -> dg.AssetCheckResult:
         stale,
         "rejections_older_than_a_day",
         ["entity", "crm_id", "erp_id", "field", "value", "reason", "first_seen"],
-        {"value": 80, "reason": 240},
     )
 
 
@@ -264,9 +263,7 @@ def _no_operation_waiting(con, key: dg.AssetCheckKey, ops: tuple[str, ...]) -> d
         [list(ops), _a_day_ago()],
     ).df()
     columns = ["op", "entity", "crm_id", "erp_id", "field", "status", "attempts", "last_error"]
-    return _warning(
-        key, waiting, "operations_waiting_over_a_day", [*columns, "queued_at"], {"last_error": 120}
-    )
+    return _warning(key, waiting, "operations_waiting_over_a_day", [*columns, "queued_at"])
 
 
 def _warning(
@@ -274,7 +271,6 @@ def _warning(
     found: pd.DataFrame,
     count_label: str,
     columns: list[str],
-    widths: dict[str, int],
 ) -> dg.AssetCheckResult:
     """A WARN check that passes when `found` is empty, with its rows previewed."""
     return dg.AssetCheckResult(
@@ -284,9 +280,7 @@ def _warning(
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             count_label: len(found),
-            "preview": dg.MetadataValue.md(
-                md_table(found.to_dict("records"), columns, widths=widths)
-            ),
+            "preview": dg.MetadataValue.md(md_table(found.to_dict("records"), columns)),
         },
     )
 

@@ -1,6 +1,7 @@
 """Extract assets: both systems into DuckDB snapshot tables."""
 
-from datetime import timedelta
+import os
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
@@ -15,8 +16,27 @@ from sync_pipeline.defs.resources import (
 from sync_pipeline.report import bad_records_md
 
 # Unleashed imports are partitioned by hour so a missed window can be backfilled. The current hour
-# is included (end_offset=1) so the daytime schedule can import it while it is still open.
-IMPORT_PARTITIONS = dg.HourlyPartitionsDefinition(start_date="2026-01-01-00:00", end_offset=1)
+# is included (end_offset=1) so the daytime schedule can import it while it is still open. The
+# partitions start BACKFILL_DAYS before today (UTC midnight, as the code location loads): the UI
+# and a backfill offer the recent windows, not every hour since the first install. A gap older
+# than that is caught up by full_resync_job, which re-reads both systems whole.
+BACKFILL_DAYS = 7
+BACKFILL_DAYS_ENV = "SYNC_BACKFILL_DAYS"
+
+
+def import_partitions(now: datetime | None = None) -> dg.HourlyPartitionsDefinition:
+    raw = os.environ.get(BACKFILL_DAYS_ENV) or str(BACKFILL_DAYS)
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 366:
+        raise ValueError(
+            f"{BACKFILL_DAYS_ENV} must be a whole number of days from 1 to 366, not {raw!r}"
+        )
+    today = (now or datetime.now(UTC)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return dg.HourlyPartitionsDefinition(
+        start_date=today - timedelta(days=int(raw)), timezone="UTC", end_offset=1
+    )
+
+
+IMPORT_PARTITIONS = import_partitions()
 
 
 class ExtractConfig(dg.Config):
@@ -33,7 +53,7 @@ def _derived_metadata(refreshed: derived.RefreshStats) -> dict[str, float | int]
 
 def _crm_asset(kind: str, description: str) -> dg.AssetsDefinition:
     @dg.asset(
-        key=["crm", kind],
+        key=["crm", f"crm_{kind}"],
         group_name="extract",
         kinds={"duckdb"},
         pool="duckdb",
@@ -79,14 +99,14 @@ crm_users = _crm_asset("users", "CRM users (candidates for account manager), rea
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
-            ["unleashed", "customers"],
+            ["unleashed", "unleashed_customers"],
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed customers, imported by hourly window.",
             deps=[sync_preflight],
         ),
         dg.AssetSpec(
-            ["unleashed", "contacts"],
+            ["unleashed", "unleashed_contacts"],
             group_name="extract",
             kinds={"duckdb"},
             description="Unleashed contacts, read inside their customers' pages.",
@@ -117,7 +137,7 @@ def unleashed_customers(
         )
     meta = {**stats.metadata(), **_derived_metadata(refreshed)}
     yield dg.MaterializeResult(
-        asset_key=["unleashed", "customers"],
+        asset_key=["unleashed", "unleashed_customers"],
         metadata={
             **{k: v for k, v in meta.items() if not k.startswith("contacts_")},
             "window": f"{window.start:%Y-%m-%d %H:%M}–{window.end:%H:%M} UTC" if window else "-",
@@ -125,14 +145,14 @@ def unleashed_customers(
         },
     )
     yield dg.MaterializeResult(
-        asset_key=["unleashed", "contacts"],
+        asset_key=["unleashed", "unleashed_contacts"],
         metadata={k: v for k, v in meta.items() if k.startswith("contacts_")}
         | {"customers_with_over_100_contacts": meta["customers_with_over_100_contacts"]},
     )
 
 
 @dg.asset(
-    key=["unleashed", "salespersons"],
+    key=["unleashed", "unleashed_salespersons"],
     group_name="extract",
     kinds={"duckdb"},
     pool="duckdb",

@@ -12,7 +12,7 @@ from sync_pipeline.defs.resources import (
 )
 from sync_pipeline.report import md_table
 
-PREFLIGHT_KEY = dg.AssetKey(["sync", "preflight"])
+PREFLIGHT_KEY = dg.AssetKey(["sync", "sync_preflight"])
 
 
 class PreflightConfig(dg.Config):
@@ -82,7 +82,7 @@ def sync_preflight(
 preflight_job = dg.define_asset_job(
     "preflight_job",
     selection=dg.AssetSelection.assets(sync_preflight),
-    config={"ops": {"sync__preflight": {"config": {"force": True}}}},
+    config={"ops": {"sync__sync_preflight": {"config": {"force": True}}}},
     description="Check now that the CRM tenant and the Unleashed account fit the mappings "
     "(same as `sync-pipeline check`).",
 )

@@ -82,7 +82,7 @@ def _settings_metadata(sync_config: SyncConfigResource) -> dict[str, str]:
 
 
 @dg.asset(
-    key=["sync", "links"],
+    key=["sync", "sync_links"],
     group_name="plan",
     kinds={"duckdb"},
     pool="duckdb",
@@ -98,7 +98,7 @@ def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.Materi
 
 
 @dg.asset(
-    key=["sync", "plan"],
+    key=["sync", "sync_plan"],
     group_name="plan",
     kinds={"duckdb", "pandas"},
     pool="duckdb",
@@ -107,7 +107,7 @@ def sync_links(duckdb: SyncDuckDB, sync_config: SyncConfigResource) -> dg.Materi
     check_specs=[
         dg.AssetCheckSpec(
             BRAKE_CHECK,
-            asset=dg.AssetKey(["sync", "plan"]),
+            asset=dg.AssetKey(["sync", "sync_plan"]),
             blocking=True,
             description="The plan changes at most the settings' share of the linked records "
             "(mass_change_brake.max_changed_share, 10% by default) and blanks at most "
@@ -508,7 +508,6 @@ def _writes_check(
         md_table(
             stats.failures[:FIRST_FAILURES],
             ["entity", "crm_id", "erp_id", "field", "left", "reason", "retry"],
-            widths={"reason": 240, "retry": 80},
             total=len(stats.failures),
         )
     )
@@ -607,7 +606,7 @@ def account_manager_fix(
 
 
 @dg.asset(
-    key=["sync", "history"],
+    key=["sync", "sync_history"],
     group_name="maintenance",
     kinds={"duckdb"},
     pool="duckdb",
