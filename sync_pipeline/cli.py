@@ -379,10 +379,6 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f} MB"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # --------------------------------------------------------------------------------------------
 # undo
 # --------------------------------------------------------------------------------------------
@@ -424,3 +420,7 @@ def run_undo(args: argparse.Namespace) -> int:
                 return 1
     _say(*result.lines())
     return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
