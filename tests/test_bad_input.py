@@ -24,6 +24,7 @@ from tests.harness import (
     run_failing,
     run_with_unwritten,
 )
+from tests.harness import plant_customer as _plant_customer
 
 LONG = "L" * 100_000
 # Where the CRM keeps a record's Unleashed Guid: a custom-field slot of its Xtra row.
@@ -35,13 +36,6 @@ STAMPS = ("LastUpdatedTimestamp", "LastUpdated")  # kept by the server on every 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def _plant_customer(h: Harness, guid: str, **fields: Any) -> dict[str, Any]:
-    """Force-write top-level fields of an Unleashed customer (no validation)."""
-    response = httpx.put(f"{h.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
 def _raw_customer(h: Harness, guid: str) -> dict[str, Any]:
     response = httpx.get(f"{h.emu.unleashed_url}/_admin/customers/{guid}", timeout=30)
     response.raise_for_status()
