@@ -170,6 +170,15 @@ class Harness:
         )
         response.raise_for_status()
 
+    def plant_customer(self, guid: str, **fields: Any) -> dict[str, Any]:
+        """Force-write top-level fields of an Unleashed customer (no validation), as older data
+        or another integration can leave a record that Unleashed's own API would refuse."""
+        response = httpx.put(
+            f"{self.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30
+        )
+        response.raise_for_status()
+        return response.json()
+
     def materialization_metadata(self, result, key: list[str]) -> dict[str, Any]:
         for event in result.get_asset_materialization_events():
             mat = event.event_specific_data.materialization
@@ -181,14 +190,6 @@ class Harness:
         self.crm.close()
         self.unleashed.close()
         self.instance.dispose()
-
-
-def plant_customer(h: Harness, guid: str, **fields: Any) -> dict[str, Any]:
-    """Force-write top-level fields of an Unleashed customer (no validation), as older data or
-    another integration can leave a record that Unleashed's own API would refuse."""
-    response = httpx.put(f"{h.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30)
-    response.raise_for_status()
-    return response.json()
 
 
 def failure_messages(result) -> str:

@@ -39,7 +39,6 @@ from sync_pipeline.settings import (
 from tests.harness import (
     current_partition,
     free_port,
-    plant_customer,
     run_with_unwritten,
     writes_check,
 )
@@ -324,7 +323,7 @@ def test_a_new_rejection_is_sent_once_with_its_whole_reason(harness, webhook):
     first = h.linked_company()
     second = h.linked_company(f"l.erp_id <> '{first['erp_id']}'")
     bad = "javascript:alert(document.cookie)//<https://evil.example|click>"
-    plant_customer(h, first["erp_id"], Website=bad)
+    h.plant_customer(first["erp_id"], Website=bad)
 
     result = h.cycle()
     alerting.tick()
@@ -347,7 +346,7 @@ def test_a_new_rejection_is_sent_once_with_its_whole_reason(harness, webhook):
     alerting.tick()
     assert len(webhook.received) == first_cycle + 1, webhook.texts()[first_cycle + 1 :]
 
-    plant_customer(h, second["erp_id"], Website="javascript:void(0)")
+    h.plant_customer(second["erp_id"], Website="javascript:void(0)")
     h.cycle()
     alerting.tick()
     assert len(webhook.received) == first_cycle + 2
@@ -378,7 +377,7 @@ def test_a_receiver_that_is_down_fails_no_run_and_its_token_is_never_logged(
 
     # 1. Three tries, each answered 503: not delivered; the run that opened the rejection is green.
     webhook.answers = [503, 503, 503]
-    plant_customer(h, pairs[0][1], Website="javascript:void(1)")
+    h.plant_customer(pairs[0][1], Website="javascript:void(1)")
     runs = [h.cycle().run_id]
     alerting.tick()
     assert len(webhook.received) == 3
@@ -387,13 +386,13 @@ def test_a_receiver_that_is_down_fails_no_run_and_its_token_is_never_logged(
     # 2. Nothing listens at the address.
     closed = f"http://127.0.0.1:{free_port()}/services/T0001/B0001/{TOKEN}"
     down = Alerting(h, AlertsResource(webhook_url=closed))
-    plant_customer(h, pairs[1][1], Website="javascript:void(2)")
+    h.plant_customer(pairs[1][1], Website="javascript:void(2)")
     runs.append(h.cycle().run_id)
     down.tick()
 
     # 3. The receiver refuses the notice and quotes the address back.
     webhook.echo, webhook.answers = True, [404]
-    plant_customer(h, pairs[2][1], Website="javascript:void(3)")
+    h.plant_customer(pairs[2][1], Website="javascript:void(3)")
     runs.append(h.cycle().run_id)
     alerting.tick()
 
