@@ -33,7 +33,6 @@ import tenacity
 from sync_pipeline.clients.base import REDACTED
 from sync_pipeline.settings import Alerts, Settings
 
-PLAN_KEY = dg.AssetKey(["sync", "plan"])
 WRITES_CHECK = "planned_writes_written"  # the apply assets' blocking check (defs/sync.py)
 WRITES_TAG_PREFIX = "sync/writes-not-made-"
 TARGETS = {"unleashed": "Unleashed", "crm": "CRM"}  # the tag's suffix -> the system
@@ -338,13 +337,15 @@ REJECTIONS_PER_TICK = 50  # plan materializations read per tick
 
 def notify_new_rejections(
     instance: dg.DagsterInstance,
+    plan_key: dg.AssetKey,
     cursor: str | None,
     settings: Alerts,
     secrets: Secrets,
     logger: logging.Logger,
 ) -> tuple[str, str]:
-    """One tick of the rejections sensor: a notice for each plan materialised since `cursor`
-    that opened rejections. Returns the new cursor and what the tick did.
+    """One tick of the rejections sensor: a notice for each materialization of the plan asset
+    (`plan_key`) since `cursor` that opened rejections. Returns the new cursor and what the tick
+    did.
 
     The cursor is the last plan materialization looked at (its event log storage id), so each
     plan is noticed once; a rejection that stays open is not opened again by the next plan, so
@@ -354,7 +355,7 @@ def notify_new_rejections(
     after = json.loads(cursor)["after"] if cursor else None
     on = settings.enabled and settings.rejections
     if after is None or not on:
-        latest = instance.fetch_materializations(PLAN_KEY, limit=1).records
+        latest = instance.fetch_materializations(plan_key, limit=1).records
         mark = latest[0].storage_id if latest else 0
         if after is not None:
             mark = max(mark, after)
@@ -365,7 +366,7 @@ def notify_new_rejections(
         )
         return json.dumps({"after": mark}), why
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=PLAN_KEY, after_storage_id=after),
+        dg.AssetRecordsFilter(asset_key=plan_key, after_storage_id=after),
         limit=REJECTIONS_PER_TICK,
         ascending=True,
     ).records

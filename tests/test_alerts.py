@@ -291,9 +291,10 @@ def test_a_run_failing_for_another_reason_is_sent_with_its_own_error(harness, we
     alerting.tick()
     (text,) = webhook.texts()
     assert f"Run: {result.run_id}\n" in text
+    (step,) = [e.step_key for e in result.all_events if e.is_step_failure]  # the preflight
     assert (
-        f"Why: step sync__preflight: SettingsError: {h.settings_file}: two_way_sync: Input "
-        "should be a valid boolean"
+        f"Why: step {step}: SettingsError: {h.settings_file}: two_way_sync: Input should be a "
+        "valid boolean"
     ) in text
 
 

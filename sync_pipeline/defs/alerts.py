@@ -6,6 +6,7 @@ import dagster as dg
 
 from sync_pipeline.alerts import alert_settings, notify_new_rejections, notify_run_failure
 from sync_pipeline.defs.resources import AlertsResource, SyncConfigResource
+from sync_pipeline.defs.sync import sync_plan
 
 
 @dg.run_failure_sensor(
@@ -40,6 +41,7 @@ def rejection_alert_sensor(
 ):
     cursor, summary = notify_new_rejections(
         context.instance,
+        sync_plan.key,
         context.cursor,
         alert_settings(sync_config.settings, sync_config.settings_file, context.log),
         alerts.secrets(),
