@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 import yaml
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -201,6 +202,115 @@ class MassChangeBrake(BaseModel):
         )
 
 
+def _email_address(value: str) -> str:
+    try:
+        return validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"{value!r} is not an email address: {exc}") from None
+
+
+EmailAddress = Annotated[str, AfterValidator(_email_address)]
+
+
+def _base_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ValueError(
+            f"{value!r} is not an absolute http:// or https:// address, e.g. "
+            "http://dagster.example.com:3000"
+        )
+    return url
+
+
+class WebhookAlerts(BaseModel):
+    """Notices POSTed as Slack-compatible JSON to the address in SYNC_ALERT_WEBHOOK_URL (an
+    environment variable: a webhook address usually carries its token)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    blocks: bool = Field(
+        True, description="Send Slack blocks besides the text (off: only {'text': ...})"
+    )
+    timeout_seconds: float = Field(10.0, gt=0, le=60)
+    attempts: int = Field(
+        3, ge=1, le=5, description="Tries of one notice (connection errors, 429 and 5xx)"
+    )
+
+
+class EmailAlerts(BaseModel):
+    """Notices sent by SMTP. The login, if the server needs one, is SYNC_ALERT_SMTP_USERNAME and
+    SYNC_ALERT_SMTP_PASSWORD (environment variables)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    smtp_host: str = ""
+    smtp_port: int = Field(587, ge=1, le=65535)
+    starttls: bool = Field(True, description="Upgrade the connection with STARTTLS first")
+    sender: EmailAddress | None = None
+    to: list[EmailAddress] = Field(default_factory=list)
+    timeout_seconds: float = Field(10.0, gt=0, le=60)
+    attempts: int = Field(2, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _complete_when_on(self) -> EmailAlerts:
+        if self.enabled:
+            missing = [
+                name
+                for name, value in (
+                    ("smtp_host", self.smtp_host.strip()),
+                    ("sender", self.sender),
+                    ("to", self.to),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(
+                    f"email is enabled but {', '.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} not set"
+                )
+        return self
+
+
+class Alerts(BaseModel):
+    """Notices to a person: a failed run, and values a plan newly refuses to send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Send notices at all (off by default)")
+    run_failures: bool = Field(True, description="A notice for every failed run")
+    rejections: bool = Field(True, description="A notice when a plan opens new rejections")
+    dagster_url: Annotated[str, AfterValidator(_base_url)] = Field(
+        "http://localhost:3000",
+        description="The Dagster UI's address as the reader opens it, for links to the run",
+    )
+    max_listed: int = Field(
+        5, ge=1, le=20, description="Failed writes or rejections listed in one notice"
+    )
+    webhook: WebhookAlerts = Field(default_factory=WebhookAlerts)
+    email: EmailAlerts = Field(default_factory=EmailAlerts)
+
+    @model_validator(mode="after")
+    def _somewhere_to_send(self) -> Alerts:
+        if self.enabled and not (self.webhook.enabled or self.email.enabled):
+            raise ValueError(
+                "alerts are enabled but neither webhook.enabled nor email.enabled is true: "
+                "say where notices go"
+            )
+        return self
+
+    def describe(self) -> str:
+        what = [w for w, on in (("run failures", self.run_failures),
+                                ("new rejections", self.rejections)) if on]  # fmt: skip
+        if not self.enabled or not what:
+            return "off"
+        where = ["webhook"] if self.webhook.enabled else []
+        if self.email.enabled:
+            where.append(f"email to {', '.join(self.email.to)}")
+        return f"{' and '.join(what)} by {' and '.join(where)}"
+
+
 class Settings(BaseModel):
     """Everything an operator may change without touching code."""
 
@@ -244,6 +354,7 @@ class Settings(BaseModel):
         description="Extract, plan and report what every run would write, and write nothing "
         "(no change in either system); turn it off to go live",
     )
+    alerts: Alerts = Field(default_factory=Alerts)
 
     @field_validator("timezone")
     @classmethod
@@ -300,6 +411,7 @@ class Settings(BaseModel):
             "retry_failed_writes": self.retry_failed_writes.describe(),
             "mass_change_brake": self.mass_change_brake.describe(),
             "shadow_mode": "on: nothing is written" if self.shadow_mode else "off",
+            "alerts": self.alerts.describe(),
             "initial_policy": self.initial_policy,
             "conflict_policies": ", ".join(f"{k}={v}" for k, v in self.conflict_policies.items())
             or "(mapping defaults)",
@@ -334,6 +446,9 @@ _KEYS_AT: dict[tuple[str, ...], type[BaseModel]] = {
     ("imports",): ImportWindow,
     ("retry_failed_writes",): WriteRetry,
     ("mass_change_brake",): MassChangeBrake,
+    ("alerts",): Alerts,
+    ("alerts", "webhook"): WebhookAlerts,
+    ("alerts", "email"): EmailAlerts,
 }
 
 

@@ -724,8 +724,9 @@ def complete(
 # ------------------------------------------------------------------------------------------------
 # Rejections and conflicts
 # ------------------------------------------------------------------------------------------------
-def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[str, int]:
-    """Open a rejection for each new `reject` row; resolve those no longer planned (fixed)."""
+def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[str, Any]:
+    """Open a rejection for each new `reject` row; resolve those no longer planned (fixed).
+    Returns the counts opened, resolved and open, and the rows opened (`new`)."""
     now = utcnow()
     rejects = plan[plan["op"] == "reject"] if not plan.empty else plan
     current = pd.DataFrame(
@@ -763,13 +764,26 @@ def sync_rejections(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame) -> dict[
                  SELECT 1 FROM rejections r WHERE r.resolved_at IS NULL AND c.entity = r.entity
                    AND c.erp_id IS NOT DISTINCT FROM r.erp_id
                    AND c.crm_id IS NOT DISTINCT FROM r.crm_id
-                   AND c.field IS NOT DISTINCT FROM r.field)""",
+                   AND c.field IS NOT DISTINCT FROM r.field)
+               RETURNING entity, crm_id, erp_id, field, reason""",
             [now, now],
-        ).fetchone()[0]
+        ).fetchall()
     finally:
         con.unregister("_rej")
     open_count = con.execute("SELECT count(*) FROM rejections WHERE resolved_at IS NULL").fetchone()
-    return {"opened": int(opened), "resolved": int(resolved), "open": int(open_count[0])}
+    # What a notice lists (sync_pipeline.alerts): the rejections this plan opened, in a stable
+    # order; one still open from an earlier plan is not new.
+    new = sorted(
+        (dict(zip(("entity", "crm_id", "erp_id", "field", "reason"), row, strict=True))
+         for row in opened),
+        key=lambda r: tuple(str(r[k] or "") for k in ("entity", "crm_id", "erp_id", "field")),
+    )  # fmt: skip
+    return {
+        "opened": len(new),
+        "resolved": int(resolved),
+        "open": int(open_count[0]),
+        "new": new,
+    }
 
 
 def record_conflicts(con: duckdb.DuckDBPyConnection, plan: pd.DataFrame, run_id: str) -> int:

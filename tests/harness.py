@@ -3,6 +3,7 @@ definitions bound to them, plus clients to change records the way a person would
 
 from __future__ import annotations
 
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from sync_pipeline.defs.resources import (
 )
 from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.settings import Settings, save_settings
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (for a server to take, or to stay closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def current_partition() -> str:
@@ -161,6 +169,15 @@ class Harness:
             f"{self.emu.crm_url}/_admin/raw/{entity_set}/{key}", json=record, timeout=30
         )
         response.raise_for_status()
+
+    def plant_customer(self, guid: str, **fields: Any) -> dict[str, Any]:
+        """Force-write top-level fields of an Unleashed customer (no validation), as older data
+        or another integration can leave a record that Unleashed's own API would refuse."""
+        response = httpx.put(
+            f"{self.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30
+        )
+        response.raise_for_status()
+        return response.json()
 
     def materialization_metadata(self, result, key: list[str]) -> dict[str, Any]:
         for event in result.get_asset_materialization_events():

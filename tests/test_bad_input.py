@@ -35,13 +35,6 @@ STAMPS = ("LastUpdatedTimestamp", "LastUpdated")  # kept by the server on every 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def _plant_customer(h: Harness, guid: str, **fields: Any) -> dict[str, Any]:
-    """Force-write top-level fields of an Unleashed customer (no validation)."""
-    response = httpx.put(f"{h.emu.unleashed_url}/_admin/customers/{guid}", json=fields, timeout=30)
-    response.raise_for_status()
-    return response.json()
-
-
 def _raw_customer(h: Harness, guid: str) -> dict[str, Any]:
     response = httpx.get(f"{h.emu.unleashed_url}/_admin/customers/{guid}", timeout=30)
     response.raise_for_status()
@@ -99,9 +92,9 @@ def test_malformed_unleashed_customer_is_set_aside_others_sync_and_fix_syncs(
     bad_pair, good_pair = _two_pairs(h)
     original = _raw_customer(h, bad_pair["erp_id"])
     crm_name_before = h.crm.get("Divisions", bad_pair["crm_id"])["Name"]
-    _plant_customer(h, bad_pair["erp_id"], **{field: bad, "CustomerName": "Must Not Travel"})
+    h.plant_customer(bad_pair["erp_id"], **{field: bad, "CustomerName": "Must Not Travel"})
     if field == "CustomerName":
-        _plant_customer(h, bad_pair["erp_id"], CustomerName=bad)
+        h.plant_customer(bad_pair["erp_id"], CustomerName=bad)
     h.unleashed.update_customer(good_pair["erp_id"], {"CustomerName": "Good Neighbour Ltd"})
 
     result = h.cycle()
@@ -122,7 +115,7 @@ def test_malformed_unleashed_customer_is_set_aside_others_sync_and_fix_syncs(
     # Fixed at the source: it syncs and the report closes. (A fixed LastModifiedOn is the
     # server's fresh write time, as after any real edit.)
     fix = {} if field == "LastModifiedOn" else {field: original.get(field)}
-    _plant_customer(h, bad_pair["erp_id"], **{**fix, "CustomerName": "Fixed At Source Ltd"})
+    h.plant_customer(bad_pair["erp_id"], **{**fix, "CustomerName": "Fixed At Source Ltd"})
     h.cycle()
     assert h.crm.get("Divisions", bad_pair["crm_id"])["Name"] == "Fixed At Source Ltd"
     assert _open_bad(h, "Unleashed", bad_pair["erp_id"]) == []
@@ -141,7 +134,7 @@ def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(h
         {"Guid": bad_guid, "FirstName": 42, "LastName": "Broken", "EmailAddress": "b@example.com"},
         {"Guid": good_guid, "FirstName": "Grace", "LastName": "Good", "EmailAddress": "g@ex.com"},
     ]
-    _plant_customer(h, pair["erp_id"], Contacts=contacts, CustomerName="Customer Still Syncs")
+    h.plant_customer(pair["erp_id"], Contacts=contacts, CustomerName="Customer Still Syncs")
     h.cycle()
     assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "Customer Still Syncs"
     assert len(h.crm.find("Contacts", CONTACT_SLOT, good_guid)) == 1
@@ -165,7 +158,7 @@ def test_malformed_unleashed_contact_is_set_aside_and_its_customer_still_syncs(h
         {**c, "FirstName": "Fixed"} if c.get("Guid") == bad_guid else c
         for c in _raw_customer(h, pair["erp_id"])["Contacts"]
     ]
-    _plant_customer(h, pair["erp_id"], Contacts=fixed)
+    h.plant_customer(pair["erp_id"], Contacts=fixed)
     h.cycle()
     created = h.crm.find("Contacts", CONTACT_SLOT, bad_guid)
     assert len(created) == 1 and created[0]["Forename"] == "Fixed"
@@ -186,7 +179,7 @@ def test_customer_with_a_malformed_contact_list_stays_reported_until_fixed(harne
     )
     contacts = _raw_customer(h, pair["erp_id"]).get("Contacts", [])
     assert contacts
-    _plant_customer(h, pair["erp_id"], Contacts="not a list", CustomerName="List Broken Ltd")
+    h.plant_customer(pair["erp_id"], Contacts="not a list", CustomerName="List Broken Ltd")
     h.cycle()
     assert h.crm.get("Divisions", pair["crm_id"])["Name"] == "List Broken Ltd"  # still syncs
     reasons = _open_bad(h, "Unleashed", pair["erp_id"])
@@ -196,7 +189,7 @@ def test_customer_with_a_malformed_contact_list_stays_reported_until_fixed(harne
         "SELECT id FROM unleashed_contacts WHERE parent_id = ? AND NOT active", [pair["erp_id"]]
     )
     assert inactive.empty, inactive.to_string()
-    _plant_customer(h, pair["erp_id"], Contacts=contacts)
+    h.plant_customer(pair["erp_id"], Contacts=contacts)
     h.cycle()
     assert _open_bad(h, "Unleashed", pair["erp_id"]) == []
 
@@ -206,7 +199,7 @@ def test_unleashed_customer_missing_required_fields_is_reported_not_created(harn
     h.cycle()
     guid = str(uuid.uuid4())
     other = str(uuid.uuid4())
-    _plant_customer(h, guid, PhoneNumber="0161 000 0000")  # no CustomerCode, no CustomerName
+    h.plant_customer(guid, PhoneNumber="0161 000 0000")  # no CustomerCode, no CustomerName
     h.unleashed.save_customer({"Guid": other, "CustomerCode": "OKCO1", "CustomerName": "Ok Co"})
     h.cycle()
     assert len(h.crm.find("Divisions", COMPANY_SLOT, other)) == 1
@@ -214,7 +207,7 @@ def test_unleashed_customer_missing_required_fields_is_reported_not_created(harn
     reasons = _open_bad(h, "Unleashed", guid)
     assert len(reasons) == 1 and "CustomerCode" in reasons[0] and "CustomerName" in reasons[0]
 
-    _plant_customer(h, guid, CustomerCode="FIXED1", CustomerName="Fixed Later Ltd")
+    h.plant_customer(guid, CustomerCode="FIXED1", CustomerName="Fixed Later Ltd")
     h.cycle()
     created = h.crm.find("Divisions", COMPANY_SLOT, guid)
     assert len(created) == 1 and created[0]["Name"] == "Fixed Later Ltd"
@@ -226,7 +219,7 @@ def test_unknown_unleashed_fields_survive_a_push_untouched(harness):
     h.cycle()
     pair, _ = _two_pairs(h)
     custom = {"Colour": "teal", "Tags": [1, "two", {"three": None}]}
-    _plant_customer(h, pair["erp_id"], XCustomBlock=custom, XCustomText="keep me")
+    h.plant_customer(pair["erp_id"], XCustomBlock=custom, XCustomText="keep me")
     h.cycle()
     h.crm.patch("Divisions", pair["crm_id"], {"PhoneNumber": "0113 496 0777"})
     h.push()
@@ -416,7 +409,7 @@ def test_a_javascript_website_in_unleashed_is_reported_and_never_reaches_the_crm
     pair, other = _two_pairs(h)
     crm_before = h.crm.get("Divisions", pair["crm_id"])["Website"]
     # Unleashed's own API refuses it; a record can still hold one (imported, older data).
-    _plant_customer(h, pair["erp_id"], Website="javascript:alert(document.cookie)")
+    h.plant_customer(pair["erp_id"], Website="javascript:alert(document.cookie)")
     h.unleashed.update_customer(other["erp_id"], {"Website": "https://other.example.com"})
 
     result = h.cycle()

@@ -29,14 +29,9 @@ from sync_pipeline.emulators.run import (
     LOCAL_UNLEASHED_API_KEY,
     Emulators,
 )
+from tests.harness import free_port
 
 START_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

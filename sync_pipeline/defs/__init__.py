@@ -12,10 +12,12 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
     """All definitions bound to the given resources (the code location passes env-backed ones,
     tests pass resources pointing at the local servers), the schedules built from the settings
     file of `resources["sync_config"]`."""
+    from sync_pipeline.defs.alerts import ALERT_SENSORS
     from sync_pipeline.defs.automation import JOBS, SENSORS, build_schedules
     from sync_pipeline.defs.checks import CHECKS
     from sync_pipeline.defs.extract import CRM_EXTRACTS, UNLEASHED_EXTRACTS
     from sync_pipeline.defs.preflight import sync_preflight
+    from sync_pipeline.defs.resources import AlertsResource
     from sync_pipeline.defs.sync import SYNC_ASSETS
     from sync_pipeline.defs.webhook_reads import unleashed_webhook_reads
     from sync_pipeline.defs.webhooks import WEBHOOK_JOBS, WEBHOOK_SENSORS
@@ -37,9 +39,10 @@ def build_defs(resources: Mapping[str, Any]) -> dg.Definitions:
         ],
         asset_checks=CHECKS,
         jobs=[*JOBS, *WEBHOOK_JOBS],
-        sensors=[*SENSORS, *WEBHOOK_SENSORS],
+        sensors=[*SENSORS, *WEBHOOK_SENSORS, *ALERT_SENSORS],
         schedules=schedules,
-        resources=dict(resources),
+        # Notices need no secret until an operator turns them on (settings: alerts).
+        resources={"alerts": AlertsResource(), **resources},
         # Every step opens the one DuckDB file, so steps of a run are serialised by the `duckdb`
         # pool anyway; a subprocess per step (the default executor) only adds seconds per step,
         # and a slow import run delays the pushes queued behind it.

@@ -17,6 +17,7 @@ import httpx
 from dagster_duckdb import DuckDBResource
 
 from sync_pipeline import store
+from sync_pipeline.alerts import Secrets
 from sync_pipeline.clients.base import RetrySettings, UsageBlock, UsageLog, usage_log
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import _GUID_RE, UnleashedClient
@@ -211,6 +212,35 @@ class SyncConfigResource(dg.ConfigurableResource):
 _SETTINGS_CACHE: dict[str, tuple[tuple[bytes, frozenset[str]], Settings]] = {}
 
 
+class AlertsResource(dg.ConfigurableResource):
+    """The secrets of the notices (settings: alerts), from environment variables: the webhook
+    address (it usually carries its token) and the SMTP login. Empty: not set."""
+
+    webhook_url: str = ""
+    smtp_username: str = ""
+    smtp_password: str = ""
+
+    def secrets(self) -> Secrets:
+        return Secrets(self.webhook_url, self.smtp_username, self.smtp_password)
+
+
+ALERT_SECRETS = {
+    "webhook_url": "SYNC_ALERT_WEBHOOK_URL",
+    "smtp_username": "SYNC_ALERT_SMTP_USERNAME",
+    "smtp_password": "SYNC_ALERT_SMTP_PASSWORD",
+}
+
+
+def alerts_resource() -> AlertsResource:
+    """Each secret through `EnvVar` when its variable is set (the UI shows the variable's name,
+    never its value); one not set is empty, since notices are optional."""
+    import os
+
+    return AlertsResource(
+        **{key: dg.EnvVar(var) for key, var in ALERT_SECRETS.items() if os.environ.get(var)}
+    )
+
+
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     """Resources for the code location, wired to environment variables."""
     database = duckdb_path()
@@ -233,6 +263,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
             settings_file=_env_or("SYNC_SETTINGS_FILE", "settings.yaml"),
             mappings_dir=_env_or("SYNC_MAPPINGS_DIR", DEFAULT_MAPPINGS),
         ),
+        "alerts": alerts_resource(),
     }
 
 

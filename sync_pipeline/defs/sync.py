@@ -37,6 +37,7 @@ REFUSAL_KEY = "two_way_refusal"
 # baseline moves) is recorded first; nothing in a run depends on an apply asset's data.
 WRITES_CHECK = "planned_writes_written"
 FIRST_FAILURES = 10  # failed operations listed in the check's metadata
+NEW_REJECTIONS_LISTED = 20  # rejections a plan opened, listed whole in its metadata
 
 
 def _writes_check_spec(key: list[str], target: str) -> dg.AssetCheckSpec:
@@ -187,6 +188,12 @@ def sync_plan(
             "operations_queued": queued["queued"],
             "conflicts": int(plan["conflict"].fillna(False).astype(bool).sum()) if len(plan) else 0,
             "rejections_open": queued["rejections"]["open"],
+            # Rejections this plan opened (not those still open from before), whole, for the
+            # notices of sync_pipeline.alerts.
+            "rejections_new": queued["rejections"]["opened"],
+            "rejections_new_list": dg.MetadataValue.json(
+                queued["rejections"]["new"][:NEW_REJECTIONS_LISTED]
+            ),
             "two_way": refusal or ("on" if settings.two_way_sync else "off (settings)"),
             "plan_preview": dg.MetadataValue.md(plan_md(plan)),
             "conflicts_preview": dg.MetadataValue.md(conflicts_md(plan)),
@@ -511,6 +518,8 @@ def _writes_check(
             total=len(stats.failures),
         )
     )
+    # The same rows whole, for the run-failure notice (sync_pipeline.alerts).
+    meta["failures"] = dg.MetadataValue.json(stats.failures[:FIRST_FAILURES])
     if stats.stopped:
         meta["stopped_early"] = stats.stopped
     context.log.error(summary)
