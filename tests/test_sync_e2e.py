@@ -777,10 +777,11 @@ def test_a_run_stops_when_unleashed_does_not_answer_and_the_rest_waits(harness):
 
 
 def test_unleashed_usage_limit_used_up_pauses_the_sync_and_nothing_is_lost(harness):
-    """Unleashed blocks every request once the account's monthly usage limit is used (design
-    §4.1). A push stops at its first refused request instead of retrying into the block, and
-    says why and until when; an import run fails naming the limit (its window is then
-    backfilled). Nothing waiting is lost: once the limit resets, each edit is written once."""
+    """Unleashed blocks every request once the account's monthly usage limit is used
+    (docs/api-assumptions.md). A push stops at its first refused request instead of retrying
+    into the block, and says why and until when; an import run fails naming the limit (its
+    window is then backfilled). Nothing waiting is lost: once the limit resets, each edit is
+    written once."""
     h = harness
     h.cycle()
     pairs = h.query("SELECT crm_id, erp_id FROM company_links ORDER BY crm_id LIMIT 2")

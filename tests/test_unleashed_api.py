@@ -564,10 +564,11 @@ def test_paced_client_never_hits_the_server_throttle(tmp_path):
 
 
 def test_the_monthly_usage_limit_blocks_every_request_until_it_resets(tmp_path):
-    """Design §4.1: once the account's monthly usage limit is used, Unleashed blocks every
-    request until the 1st of the next month. The server counts the account's requests (not those
-    its auth check refused) per calendar month and refuses the rest; the client raises
-    UsageLimitError at once, without retries (each would be refused too), naming the reset."""
+    """The Unleashed API (docs/api-assumptions.md): once the account's monthly usage limit is used,
+    Unleashed blocks every request until the 1st of the next month. The server counts the account's
+    requests (not those its auth check refused) per calendar month and refuses the rest; the client
+    raises UsageLimitError at once, without retries (each would be refused too), naming the
+    reset."""
     srv = start(tmp_path, monthly_quota=5)
     try:
         assert signed_get(srv.url, "/Customers/1", api_auth_signature="bad").status_code == 403

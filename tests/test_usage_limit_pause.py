@@ -1,6 +1,7 @@
-"""The automation pauses while Unleashed's monthly API usage limit is used up (design §4.1): the
-ticks that would call Unleashed skip and say until when, the daytime import probes once an hour,
-and everything resumes on its own once a request succeeds again or the limit resets."""
+"""The automation pauses while Unleashed's monthly API usage limit is used up
+(docs/api-assumptions.md): the ticks that would call Unleashed skip and say until when, the
+daytime import probes once an hour, and everything resumes on its own once a request succeeds
+again or the limit resets."""
 
 from __future__ import annotations
 

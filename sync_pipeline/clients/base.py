@@ -277,8 +277,8 @@ class UsageBlock:
 class UsageLog:
     """Requests sent to one API account per calendar month (UTC), in the deployment's pacing file
     (SQLite, under the pacer's file lock), so every process of the deployment adds to one count.
-    It is what an account's monthly usage limit counts (Unleashed: design §4.1), as far as this
-    deployment's share goes: other integrations of the account are not in it.
+    It is what an account's monthly usage limit counts (Unleashed: docs/api-assumptions.md), as
+    far as this deployment's share goes: other integrations of the account are not in it.
 
     The same file keeps the block: when the service last refused a request because the limit is
     used up, and until when. Any later successful request clears it (the limit was raised or has

@@ -1,8 +1,8 @@
 """The Unleashed API client: HMAC-signed requests, path paging, typed records, read–merge–write.
 
 Plain Python (no Dagster). Retries, pacing and error mapping come from `BaseClient`; this module
-adds the Unleashed conventions of design §4.1. Behaviour the public docs leave open is listed in
-docs/api-assumptions.md.
+adds the Unleashed conventions; what is confirmed and what the public docs leave open is listed
+in docs/api-assumptions.md.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 class UnleashedClient(BaseClient):
     system = "Unleashed"
-    monthly_limit = True  # design §4.1
+    monthly_limit = True  # docs/api-assumptions.md
 
     def __init__(
         self,
@@ -331,8 +331,8 @@ class UnleashedClient(BaseClient):
         customer, bad = self._parse(Customer, data, endpoint, "customer")
         if customer is None:
             return None, [bad] if bad else []
-        # Unleashed requires both (design §4.1): a customer without them is malformed, and
-        # syncing it would blank the CRM company's name or leave it without an account code.
+        # Unleashed requires both (docs/api-assumptions.md): a customer without them is malformed,
+        # and syncing it would blank the CRM company's name or leave it without an account code.
         missing = [f for f in REQUIRED_CUSTOMER_FIELDS if not (getattr(customer, f) or "").strip()]
         if missing:
             problems = "; ".join(f"{f}: is required (got {data.get(f)!r})" for f in missing)

@@ -1,5 +1,6 @@
 """A local Unleashed API server (customers, contacts, salespersons) that behaves like the real one
-on every point of design §4.1: HMAC-signed requests, path paging, .NET dates, full-replace POST.
+on every point of docs/api-assumptions.md: HMAC-signed requests, path paging, .NET dates,
+full-replace POST.
 
 Every behaviour the public documentation leaves open is marked *assumed* here and listed in
 docs/api-assumptions.md. Used by tests, the demo and development; the product never imports it.
@@ -356,11 +357,11 @@ class ThrottleMiddleware:
 # Middleware: the monthly API usage limit
 # --------------------------------------------------------------------------------------------
 class MonthlyQuota:
-    """The account's monthly API usage limit (design §4.1): every authenticated request counts
-    in the calendar month (UTC) it arrives in; once the month's limit is used, every request is
-    blocked until the 1st of the next month, 00:00 UTC (Unleashed's support pages). The counts
-    live in the server's store, so a restart keeps them. `limit=None` (the default) counts
-    nothing. How a blocked request is answered is *assumed* (`QuotaMiddleware`)."""
+    """The account's monthly API usage limit (docs/api-assumptions.md): every authenticated request
+    counts in the calendar month (UTC) it arrives in; once the month's limit is used, every request
+    is blocked until the 1st of the next month, 00:00 UTC (Unleashed's support pages). The counts
+    live in the server's store, so a restart keeps them. `limit=None` (the default) counts nothing.
+    How a blocked request is answered is *assumed* (`QuotaMiddleware`)."""
 
     COUNTER = "api-usage:"  # + YYYY-MM (UTC)
 
