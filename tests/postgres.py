@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.test_emulators_cli import free_port
+from tests.harness import free_port
 
 SERVER_USER = "postgres"  # created by Debian's postgresql package
 

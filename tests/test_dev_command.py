@@ -15,7 +15,7 @@ import httpx
 import psutil
 
 from sync_pipeline.demo import STOP_GRACE_S
-from tests.test_emulators_cli import free_port
+from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 START_S = 240

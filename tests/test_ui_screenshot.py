@@ -16,9 +16,7 @@ import dagster as dg
 import httpx
 import pytest
 
-from tests.harness import Harness
-from tests.test_bad_input import _plant_customer
-from tests.test_emulators_cli import free_port
+from tests.harness import Harness, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -51,7 +49,7 @@ def _materialise_a_rejection(emulators, tmp_path: Path, home: Path) -> tuple[Har
     h = Harness(emulators, tmp_path, instance=dg.DagsterInstance.from_config(str(home)))
     h.cycle()
     pair = h.linked_company()
-    _plant_customer(h, pair["erp_id"], Website="javascript:alert(document.cookie)")
+    h.plant_customer(pair["erp_id"], Website="javascript:alert(document.cookie)")
     h.cycle()
     (reason,) = h.query(
         "SELECT reason FROM rejections WHERE resolved_at IS NULL AND crm_id = ? AND field = ?",
