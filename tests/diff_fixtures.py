@@ -12,17 +12,10 @@ import pandas as pd
 
 from sync_pipeline import baseline
 from sync_pipeline.mapping import load_mappings
+from sync_pipeline.schema import RAW_TABLES
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "mappings"
 
-RAW_TABLES = {
-    "crm_companies": False,
-    "crm_contacts": True,
-    "crm_users": False,
-    "unleashed_customers": False,
-    "unleashed_contacts": True,
-    "unleashed_salespersons": False,
-}
 
 T0 = datetime(2026, 1, 1, 9, 0, 0)
 

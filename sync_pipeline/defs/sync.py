@@ -295,9 +295,9 @@ def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: 
     """Record rejections and conflicts, then put what may run into the outbox (before any call).
 
     Creations from Unleashed (the standard import) run whatever the options; updates only with
-    two-way sync on. A tenant the guard refuses gets nothing at all."""
+    two-way sync on. A tenant the guard refuses gets nothing at all. `plan` has been through
+    `refused_as_rejections` (the brake measures the plan after it)."""
     store.set_state(con, REFUSAL_KEY, refusal)
-    plan = refused_as_rejections(con, plan)
     rejections = store.sync_rejections(con, plan)
     updates = two_way and not refusal
     allowed = set() if refusal else set(CREATE_OPS) | (set(UPDATE_OPS) if updates else set())
