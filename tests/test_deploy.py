@@ -86,7 +86,7 @@ def test_the_instance_config_is_valid_and_keeps_everything_in_postgres(monkeypat
 def test_the_compose_services_share_one_volume_and_refer_to_files_that_exist():
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"postgres", "code-location", "daemon", "webserver"}
+    assert set(services) == {"postgres", "code-location", "daemon", "webserver", "webhooks"}
     code = services["code-location"]
     context = (DEPLOY / code["build"]["context"]).resolve()
     assert context == ROOT
@@ -112,7 +112,11 @@ def test_the_compose_services_share_one_volume_and_refer_to_files_that_exist():
     for instruction, args in _dockerfile():
         if instruction == "ENV":
             env.update(part.split("=", 1) for part in shlex.split(args))
-    assert data_mounts["sync-data"] == [("code-location", "/data")]
+    assert data_mounts["sync-data"] == [("code-location", "/data"), ("webhooks", "/data")]
+    # The webhook receiver is opt-in and records into the event file next to the DuckDB file.
+    assert services["webhooks"]["profiles"] == ["webhooks"]
+    assert services["webhooks"]["command"][:3] == ["sync-pipeline", "webhooks", "serve"]
+    assert services["webhooks"]["environment"]["UNLEASHED_WEBHOOK_SECRET"].startswith("${")
     assert Path(env["SYNC_DUCKDB_PATH"]).parent == Path(env["SYNC_PACING_FILE"]).parent
     assert Path(env["SYNC_DUCKDB_PATH"]).parent == Path("/data")
     # The webserver and daemon reach the code location where its image serves it.
