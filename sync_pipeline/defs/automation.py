@@ -16,9 +16,9 @@ from typing import Any
 import dagster as dg
 from filelock import Timeout
 
-from sync_pipeline import store
+from sync_pipeline import pause, store
 from sync_pipeline.changes import latest_modified
-from sync_pipeline.clients.base import ApiError, UsageBlock
+from sync_pipeline.clients.base import ApiError
 from sync_pipeline.clients.crm import format_timestamp, parse_timestamp
 from sync_pipeline.defs.extract import (
     CRM_EXTRACTS,
@@ -47,8 +47,9 @@ from sync_pipeline.defs.sync import (
 )
 from sync_pipeline.defs.undo import undo_run_job
 from sync_pipeline.guards import two_way_refusal
+from sync_pipeline.pause import hour_partition, usage_limit_pause
 from sync_pipeline.settings import WEEKDAYS, Settings
-from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_due, next_import_time
+from sync_pipeline.timetable import daily_cron, import_crons, import_times, is_due
 
 GUARD_RECHECK = timedelta(minutes=10)
 WATCHED_SETS = ("Divisions", "Contacts")
@@ -183,28 +184,6 @@ JOBS = [
 ]
 
 
-PROBE_KEY_TAG = "sync/usage-limit-probe"  # a usage-limit probe's run: its refusal and hour
-
-
-def _hour_partition(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%d-%H:00")
-
-
-def _utc_and_local(when: datetime, settings: Settings) -> str:
-    local = when.astimezone(settings.zone)
-    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC ({local:%Y-%m-%d %H:%M} {settings.timezone})"
-
-
-def _usage_limit_pause(block: UsageBlock, settings: Settings, what_waits: str) -> str:
-    """Why a tick does nothing while Unleashed's monthly usage limit is used up: since when,
-    until when (UTC and the settings' time zone), and what waits."""
-    return (
-        "Paused: Unleashed's monthly API usage limit is used up (a request was refused at "
-        f"{block.seen_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC); Unleashed refuses every request "
-        f"until the limit resets on {_utc_and_local(block.resets_at, settings)}. {what_waits}"
-    )
-
-
 @dg.sensor(
     job=crm_push_job,
     minimum_interval_seconds=5,
@@ -227,7 +206,7 @@ def crm_change_sensor(
     if block is not None:
         # The cursor stays where it is, so the changes made meanwhile are pushed afterwards.
         return dg.SkipReason(
-            _usage_limit_pause(
+            usage_limit_pause(
                 block,
                 settings,
                 "CRM changes are not pushed meanwhile; they wait in the CRM. The sensor resumes "
@@ -331,58 +310,22 @@ def _import_or_probe(
     if block is None:
         return dg.RunRequest(
             run_key=f"import:{when.astimezone(UTC):%Y-%m-%dT%H:%M}",
-            partition_key=_hour_partition(when),
+            partition_key=hour_partition(when),
             tags={"sync/trigger": "daytime-import"},
         )
-    paused = (
-        "Imports are paused meanwhile and resume on their own at the reset, or as soon as an "
-        "Unleashed request succeeds again (the limit was raised). To find out, an import tick "
-        "runs the import as a probe once no request has been refused for about an hour: "
-    )
     if not block.probe_due(when):
-        # Imports are whole minutes apart, so a minute on is past this one.
-        earliest = max(block.next_probe(), when + timedelta(minutes=1))
-        next_probe = _next_probe(settings, block, earliest)
-        return dg.SkipReason(_usage_limit_pause(block, settings, f"{paused}{next_probe}."))
-    # The probe is the normal import: if the limit was raised, it imports and clears the block;
-    # if not, it is refused within seconds, which records the block anew and so puts the next
-    # probe an hour later. One probe per refusal and hour: while one waits in the run queue the
-    # ticks launch no other (a schedule's run key only dedupes within one tick, so the run is
-    # looked up), and if it ends without reaching Unleashed (say the CRM was down), another
-    # comes an hour later. Nothing is written here, so previewing the tick changes nothing.
-    refused_at = f"{block.seen_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}"
-    hour = (when - block.next_probe()) // timedelta(hours=1)
-    key = f"usage-limit-probe:{refused_at}+{hour}h"
-    launched = context.instance.get_runs(dg.RunsFilter(tags={PROBE_KEY_TAG: key}), limit=1)
-    if launched:
-        retry = _next_probe(settings, block, block.next_probe() + timedelta(hours=hour + 1))
-        return dg.SkipReason(
-            _usage_limit_pause(
-                block,
-                settings,
-                f"{paused}the probe of this hour (run {launched[0].run_id[:8]}) has not reached "
-                f"Unleashed yet; if it ends without doing so, {retry}.",
-            )
-        )
-    return dg.RunRequest(
-        run_key=key,
-        partition_key=_hour_partition(when),
-        tags={
-            "sync/trigger": "usage-limit-probe",
-            PROBE_KEY_TAG: key,
-            "sync/usage-limit-refused-at": refused_at,
-            "sync/usage-limit-resets-at": block.resets_at.astimezone(UTC).isoformat(),
-        },
+        return dg.SkipReason(pause.not_yet(settings, block, when))
+    # The probe is the normal import. While one waits in the run queue the ticks launch no
+    # other (a schedule's run key only dedupes within one tick, so the run is looked up), and if
+    # it ends without reaching Unleashed (say the CRM was down), another comes an hour later.
+    # Nothing is written here, so previewing the tick changes nothing.
+    probe = pause.Probe(block, when)
+    launched = context.instance.get_runs(
+        dg.RunsFilter(tags={pause.PROBE_KEY_TAG: probe.key}), limit=1
     )
-
-
-def _next_probe(settings: Settings, block: UsageBlock, earliest: datetime) -> str:
-    """When the next probe comes, if no request is refused meanwhile: the first import at or
-    after `earliest`, unless the reset comes first."""
-    tick = next_import_time(settings.imports, settings.zone, earliest)
-    if tick is None or tick >= block.resets_at:
-        return "the reset comes first"
-    return f"the next at {_utc_and_local(tick, settings)}"
+    if launched:
+        return dg.SkipReason(probe.still_waiting(settings, launched[0].run_id))
+    return dg.RunRequest(run_key=probe.key, partition_key=hour_partition(when), tags=probe.tags())
 
 
 def _nightly_schedule(
@@ -421,7 +364,7 @@ def _nightly_schedule(
             )
         block = unleashed.usage_block(when) if unleashed is not None else None
         if block is not None and while_usage_limited:
-            return dg.SkipReason(_usage_limit_pause(block, settings, while_usage_limited))
+            return dg.SkipReason(usage_limit_pause(block, settings, while_usage_limited))
         return request(when, local)
 
     spec: dict[str, Any] = dict(
@@ -469,7 +412,7 @@ def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
         at=lambda s: s.overnight_fix_at,
         request=lambda when, local: dg.RunRequest(
             run_key=f"account-manager-fix:{local:%Y-%m-%d}",
-            partition_key=_hour_partition(when),
+            partition_key=hour_partition(when),
             tags={"sync/trigger": "overnight-fix"},
         ),
         while_usage_limited="The overnight account-manager fix is skipped tonight; it runs again "
@@ -568,7 +511,7 @@ def failed_write_retry_sensor(
                 continue
             block = unleashed.usage_block()
             if block is not None:
-                notes.append(_usage_limit_pause(block, settings, "Retries to Unleashed wait."))
+                notes.append(usage_limit_pause(block, settings, "Retries to Unleashed wait."))
                 continue
         requests.append(
             dg.RunRequest(

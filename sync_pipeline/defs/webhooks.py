@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from sync_pipeline.defs.automation import _usage_limit_pause
 from sync_pipeline.defs.extract import crm_companies, crm_contacts
 from sync_pipeline.defs.preflight import sync_preflight
 from sync_pipeline.defs.resources import SyncConfigResource, SyncDuckDB, UnleashedResource
@@ -31,6 +30,7 @@ from sync_pipeline.defs.sync import (
     sync_plan,
 )
 from sync_pipeline.defs.webhook_reads import unleashed_webhook_reads
+from sync_pipeline.pause import usage_limit_pause
 from sync_pipeline.webhooks.events import EventStore, events_path
 
 STALE_CLAIM_S = 300  # a batch whose run cannot be found after this long is released
@@ -127,7 +127,7 @@ def unleashed_webhook_sensor(
         block = unleashed.usage_block()
         if block is not None:
             return dg.SkipReason(
-                _usage_limit_pause(
+                usage_limit_pause(
                     block,
                     sync_config.settings(),
                     f"{len(pending)} webhook events wait; they are read once requests pass "
