@@ -35,7 +35,7 @@ from sync_pipeline.clients.crm import (
     odata_literal,
 )
 from sync_pipeline.clients.unleashed import UnleashedClient
-from sync_pipeline.core import CREATE_OPS
+from sync_pipeline.core import TARGET, Operation, Side
 from sync_pipeline.extract import (
     EMBEDDED_CONTACTS_LIMIT,
     contact_snapshot,
@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sync_pipeline.apply")
 
-PUSH_OPS = ("update_erp",)
-PULL_OPS = ("update_crm",)
 # How long before its planning a parent record found after a lost answer may have been made
 # (clock skew between this machine and the CRM).
 PLANNED_SLACK = timedelta(minutes=5)
@@ -199,42 +197,81 @@ class Resolver:
 
 
 # ------------------------------------------------------------------------------------------------
-# Push: CRM → Unleashed (read–merge–write per record)
+# The applier: the outbox's unfinished operations to one target, record by record
 # ------------------------------------------------------------------------------------------------
-def apply_push(
+@dataclass
+class _Pass:
+    """What one apply pass works with; every writer takes it and one record's operations."""
+
+    con: duckdb.DuckDBPyConnection
+    client: Any  # UnleashedClient for the ERP, CrmClient for the CRM
+    mappings: dict[str, Any]
+    resolver: Resolver
+    run_id: str
+    stats: ApplyStats
+    hooks: Hooks
+
+
+Writer = Callable[[_Pass, pd.DataFrame], None]
+
+# Who says a run stopped: "Unleashed did not answer …", "the CRM did not answer …".
+_SYSTEM: dict[Side, str] = {"erp": "Unleashed", "crm": "the CRM"}
+# The order a pass takes its records in: companies created before updates, and contacts after,
+# so a new contact's company already exists.
+_ORDER: dict[str, int] = {"create_crm_company": 0, "update_crm": 1, "update_erp": 1}
+
+
+def apply_writes(
     con: duckdb.DuckDBPyConnection,
-    client: UnleashedClient,
+    client: UnleashedClient | CrmClient,
     mappings: dict[str, Any],
     run_id: str,
+    target: Side,
+    *,
+    ops: tuple[str, ...] | None = None,
     hooks: Hooks | None = None,
     retry: WriteRetry | None = None,
 ) -> ApplyStats:
-    hooks = hooks or TEST_HOOKS
+    """Write the outbox's unfinished operations for `target` (those of the kinds `ops`, default
+    all that go there) through `client`, one record at a time: CRM changes to Unleashed
+    (read–merge–write of the whole record), Unleashed changes to the CRM (partial updates) and
+    the CRM records created from Unleashed. A record's failure is recorded on its operations
+    and the pass goes on, until the target stops answering (`ApplyStats.should_stop`)."""
+    kinds = [k for k, side in TARGET.items() if side == target and (ops is None or k in ops)]
     stats = ApplyStats()
     before = client.stats.total
-    pending = store.unfinished(con, PUSH_OPS)
+    pending = store.unfinished(con, kinds)
     stats.planned = len(pending)
-    resolver = Resolver(con)
-    groups = _group(pending, ["entity", "erp_id"])
-    for i, ((entity, erp_id), ops) in enumerate(groups):
-        mapping = mappings[entity]
+    if pending.empty:
+        return stats
+    pending = pending.sort_values("op", key=lambda s: s.map(_ORDER).fillna(2), kind="stable")
+    run = _Pass(con, client, mappings, Resolver(con), run_id, stats, hooks or TEST_HOOKS)
+    groups = _group(pending, ["entity", "op", "erp_id"])
+    for i, ((entity, kind, _erp_id), record_ops) in enumerate(groups):
         failure = None
         try:
-            if entity == "company":
-                _push_customer(con, client, mappings, erp_id, ops, resolver, run_id, stats, hooks)
-            else:
-                parent = ops["erp_parent_id"].iloc[0]
-                _push_contact(con, client, mappings, parent, erp_id, ops, run_id, stats, hooks)
+            WRITERS[kind](run, record_ops)
         except CrashForTest:
             raise
         except ApiError as exc:
             failure = exc
-            _fail(con, ops, exc, stats, mapping, retry)
-        if stats.should_stop(failure, "Unleashed", lambda i=i: _left(groups, i)):
+            _fail(con, record_ops, exc, stats, mappings[entity], retry)
+        if stats.should_stop(failure, _SYSTEM[target], lambda i=i: _left(groups, i)):
             _leave_untried(con, groups, i, stats)
             break
     stats.requests = client.stats.total - before
     return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# CRM → Unleashed (read–merge–write per record)
+# ------------------------------------------------------------------------------------------------
+def _push_update(run: _Pass, ops: pd.DataFrame) -> None:
+    entity, erp_id = ops["entity"].iloc[0], ops["erp_id"].iloc[0]
+    if entity == "company":
+        _push_customer(run, erp_id, ops)
+    else:
+        _push_contact(run, ops["erp_parent_id"].iloc[0], erp_id, ops)
 
 
 def _reference(
@@ -318,17 +355,8 @@ def _observe(
         derived.refresh(con, mappings, ["unleashed_customers", "unleashed_contacts"])
 
 
-def _push_customer(
-    con: duckdb.DuckDBPyConnection,
-    client: UnleashedClient,
-    mappings: dict[str, Any],
-    guid: str,
-    ops: pd.DataFrame,
-    resolver: Resolver,
-    run_id: str,
-    stats: ApplyStats,
-    hooks: Hooks,
-) -> None:
+def _push_customer(run: _Pass, guid: str, ops: pd.DataFrame) -> None:
+    con, client, mappings, stats, run_id = run.con, run.client, run.mappings, run.stats, run.run_id
     mapping = mappings["company"]
     record, _bad = client.get_customer_and_contacts(guid)
     _observe(con, mappings, guid, record)
@@ -340,28 +368,19 @@ def _push_customer(
         return
     changes = {}
     for op in ops.to_dict("records"):
-        key, value = _erp_value(mapping, op["field"], _text(op["new_value"]), resolver)
+        key, value = _erp_value(mapping, op["field"], _text(op["new_value"]), run.resolver)
         changes[key] = value
     _mark_in_flight(con, ops)
     current.update(changes)
     saved = client.save_customer(current)
-    hooks.wrote(list(ops["op_id"]))
+    run.hooks.wrote(list(ops["op_id"]))
     row = customer_snapshot(str(guid), current, saved.LastModifiedOn)  # as sent
     _write_through(con, "unleashed_customers", row)
     _complete_updates(con, "company", ops, run_id, "crm_to_erp", stats)
 
 
-def _push_contact(
-    con: duckdb.DuckDBPyConnection,
-    client: UnleashedClient,
-    mappings: dict[str, Any],
-    customer_guid: str,
-    contact_guid: str,
-    ops: pd.DataFrame,
-    run_id: str,
-    stats: ApplyStats,
-    hooks: Hooks,
-) -> None:
+def _push_contact(run: _Pass, customer_guid: str, contact_guid: str, ops: pd.DataFrame) -> None:
+    con, client, mappings, stats, run_id = run.con, run.client, run.mappings, run.stats, run.run_id
     mapping = mappings["contact"]
     # The customer with its contacts: one request, and the customer's modified time (a contact
     # has none of its own) for what a person changed there since the last import.
@@ -388,7 +407,7 @@ def _push_contact(
     }
     _mark_in_flight(con, ops)
     client.update_contact(customer_guid, contact_guid, changes, current=current)
-    hooks.wrote(list(ops["op_id"]))
+    run.hooks.wrote(list(ops["op_id"]))
     row = contact_snapshot(str(contact_guid), str(customer_guid), {**current, **changes}, None)
     _write_through(con, "unleashed_contacts", row)
     _complete_updates(con, "contact", ops, run_id, "crm_to_erp", stats)
@@ -460,55 +479,8 @@ def _drop_stale(
 
 
 # ------------------------------------------------------------------------------------------------
-# Pull: Unleashed → CRM (partial updates) and creations
+# Unleashed → CRM (partial updates) and creations
 # ------------------------------------------------------------------------------------------------
-def apply_pull(
-    con: duckdb.DuckDBPyConnection,
-    client: CrmClient,
-    mappings: dict[str, Any],
-    run_id: str,
-    *,
-    updates: bool = True,
-    creations: bool = True,
-    hooks: Hooks | None = None,
-    retry: WriteRetry | None = None,
-) -> ApplyStats:
-    hooks = hooks or TEST_HOOKS
-    stats = ApplyStats()
-    before = client.stats.total
-    resolver = Resolver(con)
-    kinds = (PULL_OPS if updates else ()) + (CREATE_OPS if creations else ())
-    pending = store.unfinished(con, kinds)
-    stats.planned = len(pending)
-    if pending.empty:
-        return stats
-    # Companies before contacts, so a new contact's company already exists.
-    pending = pending.sort_values(
-        "op", key=lambda s: s.map({"create_crm_company": 0, "update_crm": 1}).fillna(2)
-    )
-    groups = _group(pending, ["entity", "op", "erp_id"])
-    for i, ((entity, op_kind, _erp_id), ops) in enumerate(groups):
-        mapping = mappings[entity]
-        failure = None
-        try:
-            if op_kind == "update_crm":
-                _pull_update(con, client, mapping, ops, resolver, run_id, stats, hooks)
-            elif op_kind == "create_crm_contact":
-                _create_contact(con, client, mapping, ops.iloc[0].to_dict(), run_id, stats, hooks)
-            elif op_kind == "create_crm_company":
-                _create_company(con, client, mapping, ops.iloc[0].to_dict(), run_id, stats, hooks)
-        except CrashForTest:
-            raise
-        except ApiError as exc:
-            failure = exc
-            _fail(con, ops, exc, stats, mapping, retry)
-        if stats.should_stop(failure, "the CRM", lambda i=i: _left(groups, i)):
-            _leave_untried(con, groups, i, stats)
-            break
-    stats.requests = client.stats.total - before
-    return stats
-
-
 def _crm_change(mapping: Any, field_name: str, value: str, resolver: Resolver) -> tuple[str, Any]:
     f = mapping.fields[field_name]
     if f.crm_write is not None:
@@ -519,16 +491,9 @@ def _crm_change(mapping: Any, field_name: str, value: str, resolver: Resolver) -
     return f.crm, value
 
 
-def _pull_update(
-    con: duckdb.DuckDBPyConnection,
-    client: CrmClient,
-    mapping: Any,
-    ops: pd.DataFrame,
-    resolver: Resolver,
-    run_id: str,
-    stats: ApplyStats,
-    hooks: Hooks,
-) -> None:
+def _pull_update(run: _Pass, ops: pd.DataFrame) -> None:
+    con, client, stats, run_id = run.con, run.client, run.stats, run.run_id
+    mapping = run.mappings[ops["entity"].iloc[0]]
     crm_id = ops["crm_id"].iloc[0]
     if any(_tried_before(op) for op in ops.to_dict("records")):
         # Planned by an earlier run (a crash, a failure): a person may have edited the field in
@@ -540,23 +505,18 @@ def _pull_update(
             return
     changes = {}
     for op in ops.to_dict("records"):
-        key, value = _crm_change(mapping, op["field"], _text(op["new_value"]), resolver)
+        key, value = _crm_change(mapping, op["field"], _text(op["new_value"]), run.resolver)
         changes[key] = value
     _mark_in_flight(con, ops)
     client.patch(mapping.crm.entity_set, int(crm_id), changes)
-    hooks.wrote(list(ops["op_id"]))
+    run.hooks.wrote(list(ops["op_id"]))
     _complete_updates(con, mapping.entity, ops, run_id, "erp_to_crm", stats)
 
 
-def _create_contact(
-    con: duckdb.DuckDBPyConnection,
-    client: CrmClient,
-    mapping: Any,
-    op: dict[str, Any],
-    run_id: str,
-    stats: ApplyStats,
-    hooks: Hooks,
-) -> None:
+def _create_contact(run: _Pass, ops: pd.DataFrame) -> None:
+    con, client, stats, run_id, hooks = run.con, run.client, run.stats, run.run_id, run.hooks
+    op: Operation = ops.iloc[0].to_dict()  # type: ignore[assignment]
+    mapping = run.mappings[op["entity"]]
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
     payload = dict(payload)
     guid = str(op["erp_id"])
@@ -588,7 +548,7 @@ def _create_linked(
     con: duckdb.DuckDBPyConnection,
     client: CrmClient,
     mapping: Any,
-    op: dict[str, Any],
+    op: Operation,
     payload: dict[str, Any],
     existing: dict[str, Any] | None,
 ) -> str:
@@ -618,7 +578,7 @@ def _create_linked(
     return new_id
 
 
-def _progress(op: dict[str, Any], key: str) -> int | None:
+def _progress(op: Operation, key: str) -> int | None:
     """The parent record an earlier attempt of this creation made (noted as `Key=id`)."""
     noted = op.get("result_id")
     if not isinstance(noted, str) or not noted.startswith(f"{key}="):
@@ -628,7 +588,7 @@ def _progress(op: dict[str, Any], key: str) -> int | None:
 
 
 def _find_parent_made(
-    client: CrmClient, mapping: Any, op: dict[str, Any], payload: dict[str, Any]
+    client: CrmClient, mapping: Any, op: Operation, payload: dict[str, Any]
 ) -> int | None:
     """After a lost answer to the parent's POST: a parent with the values this creation sends,
     made since it was planned, that no record uses yet."""
@@ -652,7 +612,7 @@ def _find_created(
     con: duckdb.DuckDBPyConnection,
     client: CrmClient,
     mapping: Any,
-    op: dict[str, Any],
+    op: Operation,
     payload: dict[str, Any],
     stats: ApplyStats,
 ) -> dict[str, Any] | None:
@@ -680,7 +640,7 @@ def _find_created(
 
 
 def _same_values(
-    client: CrmClient, mapping: Any, op: dict[str, Any], payload: dict[str, Any]
+    client: CrmClient, mapping: Any, op: Operation, payload: dict[str, Any]
 ) -> list[dict[str, Any]]:
     expand = crm_expand(mapping)
     parent = mapping.crm.create.parent
@@ -704,7 +664,7 @@ def _same_values(
     return []
 
 
-def _unwanted(con: duckdb.DuckDBPyConnection, op: dict[str, Any], stats: ApplyStats) -> bool:
+def _unwanted(con: duckdb.DuckDBPyConnection, op: Operation, stats: ApplyStats) -> bool:
     """A creation in doubt that did not happen, and that the latest plan no longer wants (the
     Unleashed record went away meanwhile), is set aside rather than made now."""
     if op["status"] != "in_doubt":
@@ -718,7 +678,7 @@ def _unwanted(con: duckdb.DuckDBPyConnection, op: dict[str, Any], stats: ApplySt
     return True
 
 
-def _tried_before(op: dict[str, Any]) -> bool:
+def _tried_before(op: Operation) -> bool:
     """Sent (or about to be) by an earlier run: the target may have changed since, or already
     hold what the operation writes, so it is read before anything is written."""
     return op["attempts"] > 0 or op["status"] in ("in_flight", "in_doubt")
@@ -742,15 +702,10 @@ def _created_company(con: duckdb.DuckDBPyConnection, erp_parent_id: Any) -> str 
     return None if row is None else str(row[0])
 
 
-def _create_company(
-    con: duckdb.DuckDBPyConnection,
-    client: CrmClient,
-    mapping: Any,
-    op: dict[str, Any],
-    run_id: str,
-    stats: ApplyStats,
-    hooks: Hooks,
-) -> None:
+def _create_company(run: _Pass, ops: pd.DataFrame) -> None:
+    con, client, stats, run_id, hooks = run.con, run.client, run.stats, run.run_id, run.hooks
+    op: Operation = ops.iloc[0].to_dict()  # type: ignore[assignment]
+    mapping = run.mappings[op["entity"]]
     payload = json.loads(op["payload"]) if isinstance(op["payload"], str) else op["payload"]
     payload = dict(payload)
     guid = str(op["erp_id"])
@@ -773,13 +728,22 @@ def _create_company(
     )
 
 
+# What writes each kind of operation (`core.TARGET` says where it goes).
+WRITERS: dict[str, Writer] = {
+    "update_erp": _push_update,
+    "update_crm": _pull_update,
+    "create_crm_company": _create_company,
+    "create_crm_contact": _create_contact,
+}
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared bookkeeping
 # ------------------------------------------------------------------------------------------------
 def _complete_creation(
     con: duckdb.DuckDBPyConnection,
     entity: str,
-    op: dict[str, Any],
+    op: Operation,
     new_id: str,
     guid: str,
     payload: dict[str, Any],

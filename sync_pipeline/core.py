@@ -4,7 +4,8 @@ settings, the planner and apply read these names instead of spelling them."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from datetime import datetime
+from typing import Any, Literal, TypedDict, get_args
 
 # The two systems: the CRM (Prospect) and the ERP (Unleashed).
 Side = Literal["crm", "erp"]
@@ -23,6 +24,37 @@ TARGET: dict[Op, Side] = {
     "create_crm_company": "crm",
     "create_crm_contact": "crm",
 }
+
+
+class Operation(TypedDict):
+    """One write, as the plan step queues it in the outbox (`schema/001_tables.sql`, `outbox`)
+    and apply reads it back: what to write where, and how far it got."""
+
+    op_id: str
+    op_key: str  # the same change planned again has the same key (`store.op_keys`)
+    run_id: str | None  # the run that planned it
+    created_at: datetime
+    entity: str  # a mapping's entity: "company" or "contact"
+    op: Op
+    crm_id: str | None
+    erp_id: str | None
+    crm_parent_id: str | None
+    erp_parent_id: str | None
+    field: str | None  # a mapping field; None for a creation
+    old_value: str | None  # what the target held when planned
+    new_value: str | None
+    payload: Any  # a creation's record (JSON)
+    conflict: bool | None
+    policy: str | None
+    reason: str | None
+    status: str  # pending, in_flight, in_doubt, failed, refused, deferred, superseded, applied
+    attempts: int
+    last_error: str | None
+    applied_at: datetime | None
+    result_id: str | None  # a creation's new record (or the parent it made first: `Key=id`)
+    failures: int | None
+    next_attempt_at: datetime | None
+
 
 # Conflict policies: who wins when both sides changed a field since they last agreed.
 Policy = Literal["newest", "crm", "erp"]

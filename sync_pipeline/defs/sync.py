@@ -3,13 +3,11 @@
 import time
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 
-from sync_pipeline import account_managers, apply, brake, duck, links, preflight, shadow, store
+from sync_pipeline import account_managers, apply, brake, links, preflight, queueing, shadow, store
 from sync_pipeline import diff as diff_mod
 from sync_pipeline.core import CREATE_OPS, UPDATE_OPS
-from sync_pipeline.decide import quote
 from sync_pipeline.defs.extract import CRM_EXTRACTS, unleashed_customers, unleashed_salespersons
 from sync_pipeline.defs.resources import (
     CrmResource,
@@ -29,8 +27,6 @@ from sync_pipeline.report import (
     rejections_md,
     stage_timings_md,
 )
-
-REFUSAL_KEY = "two_way_refusal"
 
 # A blocking check on each asset that writes: it fails (and so does the run) when a planned write
 # was not made. In the asset's own step, so the materialization (what was written, the outbox and
@@ -137,7 +133,7 @@ def sync_plan(
     release = config.release_plan_id.strip()
     with duckdb.get_connection() as con:
         first = brake.is_first_connection(con)
-        plan = diff_mod.plan_changes(
+        rows = diff_mod.plan_changes(
             con, mappings,
             initial_policy=settings.initial_policy,
             policy_overrides=settings.conflict_policies,
@@ -146,53 +142,33 @@ def sync_plan(
             timings=timings,
         )  # fmt: skip
         t0 = time.perf_counter()
-        plan = refused_as_rejections(con, plan)
-        verdict = brake.evaluate(
-            con, _writable(plan, settings.two_way_sync, refusal),
-            settings.mass_change_brake, first_connection=first,
+        done = queueing.queue(
+            con, queueing.Plan(rows, settings.two_way_sync, refusal), settings, context.run_id,
+            first_connection=first, release_plan_id=release,
         )  # fmt: skip
-        released = verdict.held and bool(release) and release == verdict.plan_id
-        shadow_meta: dict = {}
-        if settings.shadow_mode or (verdict.held and not released):
-            # Nothing queued: the outbox is left as it is, and the records stay pending.
-            store.set_state(con, REFUSAL_KEY, refusal)
-            queued = {"queued": 0, "rejections": store.sync_rejections(con, plan), "plan": plan}
-            if settings.shadow_mode:
-                shown = shadow.writes(_writable(plan, settings.two_way_sync, refusal))
-                shadow.record(con, shown, context.run_id)
-                shadow_meta = shadow.metadata(shown)
-            else:
-                brake.hold(con, verdict, context.run_id)
-        else:
-            brake.clear(con)
-            brake.mark_live(con)
-            queued = queue_plan(
-                con, plan, context.run_id, two_way=settings.two_way_sync, refusal=refusal
-            )
         timings["queue (conflicts, rejections, outbox)"] = time.perf_counter() - t0
-        plan = queued["plan"]
+    plan, verdict = done.plan.rows, done.verdict
     if settings.shadow_mode:
         context.log.info("Shadow mode: nothing queued or written; see shadow_preview.")
     brake_results = _brake_check(
-        context, verdict, release, released, shadow_mode=settings.shadow_mode
+        context, verdict, release, done.released, shadow_mode=settings.shadow_mode
     )
     if refusal:
         context.log.error(refusal)
     elif not settings.two_way_sync:
         context.log.info("Two-way sync is off: only the standard import (creations) is queued.")
-    counts = plan["op"].value_counts().to_dict() if not plan.empty else {}
     return dg.MaterializeResult(
         metadata={
             "operations_planned": len(plan),
-            **{f"planned: {op}": int(n) for op, n in sorted(counts.items())},
-            "operations_queued": queued["queued"],
-            "conflicts": int(plan["conflict"].fillna(False).astype(bool).sum()) if len(plan) else 0,
-            "rejections_open": queued["rejections"]["open"],
+            **{f"planned: {op}": n for op, n in sorted(done.plan.op_counts().items())},
+            "operations_queued": done.queued,
+            "conflicts": done.plan.conflicts(),
+            "rejections_open": done.rejections["open"],
             # Rejections this plan opened (not those still open from before), whole, for the
             # notices of sync_pipeline.alerts.
-            "rejections_new": queued["rejections"]["opened"],
+            "rejections_new": done.rejections["opened"],
             "rejections_new_list": dg.MetadataValue.json(
-                queued["rejections"]["new"][:NEW_REJECTIONS_LISTED]
+                done.rejections["new"][:NEW_REJECTIONS_LISTED]
             ),
             "two_way": refusal or ("on" if settings.two_way_sync else "off (settings)"),
             "plan_preview": dg.MetadataValue.md(plan_md(plan)),
@@ -203,20 +179,12 @@ def sync_plan(
             "plan_seconds": round(sum(timings.values()), 3),
             "plan_stage_seconds": dg.MetadataValue.md(stage_timings_md(timings)),
             "plan_id": verdict.plan_id or "(nothing to write)",
-            "held_by_mass_change_brake": verdict.held and not released and not settings.shadow_mode,
-            **shadow_meta,
+            "held_by_mass_change_brake": done.held and not settings.shadow_mode,
+            **done.shadow,
             **_settings_metadata(sync_config),
         },
         check_results=brake_results,
     )
-
-
-def _writable(plan: pd.DataFrame, two_way: bool, refusal: str | None) -> pd.DataFrame:
-    """The plan rows a run would write, as `queue_plan` lets them through."""
-    if plan.empty or refusal:
-        return plan.iloc[0:0]
-    allowed = set(CREATE_OPS) | (set(UPDATE_OPS) if two_way else set())
-    return plan[plan["op"].isin(allowed)]
 
 
 def _brake_check(
@@ -291,68 +259,6 @@ def _brake_check(
     ]
 
 
-def queue_plan(con, plan: pd.DataFrame, run_id: str, *, two_way: bool, refusal: str | None) -> dict:
-    """Record rejections and conflicts, then put what may run into the outbox (before any call).
-
-    Creations from Unleashed (the standard import) run whatever the options; updates only with
-    two-way sync on. A tenant the guard refuses gets nothing at all. `plan` has been through
-    `refused_as_rejections` (the brake measures the plan after it)."""
-    store.set_state(con, REFUSAL_KEY, refusal)
-    rejections = store.sync_rejections(con, plan)
-    updates = two_way and not refusal
-    allowed = set() if refusal else set(CREATE_OPS) | (set(UPDATE_OPS) if updates else set())
-    ops = plan[plan["op"].isin(allowed)] if not plan.empty else plan
-    keep = store.op_keys(ops)
-    # Conflicts decided this pass, including those whose winning value is refused (the decision
-    # stands while neither value changes); not while updates are off, when nothing is decided.
-    decided = plan[plan["op"].isin([*allowed, "reject"])] if updates else ops
-    conflicts = store.record_conflicts(con, decided, run_id)
-    store.supersede(con, keep, (*UPDATE_OPS, *CREATE_OPS))
-    queued = store.enqueue(con, ops, run_id, keep)
-    return {"queued": queued, "rejections": rejections, "conflicts": conflicts, "plan": plan}
-
-
-def refused_as_rejections(con, plan: pd.DataFrame) -> pd.DataFrame:
-    """A change the target system refused (HTTP 400/409/422: apply marks it `refused`) is not
-    sent again while it is the same change: it becomes a rejection naming the record, the field,
-    the value and the server's reason. A new value (or the other side agreeing) ends it."""
-    refused = store.refused(con)
-    if not refused or plan.empty:
-        return plan
-    sub = plan[plan["op"].isin([*UPDATE_OPS, *CREATE_OPS])]
-    keys = dict(zip(sub.index, store.op_keys(sub), strict=True))
-    hits = {i: k for i, k in keys.items() if k in refused}
-    if not hits:
-        return plan
-    plan = plan.copy()
-    changed = []
-    for i, key in hits.items():
-        row = plan.loc[i]
-        what = row["field"] if isinstance(row["field"], str) else "the new record"
-        reason = (
-            f"{row['entity']} (CRM {row['crm_id']} / Unleashed {row['erp_id']}): {what} "
-            f"{quote(row['new_value'] if isinstance(row['new_value'], str) else '')} was refused: "
-            f"{refused[key]}; not sent again until the value changes ({row['reason']})"
-        )
-        changed.append({k: row[k] for k in ("entity", "op", "crm_id", "erp_id", "field")})
-        changed[-1]["reason"] = reason
-        plan.at[i, "reason"] = reason
-        plan.at[i, "op"] = "reject"
-    # The DuckDB table `sync_plan` shows what the run does, as the DataFrame does.
-    duck.register(con, "_refused_rows", pd.DataFrame(changed).astype(object))
-    try:
-        con.execute(
-            """UPDATE sync_plan p SET op = 'reject', reason = r.reason FROM _refused_rows r
-               WHERE p.entity = r.entity AND p.op = r.op
-                 AND p.erp_id IS NOT DISTINCT FROM r.erp_id
-                 AND p.crm_id IS NOT DISTINCT FROM r.crm_id
-                 AND p.field IS NOT DISTINCT FROM r.field"""
-        )
-    finally:
-        con.unregister("_refused_rows")
-    return plan
-
-
 @dg.asset(
     key=["sync", "push_to_unleashed"],
     group_name="apply",
@@ -369,22 +275,14 @@ def push_to_unleashed(
     sync_config: SyncConfigResource,
 ) -> dg.MaterializeResult:
     settings = sync_config.settings()
+    mappings = sync_config.mappings()
     with duckdb.get_connection() as con:
-        refusal = store.get_state(con, REFUSAL_KEY) or preflight.write_block(
-            con, sync_config.mappings()
-        )
-        if not settings.two_way_sync or refusal:
-            why = refusal or "Two-way sync is off in settings: nothing pushed to Unleashed."
-            context.log.info(why)
-            return _skipped(context, why, sync_config)
-        if why := _held(con, settings):
-            context.log.warning(why)
-            return _skipped(context, why, sync_config)
+        if block := queueing.apply_block(con, mappings, settings, "erp"):
+            return _skipped(context, block, sync_config)
         with unleashed.get_client() as client:
-            stats = apply.apply_push(
-                con, client, sync_config.mappings(), context.run_id,
-                retry=settings.retry_failed_writes,
-            )  # fmt: skip
+            stats = apply.apply_writes(
+                con, client, mappings, context.run_id, "erp", retry=settings.retry_failed_writes
+            )
     return _apply_result(context, stats, sync_config, "Unleashed")
 
 
@@ -404,41 +302,21 @@ def pull_to_crm(
     sync_config: SyncConfigResource,
 ) -> dg.MaterializeResult:
     settings = sync_config.settings()
+    mappings = sync_config.mappings()
+    updates = settings.two_way_sync
     with duckdb.get_connection() as con:
-        refusal = store.get_state(con, REFUSAL_KEY) or preflight.write_block(
-            con, sync_config.mappings()
-        )
-        if refusal:
-            context.log.error(refusal)
-            return _skipped(context, refusal, sync_config)
-        if why := _held(con, settings):
-            context.log.warning(why)
-            return _skipped(context, why, sync_config)
-        updates = settings.two_way_sync
+        if block := queueing.apply_block(con, mappings, settings, "crm"):
+            return _skipped(context, block, sync_config)
         with crm.get_client() as client:
-            stats = apply.apply_pull(
-                con, client, sync_config.mappings(), context.run_id, updates=updates,
+            stats = apply.apply_writes(
+                con, client, mappings, context.run_id, "crm",
+                ops=(*UPDATE_OPS, *CREATE_OPS) if updates else CREATE_OPS,
                 retry=settings.retry_failed_writes,
             )  # fmt: skip
     result = _apply_result(context, stats, sync_config, "the CRM")
     if not updates:
         result.metadata["updates_skipped"] = "two-way sync is off in settings"
     return result
-
-
-SHADOW_SKIP = (
-    "Shadow mode is on in settings: nothing written (the plan's shadow_preview shows what "
-    "would have been)."
-)
-
-
-def _held(con, settings=None) -> str | None:
-    """Why nothing may be written now: shadow mode, or the mass-change brake holds the latest
-    plan."""
-    if settings is not None and settings.shadow_mode:
-        return SHADOW_SKIP
-    hold = brake.active_hold(con)
-    return brake.hold_message(hold) if hold else None
 
 
 def _apply_result(
@@ -461,10 +339,14 @@ def _apply_result(
 
 
 def _skipped(
-    context: dg.AssetExecutionContext, why: str, sync_config: SyncConfigResource
+    context: dg.AssetExecutionContext,
+    block: queueing.Block,
+    sync_config: SyncConfigResource,
 ) -> dg.MaterializeResult:
-    """An apply asset that wrote nothing on purpose (settings, a tenant guard): its writes check
-    passes, saying why."""
+    """An apply asset that wrote nothing on purpose (settings, a tenant guard, a held plan): its
+    writes check passes, saying why."""
+    why = block.why
+    getattr(context.log, block.level)(why)
     return dg.MaterializeResult(
         metadata={"skipped": why, **_settings_metadata(sync_config)},
         check_results=_writes_check(context, None, "", skipped=why),
@@ -583,29 +465,25 @@ def account_manager_fix(
     settings = sync_config.settings()
     if not settings.overnight_account_manager_fix:
         why = "The overnight account-manager fix is off in settings."
-        context.log.info(why)
-        return _skipped(context, why, sync_config)
+        return _skipped(context, queueing.Block(why), sync_config)
     mappings = sync_config.mappings()
     with crm.get_client() as client:
         refusal = two_way_refusal(client)
     with duckdb.get_connection() as con:
-        refusal = refusal or preflight.write_block(con, mappings) or _held(con)
+        refusal = refusal or preflight.write_block(con, mappings) or queueing.held(con)
         if refusal:
-            context.log.error(refusal)
-            return _skipped(context, refusal, sync_config)
+            return _skipped(context, queueing.Block(refusal, "error"), sync_config)
         fixes = account_managers.plan_fix(con, mappings)
         todo = fixes[fixes["op"] == "update_crm"]
         if settings.shadow_mode:
-            context.log.info(SHADOW_SKIP)
-            result = _skipped(context, SHADOW_SKIP, sync_config)
-            shown = shadow.writes(todo)
-            result.metadata.update(shadow.metadata(shown))
+            result = _skipped(context, queueing.Block(queueing.SHADOW_SKIP), sync_config)
+            result.metadata.update(shadow.metadata(shadow.writes(todo)))
             return result
         if len(todo):
             store.enqueue(con, todo, context.run_id)
         with crm.get_client() as client:
-            stats = apply.apply_pull(
-                con, client, mappings, context.run_id, updates=True, creations=False,
+            stats = apply.apply_writes(
+                con, client, mappings, context.run_id, "crm", ops=("update_crm",),
                 retry=settings.retry_failed_writes,
             )  # fmt: skip
     result = _apply_result(context, stats, sync_config, "the CRM")
