@@ -1,37 +1,42 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Everything installs into .venv.
+# Two commands on a fresh machine: `make demo` and `make test`. Everything installs into .venv:
+# the product (sync-pipeline, editable) and the local servers beside it (sync-devservers, from
+# devservers/; the dev extra names it, and it is on no index, so pip gets it from the folder).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format dev emulators bench-diff bench-latency bench-load soak lock clean
+.PHONY: demo test lint format dev servers bench-diff bench-latency bench-load soak lock clean
 
-$(STAMP): pyproject.toml constraints.txt
+RUFF_PATHS := sync_pipeline devservers tests benchmarks tools
+
+$(STAMP): pyproject.toml devservers/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3"
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e '.[dev]' -e ./devservers
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sync-pipeline demo
+	$(VENV)/bin/sync-devservers demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check sync_pipeline tests benchmarks tools
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sync_pipeline tests benchmarks tools
-	$(VENV)/bin/ruff format --check sync_pipeline tests benchmarks tools
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
+	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format sync_pipeline tests benchmarks tools
-	$(VENV)/bin/ruff check --fix sync_pipeline tests benchmarks tools
+	$(VENV)/bin/ruff format $(RUFF_PATHS)
+	$(VENV)/bin/ruff check --fix $(RUFF_PATHS)
 
-emulators: $(STAMP)
-	$(VENV)/bin/sync-pipeline emulators
+servers: $(STAMP)
+	$(VENV)/bin/sync-devservers serve
 
 dev: $(STAMP)
-	$(VENV)/bin/sync-pipeline dev
+	$(VENV)/bin/sync-devservers dev
 
 bench-diff: $(STAMP)
 	$(PY) benchmarks/bench_diff.py

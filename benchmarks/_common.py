@@ -79,7 +79,7 @@ class PeakRss:
 # The local servers in a child process
 # --------------------------------------------------------------------------------------------
 class ServerProcess:
-    """Both local servers (sync_pipeline.emulators.run.Emulators) in a child process.
+    """Both local servers (devservers.run.Emulators) in a child process.
 
     Mirrors the parts of `Emulators` a benchmark needs: URLs, credentials, `env()`, `stats()`,
     `reset_stats()`, plus the CRM server's rate-limit counters (`crm_rate()`)."""
@@ -187,7 +187,7 @@ def _scale_seed_contacts(per_company: float) -> None:
     The seed has no option for it, so this wraps `_Builder.unleashed_contacts` and scales each
     customer's count (rounded with the builder's own RNG, so the world stays deterministic). The
     CRM copies, links and planted drift follow from the contacts as usual."""
-    from sync_pipeline.emulators import seed
+    from devservers import seed
 
     factor = per_company / SEED_CONTACTS_PER_CUSTOMER
     original = seed._Builder.unleashed_contacts
@@ -215,7 +215,7 @@ def _serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.contacts_per_company is not None:
         _scale_seed_contacts(args.contacts_per_company)
-    from sync_pipeline.emulators.run import Emulators
+    from devservers.run import Emulators
 
     emu = Emulators(
         companies=args.companies, seed=args.seed, data_dir=args.data_dir,

@@ -9,7 +9,7 @@ How it works:
    real rate limit on).
 2. One full sync cycle runs in process against a temp DuckDB file, so the links exist.
 3. `dagster dev` starts on free ports with a temp DAGSTER_HOME holding the `dagster.yaml` that
-   `sync-pipeline dev` writes (`concurrency: pools: default_limit: 1`, the run queue checked every
+   `sync-devservers dev` writes (`concurrency: pools: default_limit: 1`, the run queue checked every
    second, telemetry off), pointed at the servers, the DuckDB file and a temp settings file; the
    CRM change sensor and the schedules start RUNNING by default.
 4. A warm-up edit waits until the whole chain works (code location loaded, sensor ticking).
@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import ROOT, ServerProcess, free_port, percentile, wait_until  # noqa: E402
 
-from sync_pipeline.demo import DEV_DAGSTER_YAML  # noqa: E402  (what `sync-pipeline dev` writes)
+from devservers.demo import DEV_DAGSTER_YAML  # noqa: E402  (what `sync-devservers dev` writes)
 
 TARGET_P95_S = 15.0
 RUNS_QUERY = """
@@ -71,7 +71,7 @@ query Runs($job: String!) {
 
 
 def initial_cycle(servers: ServerProcess, db: Path, settings_file: Path) -> float:
-    """One full cycle in process (links, baseline), as `sync-pipeline demo` runs it."""
+    """One full cycle in process (links, baseline), as `sync-devservers demo` runs it."""
     import dagster as dg
 
     from sync_pipeline.defs import build_defs

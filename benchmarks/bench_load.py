@@ -13,7 +13,7 @@ How it works:
    measured under which limit.
 
 Each run is a child process with fresh local servers (another child) and a fresh DuckDB file. The
-run executes `sync_cycle_job` in process (as `sync-pipeline demo` does), then checks the result
+run executes `sync_cycle_job` in process (as `sync-devservers demo` does), then checks the result
 independently of the product: after lifting the server's limit it reads both systems in full
 through their APIs and compares every linked pair's mapped fields after normalisation, checks
 the links against the seed world's truth, and counts lost and duplicated records. A second cycle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sync_pipeline.emulators.run import Emulators
+from devservers.run import Emulators
 from tests.harness import Harness
 
 

@@ -215,7 +215,7 @@ def capture(emu: Any, workdir: Path) -> Baseline:
     finally:
         h.close()
     crm, erp = _servers(emu)
-    from sync_pipeline.emulators.crm_server import ENTITY_SETS
+    from devservers.crm_server import ENTITY_SETS
 
     crm_docs = {name: copy.deepcopy(crm.rows(name)) for name in ENTITY_SETS}
     customers = copy.deepcopy(erp.store.all("customers"))

@@ -12,6 +12,7 @@ import dagster as dg
 import httpx
 import pandas as pd
 
+from devservers.run import Emulators
 from sync_pipeline import store
 from sync_pipeline.clients.crm import CrmClient
 from sync_pipeline.clients.unleashed import UnleashedClient
@@ -23,7 +24,6 @@ from sync_pipeline.defs.resources import (
     SyncDuckDB,
     UnleashedResource,
 )
-from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.settings import Settings, save_settings
 
 

@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from devservers.common import ServerThread
 from sync_pipeline import alerts as alerts_module
 from sync_pipeline.definitions import defs
 from sync_pipeline.defs.alerts import rejection_alert_sensor, run_failure_alert_sensor
 from sync_pipeline.defs.resources import AlertsResource, alerts_resource, default_resources
-from sync_pipeline.emulators.common import ServerThread
 from sync_pipeline.settings import (
     Alerts,
     EmailAlerts,

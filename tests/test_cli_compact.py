@@ -17,10 +17,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from devservers.run import Emulators
 from sync_pipeline import compact as compact_module
 from sync_pipeline import store
 from sync_pipeline.cli import main
-from sync_pipeline.emulators.run import Emulators
 from tests.harness import Harness
 
 HOLD_TIMEOUT_S = 60

@@ -44,10 +44,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from devservers.run import Emulators
+from devservers.seed import CONTACT_ROLE, HOUSE_ACCOUNT
 from sync_pipeline import apply, store
 from sync_pipeline.clients.base import ApiError
-from sync_pipeline.emulators.run import Emulators
-from sync_pipeline.emulators.seed import CONTACT_ROLE, HOUSE_ACCOUNT
 from sync_pipeline.settings import Settings, save_settings
 from tests import convergence_model as cm
 from tests.harness import Harness

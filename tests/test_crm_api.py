@@ -21,6 +21,8 @@ import httpx
 import pytest
 from defusedxml import ElementTree
 
+from devservers.common import ServerThread
+from devservers.crm_server import LOCAL_CRM_TOKEN, create_app
 from sync_pipeline.clients.base import (
     AuthError,
     NotFoundError,
@@ -34,8 +36,6 @@ from sync_pipeline.clients.crm import (
     odata_literal,
     parse_timestamp,
 )
-from sync_pipeline.emulators.common import ServerThread
-from sync_pipeline.emulators.crm_server import LOCAL_CRM_TOKEN, create_app
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[1]
@@ -516,7 +516,7 @@ def test_two_values_for_a_single_key_are_refused_as_such(reader):
     message = error_of(api(server, "GET", "/Divisions(1,2)"))["details"][0]["message"]
     assert "DivisionId" in message
     assert "composite" not in message, (
-        "PRODUCT BUG (sync_pipeline/emulators/crm_server.py parse_key): GET /Divisions(1,2) "
+        "PRODUCT BUG (devservers/src/devservers/crm_server.py parse_key): GET /Divisions(1,2) "
         f"answers {message!r}, but Divisions has a single key: the second value is the problem"
     )
 

@@ -133,6 +133,22 @@ def test_the_compose_services_share_one_volume_and_refer_to_files_that_exist():
         assert code["environment"][name].startswith("${" + name)
 
 
+def test_the_image_holds_the_product_without_the_local_servers():
+    """The image copies the product package only and installs it with the postgres extra: the
+    local servers (devservers/, the dev and bench extras) stay out of it."""
+    steps = _dockerfile()
+    sources = [
+        source
+        for instruction, args in steps
+        if instruction == "COPY"
+        for source in shlex.split(args)[:-1]
+    ]
+    assert "sync_pipeline" in sources
+    assert not [s for s in sources if s in (".", "./") or s.startswith("devservers")], sources
+    installs = [args for instruction, args in steps if instruction == "RUN" and "pip" in args]
+    assert installs == ["pip install --no-cache-dir -c constraints.txt '.[postgres]'"]
+
+
 def _health(port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dagster", "api", "grpc-health-check", "--port", str(port)],

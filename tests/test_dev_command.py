@@ -1,4 +1,4 @@
-"""`sync-pipeline dev` as a developer runs it: the first cycle is in the instance the UI shows,
+"""`sync-devservers dev` as a developer runs it: the first cycle is in the instance the UI shows,
 and SIGTERM stops everything it started (dagster dev, webserver, daemon, code servers)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dagster as dg
 import httpx
 import psutil
 
-from sync_pipeline.demo import STOP_GRACE_S
+from devservers.demo import STOP_GRACE_S
 from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_dev_records_its_first_cycle_in_the_ui_instance_and_sigterm_stops_everyt
     port = free_port()
     log = tmp_path / "dev.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "sync_pipeline.cli", "dev", "--companies", "5",
+        [sys.executable, "-m", "devservers.cli", "dev", "--companies", "5",
          "--port", str(port), "--unleashed-port", str(free_port()),
          "--crm-port", str(free_port())],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},

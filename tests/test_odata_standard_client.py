@@ -18,9 +18,9 @@ from odata.exceptions import NoResultsFound, ODataError
 from odata.navproperty import NavigationProperty
 from odata.property import DatetimeProperty, IntegerProperty, StringProperty
 
+from devservers.common import ServerThread
+from devservers.crm_server import LOCAL_CRM_TOKEN, create_app
 from sync_pipeline.clients.crm import parse_timestamp
-from sync_pipeline.emulators.common import ServerThread
-from sync_pipeline.emulators.crm_server import LOCAL_CRM_TOKEN, create_app
 from tests.test_crm_api import (
     ALL_CONTACTS,
     CAP,

@@ -22,7 +22,7 @@ import dagster as dg
 import psycopg2
 import pytest
 
-from sync_pipeline.emulators.run import Emulators
+from devservers.run import Emulators
 from sync_pipeline.settings import ImportWindow
 from tests.postgres import postgres_server
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devservers.run import Emulators
 from sync_pipeline import preflight, schema, store
 from sync_pipeline.cli import main
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS
-from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.mapping import load_mappings
 from sync_pipeline.settings import Settings, save_settings
 from tests.harness import Harness, failure_messages, run_failing

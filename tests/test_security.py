@@ -17,11 +17,11 @@ import pytest
 from dagster._serdes import serialize_value
 
 import sync_pipeline.clients.unleashed as unleashed_module
+from devservers.cli import build_parser
+from devservers.common import ServerThread
+from devservers.run import Emulators
 from sync_pipeline import store
-from sync_pipeline.cli import build_parser
 from sync_pipeline.defs.resources import DEFAULT_MAPPINGS
-from sync_pipeline.emulators.common import ServerThread
-from sync_pipeline.emulators.run import Emulators
 from sync_pipeline.mapping import MappingError, load_mapping, load_mappings
 from tests.harness import Harness, current_partition
 
@@ -289,5 +289,5 @@ def test_local_servers_bind_to_loopback_by_default():
         assert server._sock.getsockname()[0] == "127.0.0.1"
     finally:
         server._sock.close()
-    args = build_parser().parse_args(["emulators"])
+    args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1"

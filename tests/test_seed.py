@@ -15,11 +15,11 @@ from typing import Any
 import phonenumbers
 import pytest
 
+from devservers import seed as seed_module
+from devservers.prospect_model import ENTITY_SETS
+from devservers.seed import BASE_TIME, IMPORT_TIME, World, generate_world
+from devservers.unleashed_server import website_problem
 from sync_pipeline.clients.crm import ADVANCED_LEDGERS_OPTIONS, UNLEASHED_SYNC_OPTIONS
-from sync_pipeline.emulators import seed as seed_module
-from sync_pipeline.emulators.prospect_model import ENTITY_SETS
-from sync_pipeline.emulators.seed import BASE_TIME, IMPORT_TIME, World, generate_world
-from sync_pipeline.emulators.unleashed_server import website_problem
 from sync_pipeline.mapping import load_mappings
 from tests.diff_fixtures import MAPPINGS_DIR
 

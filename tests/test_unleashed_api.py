@@ -14,6 +14,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import httpx
 import pytest
 
+from devservers.common import FaultConfig, ServerThread
+from devservers.unleashed_server import (
+    LOCAL_API_ID,
+    LOCAL_API_KEY,
+    create_app,
+    expected_signature,
+)
 from sync_pipeline.clients.base import (
     AuthError,
     RetrySettings,
@@ -31,13 +38,6 @@ from sync_pipeline.clients.unleashed import (
     signature,
 )
 from sync_pipeline.defs.resources import UnleashedResource
-from sync_pipeline.emulators.common import FaultConfig, ServerThread
-from sync_pipeline.emulators.unleashed_server import (
-    LOCAL_API_ID,
-    LOCAL_API_KEY,
-    create_app,
-    expected_signature,
-)
 
 FAST_RETRY = RetrySettings(attempts=6, initial_wait=0.01, max_wait=0.3, max_total=15)
 BASE = datetime(2025, 1, 1, 9, 0, tzinfo=UTC)
@@ -856,7 +856,7 @@ def test_secrets_never_reach_logs_errors_or_repr(tmp_path, caplog):
 # Seeded world and admin endpoints
 # --------------------------------------------------------------------------------------------
 def test_seeded_world_and_admin_endpoints(tmp_path):
-    seed = pytest.importorskip("sync_pipeline.emulators.seed")
+    seed = pytest.importorskip("devservers.seed")
     world = seed.generate_world(companies=20, seed=3)
     srv = start(tmp_path, world=world)
     try:

@@ -14,9 +14,9 @@ import dagster as dg
 import httpx
 import pytest
 
+from devservers.common import ServerThread
 from sync_pipeline import cli
 from sync_pipeline.defs.webhooks import unleashed_webhook_sensor
-from sync_pipeline.emulators.common import ServerThread
 from sync_pipeline.webhooks.events import EventStore, events_path
 from sync_pipeline.webhooks.receiver import WEBHOOK_PATH, create_receiver
 from sync_pipeline.webhooks.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign

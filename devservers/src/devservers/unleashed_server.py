@@ -33,15 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sync_pipeline.clients.dates import (
-    date_to_ms,
-    encode_date,
-    encode_dates,
-    encode_ms,
-    next_month_start,
-    parse_wire_ms,
-)
-from sync_pipeline.emulators.common import (
+from devservers.common import (
     ADMIN_PREFIX,
     DocumentStore,
     FaultConfig,
@@ -50,10 +42,18 @@ from sync_pipeline.emulators.common import (
     _send_json,
     admin_routes,
 )
-from sync_pipeline.emulators.webhooks import (
+from devservers.webhooks import (
     WebhookHub,
     admin_webhook_routes,
     subscription_routes,
+)
+from sync_pipeline.clients.dates import (
+    date_to_ms,
+    encode_date,
+    encode_dates,
+    encode_ms,
+    next_month_start,
+    parse_wire_ms,
 )
 
 LOCAL_API_ID = "6f1c2d8e-3b4a-4c5d-9e7f-0a1b2c3d4e5f"
@@ -534,7 +534,7 @@ def create_app(
         state.replace_world(state.initial_world)
 
     def seed(body: dict[str, Any]) -> dict[str, Any]:
-        from sync_pipeline.emulators import seed as seed_module  # lazy: optional at import time
+        from devservers import seed as seed_module  # lazy: optional at import time
 
         world_ = seed_module.generate_world(
             companies=int(body.get("companies", 50)), seed=int(body.get("seed", 42))

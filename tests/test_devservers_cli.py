@@ -1,5 +1,6 @@
-"""`sync-pipeline emulators` as a user runs it: a real process on real sockets, stopped by a signal;
-plus the `demo` command and the `Emulators` helper the other tests use."""
+"""`sync-devservers serve` as a user runs it: a real process on real sockets, stopped by a signal;
+plus the `demo` command, the `Emulators` helper the other tests use, and the split between the
+two commands: `sync-devservers` has the local servers, `sync-pipeline` only the product's own."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sync_pipeline.cli import main
-from sync_pipeline.emulators.run import (
+from devservers.cli import main
+from devservers.run import (
     LOCAL_CRM_TOKEN,
     LOCAL_UNLEASHED_API_ID,
     LOCAL_UNLEASHED_API_KEY,
@@ -54,11 +55,11 @@ def _reader(process: subprocess.Popen[str], out: queue.Queue[str | None]) -> Non
 
 
 @contextmanager
-def emulators_process(data_dir: Path, *extra: str) -> Iterator[Running]:
-    """Start `sync-pipeline emulators` on free ports; wait until it prints the export lines."""
+def servers_process(data_dir: Path, *extra: str) -> Iterator[Running]:
+    """Start `sync-devservers serve` on free ports; wait until it prints the export lines."""
     for attempt in range(3):  # a free port can be taken between probing and binding it
         command = [
-            sys.executable, "-m", "sync_pipeline.cli", "emulators",
+            sys.executable, "-m", "devservers.cli", "serve",
             "--unleashed-port", str(free_port()), "--crm-port", str(free_port()),
             "--data-dir", str(data_dir), "--companies", "20", *extra,
         ]  # fmt: skip
@@ -118,10 +119,10 @@ def signed_headers(api_id: str, api_key: str, query: str) -> dict[str, str]:
     }
 
 
-def test_emulators_serve_both_apis_with_the_printed_settings_and_stop_on_ctrl_c(
+def test_serve_serves_both_apis_with_the_printed_settings_and_stop_on_ctrl_c(
     tmp_path: Path,
 ) -> None:
-    with emulators_process(tmp_path / "state") as running:
+    with servers_process(tmp_path / "state") as running:
         env = running.exports
         assert set(env) >= {
             "UNLEASHED_BASE_URL", "UNLEASHED_API_ID", "UNLEASHED_API_KEY", "CRM_BASE_URL",
@@ -171,7 +172,7 @@ def test_emulators_serve_both_apis_with_the_printed_settings_and_stop_on_ctrl_c(
 
 def test_a_restart_on_the_same_data_dir_keeps_changes(tmp_path: Path) -> None:
     data_dir = tmp_path / "state"
-    with emulators_process(data_dir) as running:
+    with servers_process(data_dir) as running:
         env = running.exports
         auth = {"Authorization": f"Bearer {env['CRM_TOKEN']}"}
         response = httpx.patch(
@@ -180,7 +181,7 @@ def test_a_restart_on_the_same_data_dir_keeps_changes(tmp_path: Path) -> None:
         assert response.status_code in (200, 204), response.text
         code, _, stderr = stop(running, signal.SIGTERM)
         assert code == 0, stderr
-    with emulators_process(data_dir) as running:
+    with servers_process(data_dir) as running:
         env = running.exports
         auth = {"Authorization": f"Bearer {env['CRM_TOKEN']}"}
         response = httpx.get(f"{env['CRM_BASE_URL']}/Divisions(1)", headers=auth)
@@ -196,7 +197,7 @@ def test_a_monthly_usage_limit_set_on_the_command_line_refuses_requests_past_it(
     """`--unleashed-monthly-quota N`: N signed requests a month pass, the next is refused with
     the reset time; the count survives a restart on the same data dir."""
     data_dir = tmp_path / "state"
-    with emulators_process(data_dir, "--unleashed-monthly-quota", "2") as running:
+    with servers_process(data_dir, "--unleashed-monthly-quota", "2") as running:
         assert "Unleashed's monthly API usage limit: 2 requests, 0 used" in running.output
         env = running.exports
         url = f"{env['UNLEASHED_BASE_URL']}/Salespersons/1"
@@ -207,7 +208,7 @@ def test_a_monthly_usage_limit_set_on_the_command_line_refuses_requests_past_it(
         assert "API usage limit reached" in refused.json()["Description"]
         assert int(refused.headers["Retry-After"]) > 0
         stop(running, signal.SIGTERM)
-    with emulators_process(data_dir, "--unleashed-monthly-quota", "2") as running:
+    with servers_process(data_dir, "--unleashed-monthly-quota", "2") as running:
         assert "2 requests, 2 used" in running.output
         url = f"{running.exports['UNLEASHED_BASE_URL']}/Salespersons/1"
         assert httpx.get(url, headers=headers).status_code == 429
@@ -220,7 +221,7 @@ def test_a_taken_port_is_reported_without_a_traceback(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "sync_pipeline.cli", "emulators", "--in-memory",
+            [sys.executable, "-m", "devservers.cli", "serve", "--in-memory",
              "--unleashed-port", str(port), "--crm-port", "0", "--companies", "5"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -274,10 +275,25 @@ def test_emulators_helper_env_faults_and_stats() -> None:
         _ = emu.crm_url
 
 
-def test_python_dash_m_prints_help() -> None:
+def _help(module: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "sync_pipeline.cli", "--help"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0
-    assert "emulators" in result.stdout and "demo" in result.stdout
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _commands(help_text: str) -> set[str]:
+    """The subcommand names argparse lists under `positional arguments`."""
+    return set(re.findall(r"^    (\w+)\s", help_text, re.MULTILINE))
+
+
+def test_sync_devservers_lists_the_local_server_commands() -> None:
+    assert _commands(_help("devservers.cli")) == {"serve", "demo", "dev"}
+    script = Path(sys.executable).with_name("sync-devservers")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and _commands(result.stdout) == {"serve", "demo", "dev"}
+
+
+def test_sync_pipeline_lists_only_the_product_commands() -> None:
+    assert _commands(_help("sync_pipeline.cli")) == {"check", "compact", "undo", "webhooks"}

@@ -22,7 +22,7 @@ from sync_pipeline.report import cycle_report
 # Dagster's console logger prints every step event; the demo's report says what matters.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
-# `sync-pipeline dev`'s instance: one DuckDB writer at a time (the `duckdb` pool), and the run
+# `sync-devservers dev`'s instance: one DuckDB writer at a time (the `duckdb` pool), and the run
 # queue checked every second instead of every 5 s, since a CRM change should reach Unleashed
 # within seconds and every push run waits in that queue.
 DEV_DAGSTER_YAML = """\
@@ -37,7 +37,7 @@ run_coordinator:
 telemetry:
   enabled: false
 """
-# Its code location: the package's definitions, wherever `sync-pipeline dev` is started from.
+# Its code location: the package's definitions, wherever `sync-devservers dev` is started from.
 DEV_WORKSPACE_YAML = """\
 load_from:
   - python_module:
@@ -60,6 +60,7 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
     report shows both directions working on live edits too."""
     import dagster as dg
 
+    from devservers.run import Emulators
     from sync_pipeline.defs import build_defs
     from sync_pipeline.defs.resources import (
         DEFAULT_MAPPINGS,
@@ -68,7 +69,6 @@ def run_demo(companies: int = 50, seed: int = 42, workdir: str | None = None) ->
         SyncDuckDB,
         UnleashedResource,
     )
-    from sync_pipeline.emulators.run import Emulators
 
     logging.getLogger("dagster").setLevel(logging.WARNING)
     work = Path(workdir or tempfile.mkdtemp(prefix="sync-demo-"))
@@ -277,7 +277,7 @@ def run_dev(
     crm_port: int = 8302,
 ) -> int:
     """Both local servers (fixed ports, state kept in .data/) and `dagster dev` pointed at them."""
-    from sync_pipeline.emulators.run import Emulators
+    from devservers.run import Emulators
 
     data = Path(".data")
     home = data / "dagster_home"

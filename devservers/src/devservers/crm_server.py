@@ -44,15 +44,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from sync_pipeline.emulators.common import (
+from devservers.common import (
     DocumentStore,
     FaultConfig,
     FaultMiddleware,
     FaultState,
     admin_routes,
 )
-from sync_pipeline.emulators.csdl import metadata_xml, service_document
-from sync_pipeline.emulators.odata import (
+from devservers.csdl import metadata_xml, service_document
+from devservers.odata import (
     BOOL,
     EDM_RANGES,
     INT,
@@ -71,7 +71,7 @@ from sync_pipeline.emulators.odata import (
     shape,
     sort_rows,
 )
-from sync_pipeline.emulators.prospect_model import CONTAINER, ENTITY_SETS, NAMESPACE
+from devservers.prospect_model import CONTAINER, ENTITY_SETS, NAMESPACE
 
 LOCAL_CRM_TOKEN = "local-crm-token-3b9e6f0d2a7c4e81"  # noqa: S105 - local server only
 
@@ -724,7 +724,7 @@ def create_app(
         rate.reset_counts()
 
     def do_seed(body: dict[str, Any]) -> dict[str, Any]:
-        from sync_pipeline.emulators import seed  # lazily: only the admin endpoint needs it
+        from devservers import seed  # lazily: only the admin endpoint needs it
 
         world = seed.generate_world(
             companies=int(body.get("companies", 50)), seed=int(body.get("seed", 42))

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sync_pipeline.emulators.common import ADMIN_PREFIX, DocumentStore
+from devservers.common import ADMIN_PREFIX, DocumentStore
 from sync_pipeline.webhooks.signing import (
     CUSTOMER_EVENTS,
     SIGNATURE_HEADER,

@@ -9,7 +9,7 @@ server's choice and are marked so in docs/api-assumptions.md.
 
 from __future__ import annotations
 
-from sync_pipeline.emulators.odata import EntitySet, Navigation, Prop
+from devservers.odata import EntitySet, Navigation, Prop
 
 NAMESPACE = "ProspectSoft.OData"
 CONTAINER = "Container"

@@ -1,6 +1,6 @@
 """Start the local Unleashed and Prospect CRM servers together, on one shared seed world.
 
-Used by the `sync-pipeline emulators` and `demo` commands, by tests and by benchmarks:
+Used by the `sync-devservers serve` and `demo` commands, by tests and by benchmarks:
 
     with Emulators(companies=200) as emu:
         os.environ.update(emu.env())
@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import httpx
 
-from sync_pipeline.emulators import crm_server, unleashed_server
-from sync_pipeline.emulators.common import ADMIN_PREFIX, FaultConfig, ServerThread
-from sync_pipeline.emulators.seed import World, generate_world
+from devservers import crm_server, unleashed_server
+from devservers.common import ADMIN_PREFIX, FaultConfig, ServerThread
+from devservers.seed import World, generate_world
 
 # Local, non-secret credentials: the servers accept only these unless told otherwise.
 LOCAL_UNLEASHED_API_ID = unleashed_server.LOCAL_API_ID
